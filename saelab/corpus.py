@@ -1,0 +1,184 @@
+"""Text sources → documents → packed token sequences.
+
+A corpus is named by a *spec* string:
+
+- ``stdlib``: the source of the running interpreter's standard library: every ``.py`` file under
+  ``sysconfig.get_paths()["stdlib"]`` except ``site-packages``, **tests included** (they are a third
+  of the code and make the corpus ~2.5× larger, which a small model trained for a few epochs needs).
+  Files that are not valid UTF-8 are skipped. Files are read in sorted relative-path order and split
+  into train / validation by a stable hash of the relative path (sha256, 1 in 20 → validation).
+- a path to a directory (every ``.txt``/``.py``/``.md`` file under it, sorted), a single text file,
+  or a ``.jsonl`` file whose lines carry a ``text`` field. Local files are split the same way.
+- ``hf:NAME[:CONFIG]``: a Hugging Face dataset (needs the ``hf`` extra and the network). Its own
+  ``train``/``validation`` splits are used.
+
+Documents are tokenized and packed into sequences of ``context`` tokens: each document is preceded by
+BOS, documents are concatenated in an order shuffled by ``seed``, and the stream is cut into
+consecutive windows. The same spec, split, tokenizer and seed always give the same sequences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+import torch
+
+TEXT_SUFFIXES = (".txt", ".py", ".md")
+SPLITS = ("train", "validation", "all")
+VALIDATION_ONE_IN = 20
+
+
+class Document(NamedTuple):
+    name: str
+    """Where the text came from (relative path, or ``file:line``)."""
+    text: str
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What text to read, and which part of it."""
+
+    source: str = "stdlib"
+    """``stdlib``, a path (directory, text file, ``.jsonl``), or ``hf:NAME[:CONFIG]``."""
+    split: str = "train"
+    """``train``, ``validation`` or ``all``."""
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "split": self.split}
+
+
+def is_validation(relative_name: str) -> bool:
+    """Stable train/validation assignment: sha256 of the relative path, 1 in 20 goes to validation."""
+    digest = hashlib.sha256(relative_name.encode("utf-8")).hexdigest()
+    return int(digest[:8], 16) % VALIDATION_ONE_IN == 0
+
+
+def _in_split(name: str, split: str) -> bool:
+    return split == "all" or (split == "validation") == is_validation(name)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read_text_files(root: Path, paths: Iterable[Path], split: str) -> Iterator[Document]:
+    for path in paths:
+        name = path.relative_to(root).as_posix() if path != root else path.name
+        if not _in_split(name, split):
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a few stdlib test fixtures are deliberately not UTF-8
+        if text:
+            yield Document(name, text)
+
+
+def _stdlib_documents(split: str) -> Iterator[Document]:
+    root = stdlib_root()
+    paths = sorted(
+        (p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    return _read_text_files(root, paths, split)
+
+
+def _jsonl_documents(path: Path, split: str) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            name = f"{path.name}:{lineno}"
+            if not _in_split(name, split):
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: each line needs a string field 'text'")
+            yield Document(name, record["text"])
+
+
+def _hf_documents(source: str, split: str) -> Iterator[Document]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"corpus {source!r} needs the Hugging Face datasets library: pip install 'saelab[hf]'"
+        ) from None
+    _, name, *config = source.split(":")
+    hf_split = {"all": "train", "train": "train", "validation": "validation"}[split]
+    dataset = datasets.load_dataset(name, config[0] if config else None, split=hf_split, streaming=True)
+    for i, record in enumerate(dataset):
+        yield Document(f"{name}[{i}]", record["text"])
+
+
+def documents(spec: CorpusSpec | str) -> Iterator[Document]:
+    """Yield the corpus' documents in their fixed order."""
+    spec = CorpusSpec(spec) if isinstance(spec, str) else spec
+    if spec.source == "stdlib":
+        return _stdlib_documents(spec.split)
+    if spec.source.startswith("hf:"):
+        return _hf_documents(spec.source, spec.split)
+    path = Path(spec.source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"corpus {spec.source!r}: no such file or directory "
+            "(use 'stdlib', a folder of .txt/.py/.md files, a .jsonl file, or hf:NAME)"
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"corpus {path}: no {'/'.join(TEXT_SUFFIXES)} files in this folder")
+        return _read_text_files(path, files, spec.split)
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path, spec.split)
+    return _read_text_files(path, [path], spec.split)
+
+
+def token_stream(docs: Iterable[Document], tokenizer, bos_id: int, seed: int | None = 0) -> Iterator[int]:
+    """BOS + tokens of each document, documents in an order shuffled by ``seed`` (None: as given)."""
+    docs = list(docs) if seed is not None else docs
+    if seed is not None:
+        random.Random(seed).shuffle(docs)
+    for doc in docs:
+        yield bos_id
+        yield from tokenizer.encode(doc.text, add_special_tokens=False)
+
+
+def pack(stream: Iterable[int], context: int) -> Iterator[torch.Tensor]:
+    """Cut a token stream into consecutive ``[context]`` int64 windows; a short tail is dropped."""
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens, got {context}")
+    buf: list[int] = []
+    for tok in stream:
+        buf.append(tok)
+        if len(buf) == context:
+            yield torch.tensor(buf, dtype=torch.long)
+            buf = []
+
+
+def sequences(spec: CorpusSpec | str, tokenizer, context: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Packed ``[context]`` token sequences of a corpus; deterministic for a given seed."""
+    bos = bos_token_id(tokenizer)
+    return pack(token_stream(documents(spec), tokenizer, bos, seed), context)
+
+
+def bos_token_id(tokenizer) -> int:
+    """The token that separates documents: BOS, else EOS, else CLS (encoder models)."""
+    for attr in ("bos_token_id", "eos_token_id", "cls_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has no BOS, EOS or CLS token to separate documents with")

@@ -1,0 +1,26 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {fam: save_tiny_model(fam, root / fam) for fam in FAMILIES}
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SAELAB_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test; set SAELAB_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
