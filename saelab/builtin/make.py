@@ -163,7 +163,9 @@ def _make_optimizer(model, config: BuiltinConfig) -> torch.optim.AdamW:
 
 def _save_checkpoint(ckpt: Path, model, opt, step: int, config: BuiltinConfig, elapsed: float) -> None:
     with atomic.atomic_dir(ckpt) as tmp:
-        atomic.write_tensors(tmp / "model.safetensors", dict(model.state_dict()))
+        # lm_head.weight is tied to the embedding: store it once (safetensors refuses shared memory)
+        weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        atomic.write_tensors(tmp / "model.safetensors", weights)
         atomic.write_tensors(tmp / "optimizer.safetensors", _optimizer_tensors(opt))
         atomic.write_json(tmp / "state.json", {"step": step, "elapsed_s": elapsed, "config": asdict(config)})
 
@@ -181,8 +183,9 @@ def train_builtin(out: Path | str, config: BuiltinConfig | None = None, resume: 
     out.mkdir(parents=True, exist_ok=True)
     if resume and (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())["config"]
-        if saved != asdict(config):
-            diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in asdict(config).items()
+                if saved.get(k) != v and k != "checkpoint_seconds"}
+        if diff:
             raise ValueError(f"--resume with a different configuration than the checkpoint's: {diff}")
 
     torch.manual_seed(config.seed)
@@ -203,6 +206,7 @@ def train_builtin(out: Path | str, config: BuiltinConfig | None = None, resume: 
         state = json.loads((ckpt / "state.json").read_text())
         step, elapsed = state["step"], state["elapsed_s"]
         log(f"resumed at step {step}")
+    _truncate_log(out / "train_log.jsonl", step)
     total = config.tokens // (config.batch * config.context)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{n_params / 1e6:.2f}M parameters, {data.shape[0]} train sequences, {total} steps")
@@ -241,6 +245,14 @@ def train_builtin(out: Path | str, config: BuiltinConfig | None = None, resume: 
     model.save_pretrained(str(out), safe_serialization=True)
     log(f"done: {step} steps, {time.time() - t0:.0f}s; model in {out}")
     return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past the checkpoint we resume from, so a resumed run logs each step once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic.write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def _train_step(model, opt, batch: torch.Tensor, lr: float, config: BuiltinConfig) -> float:
@@ -297,3 +309,19 @@ def evaluate_bits_per_byte(model, tokenizer, corpus: CorpusSpec | str = CorpusSp
         "bits_per_byte": total_nll / math.log(2) / n_bytes,
         "xz_bits_per_byte": xz_bits_per_byte(raw),
     }
+
+
+def export_checkpoint(run: Path | str, out: Path | str) -> Path:
+    """Write the latest checkpoint of a (possibly unfinished) run as an HF model folder."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    run, out = Path(run), Path(out)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    config = BuiltinConfig(**state["config"])
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(run))
+    model = LlamaForCausalLM(model_config(config, len(tokenizer)))
+    model.load_state_dict(load_file(str(run / "checkpoint" / "model.safetensors")), strict=False)
+    model.tie_weights()
+    model.eval().save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,242 @@
+"""The sparse autoencoder: one module, four activation functions.
+
+    pre = W_encᵀ (x − b_dec) + b_enc          # (batch, d_sae)
+    z   = act(pre)                            # relu | topk | batchtopk | jumprelu
+    x̂   = W_decᵀ z + b_dec                    # (batch, d_in)
+
+with ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` and, for
+jumprelu (and batchtopk at inference), ``threshold [d_sae]``. Activations:
+
+- ``relu``: z = ReLU(pre) (trained with an L1 penalty weighted by decoder norms; Anthropic 2024).
+- ``topk``: keep the k largest of ReLU(pre) per token (Gao et al. 2024).
+- ``batchtopk``: in training keep the k·batch largest over the whole batch (Bussmann et al. 2024); at
+  inference z = pre · 1[pre > θ] with the global threshold θ learned in training, i.e. a JumpReLU.
+- ``jumprelu``: z = pre · 1[pre > θ_i] with per-latent thresholds (Rajamanoharan et al. 2024); in
+  training, θ gets pseudo-gradients through a straight-through estimator with a kernel bandwidth.
+
+TopK has a sparse path (:meth:`SAE.encode_topk`, :meth:`SAE.decode_sparse`) that never builds the
+dense ``(batch, d_sae)`` latents or a dense decoder product, for CPU training and for analysis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class SAEConfig:
+    """What is needed to *load* and run an SAE (how it was trained lives in TrainConfig)."""
+
+    d_in: int
+    """Width of the activations it reads."""
+    d_sae: int
+    """Number of latents (dictionary size)."""
+    architecture: str = "topk"
+    """relu | topk | batchtopk | jumprelu."""
+    k: int | None = None
+    """Active latents per token for topk/batchtopk (None otherwise)."""
+    metadata: dict = field(default_factory=dict)
+    """Provenance carried into cfg.json: model_name, hook_name, hf_hook_name, context_size, ..."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.architecture in ("topk", "batchtopk"):
+            if not self.k or self.k < 1 or self.k > self.d_sae:
+                raise ValueError(f"{self.architecture} needs 1 <= k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: torch.Tensor
+    """Reconstruction ``[batch, d_in]``."""
+    z: torch.Tensor
+    """Latents ``[batch, d_sae]`` (dense)."""
+    mse: torch.Tensor
+    """Mean over the batch of ‖x − x̂‖² (scalar)."""
+    l0: torch.Tensor
+    """Mean number of active latents per token (scalar)."""
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z = pre · 1[pre > θ]; ∂z/∂θ from a rectangle kernel of width ``bandwidth`` (Rajamanoharan §3)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        near = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
+        grad_threshold = (-(threshold / eps) * near * grad).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre − θ) with the same straight-through pseudo-gradient for θ (the L0 penalty's)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
+        return None, (-(1.0 / eps) * near * grad).sum(0), None
+
+
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _Step.apply(pre, threshold, bandwidth)
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder (see the module docstring for the math and shapes)."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.threshold = nn.Parameter(torch.zeros(d_sae), requires_grad=cfg.architecture == "jumprelu")
+        self.reset_parameters()
+
+    @property
+    def uses_threshold(self) -> bool:
+        """JumpReLU always; BatchTopK at inference (after training has set θ)."""
+        return self.cfg.architecture == "jumprelu" or (self.cfg.architecture == "batchtopk" and not self.training)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Decoder rows uniform on the sphere (norm 0.1 for relu), encoder = decoder transpose (Gao §A.1)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        W = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=g)
+        W /= W.norm(dim=1, keepdim=True)
+        if self.cfg.architecture == "relu":
+            W *= 0.1  # Anthropic (April 2024 update): small decoder norms, unconstrained afterwards
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if self.cfg.architecture == "jumprelu":
+            self.threshold.fill_(1e-3)
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d_in]`` → pre-activations ``[..., d_sae]``."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor, bandwidth: float = 1e-3) -> torch.Tensor:
+        """Apply the architecture's activation to ``pre [batch, d_sae]`` (dense result)."""
+        arch = self.cfg.architecture
+        if self.uses_threshold:
+            return jumprelu(pre, self.threshold, bandwidth) if self.training else pre * (pre > self.threshold)
+        if arch == "relu":
+            return F.relu(pre)
+        if arch == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+        # batchtopk in training: the k·batch largest over the flattened batch
+        flat = F.relu(pre).flatten()
+        n_keep = min(flat.numel(), self.cfg.k * pre.reshape(-1, pre.shape[-1]).shape[0])
+        vals, idx = flat.topk(n_keep, sorted=False)
+        return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d_in]`` → latents ``z [..., d_sae]`` (dense)."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [..., d_sae]`` → reconstruction ``[..., d_in]``."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        z = self.encode(x)
+        x_hat = self.decode(z)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        l0 = (z > 0).float().sum(-1).mean()
+        return ForwardOutput(x_hat, z, mse, l0)
+
+    # -- sparse path -----------------------------------------------------------------------------
+
+    def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k latents of ``x [batch, d_in]`` as ``(values [batch, k], indices [batch, k])``.
+
+        For topk SAEs this *is* the encoding (values ≥ 0, zeros where fewer than k are positive). For
+        the other architectures it returns the k largest activations of the dense encoding.
+        """
+        k = k or self.cfg.k
+        if self.cfg.architecture == "topk":
+            vals, idx = self.pre_acts(x).topk(k, dim=-1, sorted=False)
+            return F.relu(vals), idx
+        vals, idx = self.encode(x).topk(k, dim=-1, sorted=False)
+        return vals, idx
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec without a dense ``(batch, d_sae)`` product."""
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+
+    # -- weight surgery ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on ``scale · x`` take raw ``x``: W_enc·s, W_dec/s, b_dec/s."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each unit decoder row (Gao et al. §A.4)."""
+        if self.W_dec.grad is None:
+            return
+        W, G = self.W_dec, self.W_dec.grad
+        G.sub_((G * W).sum(dim=1, keepdim=True) * W)
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def save(self, path, **provenance) -> None:
+        from saelab.formats import save_sae
+
+        save_sae(self, path, **provenance)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu") -> "SAE":
+        """Load an SAE folder: ours, SAELens (v6 or older), sparsify, or Gemma Scope ``params.npz``."""
+        from saelab.formats import load_sae
+
+        return load_sae(path, device=device)
