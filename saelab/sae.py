@@ -122,6 +122,7 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.threshold = nn.Parameter(torch.zeros(d_sae), requires_grad=cfg.architecture == "jumprelu")
+        self.provenance: dict = {}  # how it was made (saelab.json): model, hook, corpus, train config, stats
         self.reset_parameters()
 
     @property
@@ -160,7 +161,10 @@ class SAE(nn.Module):
         """Apply the architecture's activation to ``pre [batch, d_sae]`` (dense result)."""
         arch = self.cfg.architecture
         if self.uses_threshold:
-            return jumprelu(pre, self.threshold, bandwidth) if self.training else pre * (pre > self.threshold)
+            if self.training:
+                return jumprelu(pre, self.threshold, bandwidth)
+            # ReLU too, as SAELens and Gemma Scope do: the same for θ ≥ 0, and no negative latents if θ < 0
+            return F.relu(pre) * (pre > self.threshold)
         if arch == "relu":
             return F.relu(pre)
         if arch == "topk":

@@ -1,0 +1,557 @@
+"""How good is a dictionary: reconstruction, sparsity, and what splicing it into the model costs.
+
+One streaming pass over held-out text (the SAE's training corpus, validation split). Per batch of
+sequences the model runs clean (capturing ``x`` at the SAE's hook), then with the hook replaced by
+
+- the reconstruction ``x̂`` (spliced), zeros (zero-ablated), the mean activation (mean-ablated), and
+- ``x̂ + (x − x̂)`` (the error term kept): equal to clean up to float error. This is a self-check
+  that the splice replaces the very activation the SAE read (hook path, input vs output, dtype).
+
+Definitions (also written into every report, see :data:`DEFINITIONS`):
+
+- FVU = Σ_t ‖x_t − x̂_t‖² / Σ_t ‖x_t − x̄‖², x̄ the mean of x over the evaluated tokens, from
+  streaming float64 sums (shifted by the first batch's mean, so no cancellation). MSE is per element.
+- The mean for mean-ablation is that same x̄, computed exactly by a first pass that runs the model
+  only as far as the hook (cheap) over the evaluation tokens.
+- CE recovered = (CE_ablate − CE_spliced) / (CE_ablate − CE_clean) (Anthropic; SAEBench "core").
+- Only the latents and statistics of one batch are in memory at a time; features' firing counts
+  and the L0 histogram are accumulated as integer counts.
+- An SAE whose provenance says it was trained without BOS positions (``exclude_bos``) is evaluated
+  without them: they count in no reconstruction or sparsity metric and every splice and ablation
+  leaves them clean (the SAE never claimed to model them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from saelab.atomic import write_json
+from saelab.corpus import CorpusSpec, bos_token_id, sequences
+from saelab.hooks import HookError, capture, hook_shapes, intervene, resolve, run_to_hooks
+from saelab.models import LoadedModel, load_model
+
+DEFAULT_CONTEXT = 256
+DENSE_DENSITY = 0.1
+"""A feature firing on more than this fraction of tokens counts as dense."""
+LOG10_DENSITY_EDGES = [x / 2 for x in range(-16, 1)]  # -8.0, -7.5, ..., 0.0
+SAE_CHUNK_ELEMENTS = 1 << 24
+"""Rows of one batch go through the SAE in chunks of at most this many (rows × d_sae) latents."""
+L0_QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+
+DEFINITIONS = {
+    "mse": "mean over evaluated tokens and dimensions of (x - x_hat)^2",
+    "fvu": "sum_t |x_t - x_hat_t|^2 / sum_t |x_t - x_mean|^2, x_mean = mean of x over the evaluated tokens",
+    "cosine": "mean over tokens of cos(x_t, x_hat_t)",
+    "relative_norm": "mean over tokens of |x_hat_t| / |x_t| (below 1: shrinkage)",
+    "l0": "number of non-zero latents per token",
+    "density": "fraction of evaluated tokens on which a feature is non-zero; dead: never, dense: > 10%",
+    "ce": "mean next-token cross-entropy (nats) over every position but the last of each sequence",
+    "mean_ablation": "the hook's activation replaced by x_mean (exact, from a first pass to the hook)",
+    "ce_recovered": "(CE_ablated - CE_spliced) / (CE_ablated - CE_clean)",
+    "delta_loss": "CE_spliced - CE_clean",
+    "kl": "mean over positions of KL(p_clean || p_spliced) of next-token distributions (nats)",
+    "error_splice": "x_hat + (x - x_hat) spliced in: must equal the clean run up to float error",
+}
+
+
+@dataclass
+class Reconstruction:
+    mse: float
+    fvu: float
+    explained_variance: float
+    """1 − FVU."""
+    cosine: float
+    relative_norm: float
+    tokens: int
+    """Tokens the reconstruction and sparsity metrics are over (BOS excluded when trained without)."""
+
+
+@dataclass
+class Sparsity:
+    l0: float
+    """Mean L0 per token."""
+    l0_std: float
+    l0_quantiles: dict[str, int]
+    """``p1``, ``p10``, ..., ``p99``, ``max`` of L0 per token."""
+    d_sae: int
+    dead: int
+    dense: int
+    dead_fraction: float
+    dense_fraction: float
+    log10_density_histogram: list[dict]
+    """``{"lo", "hi", "count"}`` bins of log10(density) over the features that fired."""
+
+
+@dataclass
+class Downstream:
+    ce_clean: float
+    ce_spliced: float
+    ce_zero_ablated: float
+    ce_mean_ablated: float
+    ce_recovered_zero: float | None
+    """None when zero-ablation does not change CE (the ratio is undefined)."""
+    ce_recovered_mean: float | None
+    delta_loss: float
+    kl_spliced: float
+    predictions: int
+    """Next-token predictions the CE and KL are averaged over."""
+
+
+@dataclass
+class SelfCheck:
+    output: str
+    """Which model output was compared: ``logits`` or ``last_hidden_state``."""
+    max_abs_diff: float
+    """max |output(error splice) − output(clean)|."""
+    relative_diff: float
+    """max_abs_diff / max |output(clean)|."""
+    kl: float | None
+    """KL(clean ‖ error splice); None without an LM head."""
+    tolerance: float
+    ok: bool
+
+
+@dataclass
+class EvalReport:
+    """What :func:`evaluate` found; ``to_json()`` is what ``eval.json`` holds."""
+
+    sae: str
+    model: str
+    hook: str
+    corpus: dict
+    context: int
+    tokens: int
+    """Tokens run through the model."""
+    seed: int
+    exclude_bos: bool
+    reconstruction: Reconstruction
+    sparsity: Sparsity
+    downstream: Downstream | None
+    self_check: SelfCheck
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Metric → why it could not be computed (e.g. no LM head)."""
+    warnings: list[str] = field(default_factory=list)
+    feature_density: torch.Tensor | None = field(default=None, repr=False)
+    """``[d_sae]`` firing frequency per feature (not in the JSON: analysis stores it per feature)."""
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "feature_density"}
+        out["definitions"] = dict(DEFINITIONS)
+        return _finite(out)
+
+    def save(self, folder: Path | str) -> Path:
+        """Write ``eval.json`` into the SAE folder (atomically); returns its path."""
+        path = Path(folder) / "eval.json"
+        write_json(path, self.to_json())
+        return path
+
+
+def _finite(obj):
+    """NaN/inf → None, so the JSON stays standard."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# -- accumulators ----------------------------------------------------------------------------------
+
+class _ReconStats:
+    """Streaming float64 sums for MSE, FVU, cosine and relative norm."""
+
+    def __init__(self, d_in: int):
+        self.n, self.shift = 0, None
+        self.sum = torch.zeros(d_in, dtype=torch.float64)  # Σ (x − shift)
+        self.sq = self.err = self.cos = self.rel = 0.0  # Σ‖x − shift‖², Σ‖x − x̂‖², Σ cos, Σ ‖x̂‖/‖x‖
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:  # both (n, d_in) float32
+        xd = x.double().cpu()
+        if self.shift is None:
+            self.shift = xd.mean(0)
+        xs = xd - self.shift
+        self.n += x.shape[0]
+        self.sum += xs.sum(0)
+        self.sq += xs.pow(2).sum().item()
+        self.err += (xd - x_hat.double().cpu()).pow(2).sum().item()
+        self.cos += F.cosine_similarity(x, x_hat, dim=-1, eps=1e-8).double().sum().item()
+        self.rel += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).double().sum().item()
+
+    def result(self) -> Reconstruction:
+        n, d = max(self.n, 1), self.sum.numel()
+        total = self.sq - self.sum.pow(2).sum().item() / n  # Σ‖x − x̄‖²
+        fvu = self.err / total if total > 0 else float("nan")
+        return Reconstruction(mse=self.err / (n * d), fvu=fvu, explained_variance=1 - fvu,
+                              cosine=self.cos / n, relative_norm=self.rel / n, tokens=self.n)
+
+
+class _SparsityStats:
+    """Per-feature firing counts and an L0 histogram: integers only, O(d_sae) memory."""
+
+    def __init__(self, d_sae: int):
+        self.n = 0
+        self.fired = torch.zeros(d_sae, dtype=torch.int64)
+        self.l0_hist = torch.zeros(d_sae + 1, dtype=torch.int64)
+
+    def update(self, z: torch.Tensor) -> None:  # (n, d_sae)
+        active = z != 0  # jumprelu latents can be negative when θ < 0: "fired" means non-zero
+        self.n += z.shape[0]
+        self.fired += active.sum(0).cpu()
+        self.l0_hist += torch.bincount(active.sum(1).cpu(), minlength=self.l0_hist.numel())
+
+    def result(self) -> tuple[Sparsity, torch.Tensor]:
+        n, d_sae = max(self.n, 1), self.fired.numel()
+        density = self.fired.double() / n  # (d_sae,)
+        values = torch.arange(d_sae + 1, dtype=torch.float64)
+        mean = (self.l0_hist * values).sum().item() / n
+        var = (self.l0_hist * (values - mean).pow(2)).sum().item() / n
+        cum = self.l0_hist.cumsum(0)
+        quantiles = {f"p{round(q * 100)}": int(torch.searchsorted(cum, math.ceil(q * self.n)).item())
+                     for q in L0_QUANTILES}
+        quantiles["max"] = int(self.l0_hist.nonzero().max().item()) if self.n else 0
+        alive = density[density > 0].log10()
+        edges = torch.tensor(LOG10_DENSITY_EDGES, dtype=torch.float64)
+        counts = torch.histc(alive.clamp(edges[0], edges[-1]), bins=len(edges) - 1, min=edges[0].item(),
+                             max=edges[-1].item()) if alive.numel() else torch.zeros(len(edges) - 1)
+        hist = [{"lo": float(edges[i]), "hi": float(edges[i + 1]), "count": int(counts[i])}
+                for i in range(len(edges) - 1)]
+        dead, dense = int((self.fired == 0).sum()), int((density > DENSE_DENSITY).sum())
+        return Sparsity(l0=mean, l0_std=math.sqrt(max(var, 0.0)), l0_quantiles=quantiles, d_sae=d_sae,
+                        dead=dead, dense=dense, dead_fraction=dead / d_sae, dense_fraction=dense / d_sae,
+                        log10_density_histogram=hist), density.float()
+
+
+class _Sums:
+    """Named float64 running sums."""
+
+    def __init__(self):
+        self.values: dict[str, float] = {}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        self.values[name] = self.values.get(name, 0.0) + float(value)
+
+
+# -- the pass --------------------------------------------------------------------------------------
+
+def _model_output(out) -> torch.Tensor:
+    """Next-token logits of a causal LM, else the encoder's last hidden state."""
+    return out.logits if getattr(out, "logits", None) is not None else out[0]
+
+
+class _Evaluator:
+    """Runs the clean, spliced, ablated and error-term forwards of each batch; owns the accumulators."""
+
+    def __init__(self, sae, lm: LoadedModel, hook: str):
+        self.sae, self.lm, self.hook, self.model = sae, lm, hook, lm.model
+        self.causal = lm.is_causal
+        self.recon, self.sparsity, self.sums = _ReconStats(sae.d_in), _SparsityStats(sae.d_sae), _Sums()
+        self.mean: torch.Tensor | None = None  # (d_in,) x̄ over the evaluated positions, for mean-ablation
+        self.max_diff = self.max_out = 0.0
+
+    def mean_activation(self, ids: torch.Tensor, keep: torch.Tensor, batch_size: int, bar) -> None:
+        """First pass, forward only as far as the hook: x̄ over the kept positions (float64 sum)."""
+        total, n = torch.zeros(self.sae.d_in, dtype=torch.float64), 0
+        for b, k in zip(ids.split(batch_size), keep.split(batch_size)):
+            x = run_to_hooks(self.model, b.to(self.lm.device), [self.hook])[self.hook]  # (B, T, d_in)
+            total += x[k.to(x.device)].double().sum(0).cpu()
+            n += int(k.sum())
+            bar.update(b.numel())
+        self.mean = (total / max(n, 1)).float()
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [n, d_in]`` → x̂ ``[n, d_in]`` float32, in chunks so that latents stay bounded."""
+        W = self.sae.W_enc
+        rows = max(1, SAE_CHUNK_ELEMENTS // self.sae.d_sae)
+        outs = []
+        for chunk in x.to(W.device, W.dtype).split(rows):
+            z = self.sae.encode(chunk)  # (rows, d_sae)
+            x_hat = self.sae.decode(z).float()  # (rows, d_in)
+            self.sparsity.update(z)
+            self.recon.update(chunk.float(), x_hat)
+            outs.append(x_hat)
+        return torch.cat(outs).to(x.device)
+
+    def forward_with(self, b: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Model output with the hook's activation at the kept positions replaced by ``values [n_keep, d]``."""
+        def put(act: torch.Tensor) -> torch.Tensor:  # (B, T, d_in)
+            out = act.clone()
+            out[keep] = values.to(act.dtype)
+            return out
+
+        with intervene(self.model, {self.hook: put}):
+            return _model_output(self.model(input_ids=b, use_cache=False))
+
+    def step(self, b: torch.Tensor, keep: torch.Tensor) -> None:
+        b, keep = b.to(self.lm.device), keep.to(self.lm.device)
+        with capture(self.model, [self.hook]) as acts:
+            clean = _model_output(self.model(input_ids=b, use_cache=False))
+        x = acts[self.hook][keep].float()  # (n_keep, d_in)
+        x_hat = self.reconstruct(x)
+        # The captured x, not the value the intervention sees: if the two hook paths disagreed,
+        # this splice would put a foreign activation in and the outputs would differ.
+        kept_error = self.forward_with(b, keep, x_hat + (x - x_hat))
+        self.max_diff = max(self.max_diff, (kept_error.float() - clean.float()).abs().max().item())
+        self.max_out = max(self.max_out, clean.float().abs().max().item())
+        if not self.causal:
+            return
+        targets = b[:, 1:]  # (B, T-1)
+        lp_clean = clean[:, :-1].float().log_softmax(-1)  # (B, T-1, vocab)
+        self.sums.add("predictions", targets.numel())
+        self._score("clean", lp_clean, lp_clean, targets)
+        self._score("error", lp_clean, kept_error[:, :-1].float().log_softmax(-1), targets)
+        splices = {"spliced": x_hat, "zero": torch.zeros_like(x_hat), "mean": self.mean.to(x).expand_as(x)}
+        for name, values in splices.items():
+            out = self.forward_with(b, keep, values)
+            self._score(name, lp_clean, out[:, :-1].float().log_softmax(-1), targets)
+
+    def _score(self, name: str, lp_clean: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> None:
+        ce = -lp.gather(-1, targets[..., None]).squeeze(-1)  # (B, T-1)
+        kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)  # (B, T-1)
+        self.sums.add(f"ce_{name}", ce.double().sum())
+        self.sums.add(f"kl_{name}", kl.double().sum())
+
+    def downstream(self) -> Downstream:
+        s = self.sums.values
+        n = s["predictions"]
+        ce = {k: s[f"ce_{k}"] / n for k in ("clean", "spliced", "zero", "mean")}
+
+        def recovered(ablated: str) -> float | None:
+            gap = ce[ablated] - ce["clean"]
+            return (ce[ablated] - ce["spliced"]) / gap if abs(gap) > 1e-6 else None
+
+        return Downstream(ce_clean=ce["clean"], ce_spliced=ce["spliced"], ce_zero_ablated=ce["zero"],
+                          ce_mean_ablated=ce["mean"], ce_recovered_zero=recovered("zero"),
+                          ce_recovered_mean=recovered("mean"), delta_loss=ce["spliced"] - ce["clean"],
+                          kl_spliced=s["kl_spliced"] / n, predictions=int(n))
+
+    def self_check(self) -> SelfCheck:
+        half = next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        tolerance = 2e-2 if half else 1e-4  # relative to the largest output; a wrong hook is O(1) off
+        rel = self.max_diff / max(self.max_out, 1e-12)
+        kl = self.sums.values["kl_error"] / self.sums.values["predictions"] if self.causal else None
+        return SelfCheck(output="logits" if self.causal else "last_hidden_state", max_abs_diff=self.max_diff,
+                         relative_diff=rel, kl=kl, tolerance=tolerance, ok=rel <= tolerance)
+
+
+# -- setup: what to evaluate on --------------------------------------------------------------------
+
+def provenance(sae) -> dict:
+    """The SAE's saelab.json provenance (``{}`` for an SAE built in memory)."""
+    return dict(getattr(sae, "provenance", None) or {})
+
+
+def _recorded(sae, key: str):
+    """A provenance value: saelab.json first, then cfg.json metadata (SAELens SAEs have only the latter)."""
+    value = provenance(sae).get(key)
+    return value if value is not None else sae.cfg.metadata.get(key)
+
+
+def default_corpus(sae, split: str = "validation") -> CorpusSpec:
+    """The corpus the SAE was trained on (its provenance), held-out split; else the stdlib's."""
+    corpus = provenance(sae).get("corpus")
+    source = corpus.get("source") if isinstance(corpus, dict) else corpus
+    return CorpusSpec(source if isinstance(source, str) and source else "stdlib", split)
+
+
+def trained_without_bos(sae) -> bool:
+    """Whether provenance says BOS positions were left out of training (``exclude_bos``, also inside
+    ``train_config``, or SAELens' ``exclude_special_tokens`` in cfg.json metadata)."""
+    prov = provenance(sae)
+    for where in (prov, prov.get("train_config") or {}, sae.cfg.metadata):
+        for key in ("exclude_bos", "exclude_special_tokens"):
+            if where.get(key) is not None:
+                return bool(where[key])
+    return False
+
+
+def _hook(sae, hook: str | None, warnings: list[str]) -> str:
+    recorded = _recorded(sae, "hook_name") or _recorded(sae, "hf_hook_name")
+    if hook is None:
+        if not recorded:
+            raise ValueError("the SAE does not record the hook it was trained on (no hook_name in saelab.json "
+                             "or cfg.json metadata); pass the hook (hook=..., CLI: --hook)")
+        return recorded
+    if recorded and hook != recorded:
+        warnings.append(f"evaluated at hook {hook!r}, but the SAE was trained on {recorded!r}")
+    return hook
+
+
+def _check_fits(sae, lm: LoadedModel, hook: str) -> None:
+    """The hook must exist in the model and be as wide as the SAE's input."""
+    trained_on = _recorded(sae, "model_name")
+    origin = f" (the SAE was trained on {trained_on!r})" if trained_on else ""
+    try:
+        resolve(lm.model, hook)
+    except HookError as e:
+        raise HookError(f"the SAE reads hook {hook!r}, which model {lm.name!r} does not have{origin}: {e}") from None
+    width = hook_shapes(lm.model, [hook])[hook]
+    if width != sae.d_in:
+        raise ValueError(f"the SAE has d_in={sae.d_in} but hook {hook!r} of model {lm.name!r} has width {width}"
+                         f"{origin}; evaluate it on the model and hook it was trained on")
+
+
+def _context(sae, context: int | None, lm: LoadedModel, warnings: list[str]) -> int:
+    context = int(context or _recorded(sae, "context_size") or DEFAULT_CONTEXT)
+    cfg = lm.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit and context > limit:
+        warnings.append(f"context {context} exceeds the model's {limit} positions; using {limit}")
+        context = int(limit)
+    return context
+
+
+def _token_ids(sae, corpus, lm: LoadedModel, context: int, tokens: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """``[n_seq, context]`` token ids (a few MB at most: the only thing held for the whole pass)."""
+    n_seq = max(1, math.ceil(tokens / context))
+    if isinstance(corpus, torch.Tensor):
+        if corpus.dim() != 2 or corpus.shape[1] < 2:
+            raise ValueError(f"token ids must be [n_seq, context >= 2], got shape {tuple(corpus.shape)}")
+        return corpus[:n_seq].long(), {"source": "token ids", "split": "given"}
+    if isinstance(corpus, str):
+        corpus = CorpusSpec(corpus, "validation")
+    spec = corpus or default_corpus(sae)
+    ids = list(islice(sequences(spec, lm.tokenizer, context, seed), n_seq))
+    if not ids:
+        raise ValueError(f"corpus {spec.source!r} (split {spec.split!r}) has fewer than {context} tokens: "
+                         "nothing to evaluate on; use a larger corpus or a smaller context")
+    return torch.stack(ids), {**spec.to_json(), "seed": seed}
+
+
+def _as_loaded(sae, model) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    name = model or _recorded(sae, "model_name")
+    if not name:
+        raise ValueError("the SAE does not record its model (no model_name in its provenance); pass the model")
+    return load_model(name)
+
+
+# -- the public functions --------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | str | torch.Tensor | None = None, *,
+             tokens: int = 200_000, context: int | None = None, batch_size: int = 8, seed: int = 0,
+             hook: str | None = None, exclude_bos: bool | None = None, progress: bool = True,
+             name: str | None = None) -> EvalReport:
+    """Reconstruction, sparsity and downstream metrics of ``sae`` at its hook in ``model``.
+
+    ``model``: a LoadedModel or a name for :func:`load_model` (default: the SAE's ``model_name``).
+    ``corpus``: a CorpusSpec, a source string (its validation split), or token ids ``[n, context]``;
+    default: the SAE's training corpus, validation split. ``tokens`` are rounded up to whole sequences
+    of ``context`` (default: the SAE's ``context_size``, else 256, capped at the model's positions).
+    ``batch_size`` sequences per forward: peak memory is a few ``[batch, context, vocab]`` logits.
+    ``exclude_bos``: default from the SAE's provenance (see the module docstring).
+    """
+    warnings: list[str] = []
+    lm = _as_loaded(sae, model)
+    hook = _hook(sae, hook, warnings)
+    _check_fits(sae, lm, hook)
+    ids, corpus_json = _token_ids(sae, corpus, lm, _context(sae, context, lm, warnings), tokens, seed)
+    if ids.numel() < tokens:
+        warnings.append(f"the corpus gave only {ids.numel():,} of the {tokens:,} tokens asked for")
+    exclude_bos = trained_without_bos(sae) if exclude_bos is None else exclude_bos
+    keep = ids != bos_token_id(lm.tokenizer) if exclude_bos else torch.ones_like(ids, dtype=torch.bool)
+    recorded_hash = provenance(sae).get("model_weights_sha256")
+    if recorded_hash and recorded_hash != lm.weights_hash:
+        warnings.append(f"model {lm.name!r} has other weights than the SAE was trained on "
+                        f"(sha256 {lm.weights_hash[:12]}…, provenance says {recorded_hash[:12]}…)")
+    ev = _Evaluator(sae, lm, hook)
+    was_training = sae.training
+    sae.eval()  # batchtopk uses its learned threshold at inference
+    try:
+        label = name or "sae"
+        if ev.causal:
+            with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: mean activation", disable=not progress,
+                      leave=False) as bar:
+                ev.mean_activation(ids, keep, batch_size, bar)
+        with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: evaluating", disable=not progress,
+                  leave=False) as bar:
+            for b, k in zip(ids.split(batch_size), keep.split(batch_size)):
+                ev.step(b, k)
+                bar.update(b.numel())
+    finally:
+        sae.train(was_training)
+    return _report(ev, name or "sae", lm, hook, corpus_json, ids, seed, exclude_bos, warnings)
+
+
+def _report(ev: _Evaluator, name, lm, hook, corpus_json, ids, seed, exclude_bos, warnings) -> EvalReport:
+    sparsity, density = ev.sparsity.result()
+    check = ev.self_check()
+    if not check.ok:
+        warnings.append(f"SELF-CHECK FAILED: splicing x_hat + (x - x_hat) changed the model's {check.output} by "
+                        f"{check.relative_diff:.2e} (relative; tolerance {check.tolerance:.0e}): the activation "
+                        f"replaced at {hook!r} is not the one the SAE read, so the spliced metrics are wrong")
+    unavailable = {}
+    if not ev.causal:
+        why = f"model {lm.name!r} has no LM head (loaded without one): no next-token distribution"
+        unavailable = {m: why for m in ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated",
+                                        "ce_recovered", "delta_loss", "kl")}
+    return EvalReport(sae=name, model=lm.name, hook=hook, corpus=corpus_json, context=int(ids.shape[1]),
+                      tokens=ids.numel(), seed=seed, exclude_bos=exclude_bos, reconstruction=ev.recon.result(),
+                      sparsity=sparsity, downstream=ev.downstream() if ev.causal else None, self_check=check,
+                      unavailable=unavailable, warnings=warnings, feature_density=density)
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def _down(key: str, spec: str) -> Callable[[EvalReport], str]:
+    return lambda r: _fmt(getattr(r.downstream, key), spec) if r.downstream else "n/a"
+
+
+_ROWS: list[tuple[str, Callable[[EvalReport], str]]] = [
+    ("model", lambda r: r.model),
+    ("hook", lambda r: r.hook),
+    ("d_sae", lambda r: f"{r.sparsity.d_sae:,}"),
+    ("tokens (recon./sparsity)", lambda r: f"{r.reconstruction.tokens:,}"),
+    ("FVU", lambda r: _fmt(r.reconstruction.fvu, ".4f")),
+    ("MSE (per element)", lambda r: _fmt(r.reconstruction.mse, ".4g")),
+    ("cosine(x, x_hat)", lambda r: _fmt(r.reconstruction.cosine, ".4f")),
+    ("|x_hat| / |x|", lambda r: _fmt(r.reconstruction.relative_norm, ".4f")),
+    ("L0 mean", lambda r: _fmt(r.sparsity.l0, ".2f")),
+    ("L0 p10 / p50 / p90", lambda r: "{p10} / {p50} / {p90}".format(**r.sparsity.l0_quantiles)),
+    ("dead (never fired)", lambda r: f"{r.sparsity.dead:,} ({r.sparsity.dead_fraction:.1%})"),
+    ("dense (> 10% of tokens)", lambda r: f"{r.sparsity.dense:,} ({r.sparsity.dense_fraction:.1%})"),
+    ("CE clean", _down("ce_clean", ".4f")),
+    ("CE spliced", _down("ce_spliced", ".4f")),
+    ("CE zero-ablated", _down("ce_zero_ablated", ".4f")),
+    ("CE mean-ablated", _down("ce_mean_ablated", ".4f")),
+    ("CE recovered (zero abl.)", _down("ce_recovered_zero", ".4f")),
+    ("CE recovered (mean abl.)", _down("ce_recovered_mean", ".4f")),
+    ("delta loss (spliced-clean)", _down("delta_loss", "+.4f")),
+    ("KL(clean || spliced)", _down("kl_spliced", ".4g")),
+    ("error-term splice", lambda r: f"{'ok' if r.self_check.ok else 'FAILED'} ({r.self_check.relative_diff:.1e})"),
+]
+
+
+def compare(reports: list[EvalReport]) -> str:
+    """One table, a column per report, then each report's warnings and unavailable metrics."""
+    reports = list(reports)
+    if not reports:
+        raise ValueError("compare needs at least one report")
+    cells = [[label] + [row(r) for r in reports] for label, row in _ROWS]
+    header = ["metric"] + [r.sae for r in reports]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in [header, *cells]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in reports:
+        prefix = f"[{r.sae}] " if len(reports) > 1 else ""
+        if r.unavailable:
+            reasons = sorted(set(r.unavailable.values()))
+            lines.append(f"{prefix}unavailable: {', '.join(r.unavailable)}: {'; '.join(reasons)}")
+        lines.extend(f"{prefix}warning: {w}" for w in r.warnings)
+    return "\n".join(lines)

@@ -1,0 +1,415 @@
+"""ActivationStore: a folder of ``manifest.json`` + ``shard-NNNNN.safetensors``.
+
+Each shard holds ``acts [n, d_in]`` (storage dtype), ``tokens [n]`` (int32), ``seq [n]`` (int64,
+index of the corpus sequence the row came from) and ``pos [n]`` (int32, position in it). A shard
+is listed in the manifest (with its row count, byte size and sha256) only after it is complete on
+disk, and the manifest is replaced atomically: a crash leaves the last complete state.
+
+Reading checks every shard's size and tensor shapes, and its sha256 the first time a store object
+reads it (``verify`` re-checks all of them). Rows are always returned as float32.
+
+Shuffled reading (``batches``): each epoch permutes the shard order, groups shards into windows
+of ``window_shards`` shards and permutes the rows within each window; the epoch's row stream is the
+concatenation of the windows and is cut into global batches of ``batch_size * world_size`` rows.
+Everything depends only on (seed, epoch, split, heldout_fraction, batch size), so training can
+resume at any batch index without reading the batches before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from saelab import atomic
+
+FORMAT = "saelab-activation-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SPLITS = ("train", "heldout", "all")
+# log10(norm) histogram of stored rows: 0.025 dex bins from 1e-3 to 1e5 (quantiles to ~±3%).
+HIST_LO, HIST_HI, HIST_BINS = -3.0, 5.0, 320
+REQUIRED = ("format", "version", "model_name", "hook_name", "d_in", "dtype", "context", "shards")
+
+
+class StoreError(ValueError):
+    """A store folder or shard that is missing, truncated, corrupt or inconsistent with its manifest."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+# -- running statistics ----------------------------------------------------------------------------
+
+class RunningStats:
+    """Per-dimension mean/var (Chan et al. parallel merge of Welford states) and row-norm summary."""
+
+    def __init__(self, d_in: int):
+        self.count = 0
+        self.mean = torch.zeros(d_in, dtype=torch.float64)
+        self.m2 = torch.zeros(d_in, dtype=torch.float64)
+        self.norm_mean = 0.0
+        self.norm_m2 = 0.0
+        self.norm_min = math.inf
+        self.norm_max = 0.0
+        self.hist = torch.zeros(HIST_BINS + 2, dtype=torch.int64)  # [underflow, bins..., overflow]
+
+    def update(self, x: torch.Tensor, norms: torch.Tensor) -> None:
+        """Merge a batch ``x [n, d_in]`` with its row norms ``[n]``."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        x = x.double()
+        b_mean = x.mean(0)                                           # (d_in,)
+        b_m2 = ((x - b_mean) ** 2).sum(0)                            # (d_in,)
+        total = self.count + n
+        delta = b_mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += b_m2 + delta ** 2 * (self.count * n / total)
+        nd = norms.double()
+        nb_mean = float(nd.mean())
+        nb_m2 = float(((nd - nb_mean) ** 2).sum())
+        nd_delta = nb_mean - self.norm_mean
+        self.norm_mean += nd_delta * n / total
+        self.norm_m2 += nb_m2 + nd_delta ** 2 * self.count * n / total
+        self.norm_min = min(self.norm_min, float(nd.min()))
+        self.norm_max = max(self.norm_max, float(nd.max()))
+        logs = torch.log10(nd.clamp_min(1e-30))
+        idx = ((logs - HIST_LO) / (HIST_HI - HIST_LO) * HIST_BINS).floor().clamp(-1, HIST_BINS).long() + 1
+        self.hist += torch.bincount(idx, minlength=HIST_BINS + 2)
+        self.count = total
+
+    def norm_quantile(self, q: float) -> float:
+        """Approximate quantile of the row norms from the log histogram (bin centre)."""
+        if self.count == 0:
+            return float("nan")
+        cum = torch.cumsum(self.hist, 0)
+        i = int(torch.searchsorted(cum, torch.tensor(q * self.count, dtype=torch.float64).long().clamp_min(1)))
+        if i == 0:
+            return self.norm_min
+        if i == HIST_BINS + 1:
+            return self.norm_max
+        return 10 ** (HIST_LO + (i - 0.5) * (HIST_HI - HIST_LO) / HIST_BINS)
+
+    def to_json(self) -> dict:
+        var = (self.m2 / max(self.count, 1)).tolist()
+        return {
+            "count": self.count, "mean": self.mean.tolist(), "var": var, "m2": self.m2.tolist(),
+            "norm": {"mean": self.norm_mean, "m2": self.norm_m2, "std": math.sqrt(self.norm_m2 / max(self.count, 1)),
+                     "min": self.norm_min if self.count else None, "max": self.norm_max,
+                     "median": self.norm_quantile(0.5) if self.count else None,
+                     "p99": self.norm_quantile(0.99) if self.count else None,
+                     "log10_hist": {"lo": HIST_LO, "hi": HIST_HI, "counts": self.hist.tolist()}},
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "RunningStats":
+        s = cls(len(obj["mean"]))
+        s.count = int(obj["count"])
+        s.mean = torch.tensor(obj["mean"], dtype=torch.float64)
+        s.m2 = torch.tensor(obj["m2"], dtype=torch.float64)
+        norm = obj["norm"]
+        s.norm_mean, s.norm_m2, s.norm_max = norm["mean"], norm["m2"], norm["max"]
+        s.norm_min = math.inf if norm["min"] is None else norm["min"]
+        s.hist = torch.tensor(norm["log10_hist"]["counts"], dtype=torch.int64)
+        return s
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def read_manifest(path: Path) -> dict:
+    """Parse and minimally validate ``path/manifest.json``."""
+    file = Path(path) / MANIFEST
+    if not file.exists():
+        raise FileNotFoundError(f"{path} is not an activation store: no {MANIFEST} in it "
+                                "(make one with 'saelab harvest')")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{file}: not valid JSON ({e}); the store is damaged") from None
+    missing = [k for k in REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(REQUIRED)
+    if missing or manifest.get("format") != FORMAT:
+        raise StoreError(f"{file}: not a saelab activation store manifest (missing {', '.join(missing) or 'format'})")
+    if manifest["version"] > VERSION:
+        raise StoreError(f"{file}: store format version {manifest['version']} is newer than this saelab "
+                         f"understands ({VERSION}); upgrade saelab")
+    if manifest["dtype"] not in DTYPES:
+        raise StoreError(f"{file}: unknown dtype {manifest['dtype']!r}")
+    return manifest
+
+
+def encode_shard(acts: torch.Tensor, tokens: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> bytes:
+    """Serialise one shard; the bytes depend only on the tensors (no timestamps), so reruns are identical."""
+    n = acts.shape[0]
+    if not (tokens.shape == seq.shape == pos.shape == (n,)):
+        raise ValueError(f"shard columns disagree: acts {tuple(acts.shape)}, tokens {tuple(tokens.shape)}, "
+                         f"seq {tuple(seq.shape)}, pos {tuple(pos.shape)}")
+    return st_save({"acts": acts.contiguous(), "tokens": tokens.to(torch.int32).contiguous(),
+                    "seq": seq.to(torch.int64).contiguous(), "pos": pos.to(torch.int32).contiguous()})
+
+
+def append_shard(path: Path, manifest: dict, data: bytes, rows: int, **extra) -> dict:
+    """Write shard ``len(shards)`` atomically, then list it in the manifest (replaced atomically).
+
+    Returns the new manifest. ``extra`` keys are stored in the shard's manifest entry, except the
+    keys ``manifest_update`` (dict merged into the manifest's top level in the same atomic write).
+    """
+    path = Path(path)
+    update = extra.pop("manifest_update", {})
+    index = len(manifest["shards"])
+    name = shard_name(index)
+    atomic.write_bytes(path / name, data)
+    entry = {"file": name, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **extra}
+    new = {**manifest, **update, "shards": [*manifest["shards"], entry]}
+    new["n_rows"] = sum(s["rows"] for s in new["shards"])
+    atomic.write_json(path / MANIFEST, new)
+    return new
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def _split_mask(seq: torch.Tensor, split: str, heldout_fraction: float) -> torch.Tensor | None:
+    """Rows of ``split``: held-out = whole sequences whose splitmix64 hash falls below the fraction."""
+    if split == "all":
+        return None
+    z = seq.numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    held = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < heldout_fraction
+    return torch.from_numpy(held if split == "heldout" else ~held)
+
+
+class ActivationStore:
+    """A read-only view of a harvested activation store (see the module docstring)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self.d_in = int(manifest["d_in"])
+        self.n_rows = int(sum(s["rows"] for s in manifest["shards"]))
+        self.hook_name = manifest["hook_name"]
+        self.model_name = manifest["model_name"]
+        self.context = int(manifest["context"])
+        self.dtype = DTYPES[manifest["dtype"]]
+        self._verified: set[str] = set()
+        self._split_rows: dict[tuple, list[torch.Tensor | None]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path, allow_incomplete: bool = False) -> "ActivationStore":
+        """Open a store folder; size-checks every shard. An unfinished harvest needs ``allow_incomplete``."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"activation store {path} does not exist")
+        manifest = read_manifest(path)
+        if not manifest.get("complete", False) and not allow_incomplete:
+            raise StoreError(f"{path} holds an unfinished harvest ({len(manifest['shards'])} shards so far); "
+                             "finish it with 'saelab harvest ... --resume' before training on it")
+        store = cls(path, manifest)
+        for entry in manifest["shards"]:
+            store._check_size(entry)
+        return store
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, model={self.model_name!r}, hook={self.hook_name!r}, "
+                f"rows={self.n_rows}, d_in={self.d_in}, shards={len(self.manifest['shards'])})")
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    def _check_size(self, entry: dict) -> Path:
+        file = self.path / entry["file"]
+        if not file.exists():
+            raise StoreError(f"shard {file} is missing (listed in {self.path / MANIFEST})")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise StoreError(f"shard {file} is truncated or modified: {size} bytes on disk, "
+                             f"{entry['bytes']} in the manifest; re-harvest it")
+        return file
+
+    def read_shard(self, index: int, verify: bool | None = None) -> dict[str, torch.Tensor]:
+        """Load shard ``index`` with size/shape checks; checksum on first read (or when ``verify``)."""
+        entry = self.shards[index]
+        file = self._check_size(entry)
+        data = file.read_bytes()
+        if len(data) != entry["bytes"]:
+            raise StoreError(f"shard {file} changed while being read ({len(data)} bytes, expected {entry['bytes']})")
+        with self._lock:
+            check = verify if verify is not None else entry["file"] not in self._verified
+        if check:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"]:
+                raise StoreError(f"shard {file} is corrupt: sha256 {digest[:16]}… does not match the manifest's "
+                                 f"{entry['sha256'][:16]}…; re-harvest it")
+            with self._lock:
+                self._verified.add(entry["file"])
+        try:
+            tensors = st_load(data)
+        except Exception as e:  # safetensors raises its own error types for malformed headers
+            raise StoreError(f"shard {file} cannot be parsed: {e}") from None
+        self._check_shapes(file, entry, tensors)
+        return tensors
+
+    def _check_shapes(self, file: Path, entry: dict, t: dict[str, torch.Tensor]) -> None:
+        n = entry["rows"]
+        expect = {"acts": ((n, self.d_in), self.dtype), "tokens": ((n,), torch.int32),
+                  "seq": ((n,), torch.int64), "pos": ((n,), torch.int32)}
+        for key, (shape, dtype) in expect.items():
+            if key not in t:
+                raise StoreError(f"shard {file} has no tensor {key!r}")
+            if tuple(t[key].shape) != shape or t[key].dtype != dtype:
+                raise StoreError(f"shard {file}: {key} is {tuple(t[key].shape)} {t[key].dtype}, "
+                                 f"the manifest says {shape} {dtype}")
+
+    def verify(self) -> list[str]:
+        """Re-check every shard (size, sha256, shapes); return a list of problems (empty when sound)."""
+        problems = []
+        for i in range(len(self.shards)):
+            try:
+                self.read_shard(i, verify=True)
+            except StoreError as e:
+                problems.append(str(e))
+        return problems
+
+    def _split_index(self, split: str, heldout_fraction: float) -> list[torch.Tensor | None]:
+        """Per shard: row indices of ``split`` (None: all rows). Reads only the ``seq`` column."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        if not 0.0 <= heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+        key = (split, heldout_fraction)
+        if key not in self._split_rows:
+            out = []
+            for i in range(len(self.shards)):
+                mask = None if split == "all" else _split_mask(self.read_shard(i)["seq"], split, heldout_fraction)
+                out.append(None if mask is None else mask.nonzero().squeeze(1))
+            self._split_rows[key] = out
+        return self._split_rows[key]
+
+    def n_rows_in(self, split: str = "train", heldout_fraction: float = 0.05) -> int:
+        """Rows in ``split`` (train / heldout / all)."""
+        idx = self._split_index(split, heldout_fraction)
+        return sum(s["rows"] if r is None else len(r) for s, r in zip(self.shards, idx))
+
+    def batches(self, batch_size: int, *, seed: int = 0, start_batch: int = 0, split: str = "train",
+                heldout_fraction: float = 0.05, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                epochs: int | None = None, window_shards: int = 4, prefetch: int = 2) -> Iterator[torch.Tensor]:
+        """float32 ``[batch_size, d_in]`` batches; see the module docstring for the order.
+
+        Global batch g has ``batch_size * world_size`` rows; rank r gets rows ``[r*B, (r+1)*B)`` of
+        it. ``start_batch`` skips g global batches without reading them. ``epochs=None``: forever.
+        A final partial global batch of each epoch is dropped.
+        """
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_batch < 0 or window_shards < 1:
+            raise ValueError(f"bad batches() arguments: batch_size={batch_size}, rank={rank}, "
+                             f"world_size={world_size}, start_batch={start_batch}, window_shards={window_shards}")
+        global_batch = batch_size * world_size
+        per_epoch = self.n_rows_in(split, heldout_fraction) // global_batch
+        if per_epoch == 0:
+            raise ValueError(f"{self.path}: split {split!r} has {self.n_rows_in(split, heldout_fraction)} rows, "
+                             f"fewer than one global batch of {global_batch}")
+        gen = self._iter_batches(batch_size, global_batch, per_epoch, seed=seed, start_batch=start_batch,
+                                 split=split, heldout_fraction=heldout_fraction, rank=rank, shuffle=shuffle,
+                                 epochs=epochs, window_shards=window_shards)
+        return _prefetched(gen, prefetch) if prefetch > 0 else gen
+
+    def _epoch_windows(self, seed: int, epoch: int, shuffle: bool, window_shards: int) -> list[list[int]]:
+        order = list(range(len(self.shards)))
+        if shuffle:
+            order = np.random.default_rng([seed + epoch, 0]).permutation(len(order)).tolist()
+        return [order[i:i + window_shards] for i in range(0, len(order), window_shards)]
+
+    def _load_window(self, shard_ids: list[int], rows: list[torch.Tensor | None], seed: int, epoch: int,
+                     w: int, shuffle: bool) -> torch.Tensor:
+        parts = []
+        for i in shard_ids:
+            acts = self.read_shard(i)["acts"]
+            parts.append((acts if rows[i] is None else acts[rows[i]]).float())
+        window = torch.cat(parts) if len(parts) > 1 else parts[0]       # (rows_in_window, d_in)
+        if shuffle:
+            perm = np.random.default_rng([seed + epoch, 1, w]).permutation(window.shape[0])
+            window = window[torch.from_numpy(perm)]
+        return window
+
+    def _iter_batches(self, batch_size: int, global_batch: int, per_epoch: int, *, seed: int, start_batch: int,
+                      split: str, heldout_fraction: float, rank: int, shuffle: bool, epochs: int | None,
+                      window_shards: int) -> Iterator[torch.Tensor]:
+        rows = self._split_index(split, heldout_fraction)
+        counts = [s["rows"] if r is None else len(r) for s, r in zip(self.shards, rows)]
+        epoch, g = divmod(start_batch, per_epoch)
+        lo, hi = rank * batch_size, (rank + 1) * batch_size
+        while epochs is None or epoch < epochs:
+            windows = self._epoch_windows(seed, epoch, shuffle, window_shards)
+            offset = g * global_batch            # row offset of the next batch in this epoch's stream
+            carry = torch.empty(0, self.d_in)
+            start = 0
+            for w, ids in enumerate(windows):
+                n = sum(counts[i] for i in ids)
+                if start + n <= offset:          # entirely before the resume point: never read
+                    start += n
+                    continue
+                window = self._load_window(ids, rows, seed, epoch, w, shuffle)[max(offset - start, 0):]
+                start += n
+                buf = torch.cat([carry, window]) if len(carry) else window
+                k = 0
+                while k + global_batch <= len(buf) and g < per_epoch:
+                    yield buf[k + lo:k + hi]
+                    k += global_batch
+                    g += 1
+                carry = buf[k:]
+                offset = start
+            epoch, g = epoch + 1, 0
+
+
+def _prefetched(gen: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
+    """Run ``gen`` in a background thread, ``depth`` items ahead; errors re-raise in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in gen:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put(e)
+
+    thread = threading.Thread(target=produce, name="saelab-store-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up saelab: a Python environment with torch (CPU wheel unless one is already installed) and
+# saelab itself with its web extras. Prints the environment's bin folder on the last line.
+#   - inside an active virtualenv/conda env: installs there (and keeps that env's torch, GPU or not);
+#   - otherwise: creates ./.venv.
+#   --test also installs the test tools (pytest, httpx, playwright) and Debian's chromium.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
+  py=python
+else
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  py=.venv/bin/python
+fi
+pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+  # The CPU build: on these machines 'torch==2.13.0' resolves to a local CPU wheel. A torch that is
+  # already installed (e.g. a CUDA build) is left alone.
+  pip_install "torch==2.13.0"
+fi
+extras="web,map"
+[ "$want_test" = 1 ] && extras="$extras,test"
+pip_install -e ".[$extras]"
+if [ "$want_test" = 1 ]; then
+  bash scripts/install_browser.sh || echo "setup: chromium not installed; browser tests will be skipped" >&2
+fi
+dirname "$("$py" -c 'import sys; print(sys.executable)')"

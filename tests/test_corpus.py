@@ -1,0 +1,54 @@
+import json
+
+import pytest
+import torch
+
+from saelab.corpus import CorpusSpec, documents, is_validation, pack, sequences, token_stream
+from tiny_models import tiny_tokenizer
+
+
+def test_stdlib_split_is_stable_and_about_five_percent():
+    val = list(documents(CorpusSpec("stdlib", "validation")))
+    train_names = [d.name for d in documents(CorpusSpec("stdlib", "train"))]
+    assert val and train_names
+    assert not set(d.name for d in val) & set(train_names)
+    frac = len(val) / (len(val) + len(train_names))
+    assert 0.03 < frac < 0.08
+    assert all(is_validation(d.name) for d in val)
+    assert train_names == sorted(train_names)  # fixed order
+    assert any(name.startswith("test/") for name in train_names)  # tests are included (documented)
+
+
+def test_directory_jsonl_and_errors(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.md").write_text("# hi\n")
+    (tmp_path / "skip.bin").write_bytes(b"\0\1")
+    docs = list(documents(CorpusSpec(str(tmp_path), "all")))
+    assert [d.name for d in docs] == ["a.py", "b.md"]
+    jl = tmp_path / "t.jsonl"
+    jl.write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "world"}) + "\n")
+    assert [d.text for d in documents(CorpusSpec(str(jl), "all"))] == ["hello", "world"]
+    jl.write_text('{"nottext": 1}\n')
+    with pytest.raises(ValueError, match="t.jsonl:1"):
+        list(documents(CorpusSpec(str(jl), "all")))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        documents(CorpusSpec(str(tmp_path / "missing"), "all"))
+    with pytest.raises(ValueError, match="unknown split"):
+        CorpusSpec("stdlib", "dev")
+
+
+def test_packing_is_bos_separated_and_deterministic(tmp_path):
+    for i in range(5):
+        (tmp_path / f"f{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 3)
+    tok = tiny_tokenizer()
+    a = [s.tolist() for s in sequences(CorpusSpec(str(tmp_path), "all"), tok, context=16, seed=1)]
+    b = [s.tolist() for s in sequences(CorpusSpec(str(tmp_path), "all"), tok, context=16, seed=1)]
+    c = [s.tolist() for s in sequences(CorpusSpec(str(tmp_path), "all"), tok, context=16, seed=2)]
+    assert a == b and a != c
+    assert all(len(s) == 16 for s in a)
+    flat = [t for s in a for t in s]
+    assert flat[0] == tok.bos_token_id and flat.count(tok.bos_token_id) >= 4
+    stream = list(token_stream(documents(CorpusSpec(str(tmp_path), "all")), tok, bos_id=0, seed=None))
+    assert [s.tolist() for s in pack(stream, 16)] == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)]
+    with pytest.raises(ValueError):
+        list(pack([1, 2, 3], 1))
