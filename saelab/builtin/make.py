@@ -43,7 +43,7 @@ class BuiltinConfig:
     """Training sequence length (the model's RoPE works beyond it, up to max_position)."""
     max_position: int = 1024
     """max_position_embeddings written to the HF config."""
-    tokens: int = 20_000_000
+    tokens: int = 12_000_000
     """Training tokens (steps = tokens / (batch · context))."""
     batch: int = 16
     """Sequences per step."""
