@@ -4,10 +4,18 @@ Public API (re-exported names only; each lives in its stage's module).
 """
 
 from saelab.corpus import CorpusSpec
+from saelab.evaluate import EvalReport, evaluate
+from saelab.explain import detection_score, offline_explanation
+from saelab.formats import load_sae, save_sae
+from saelab.harvest import harvest
 from saelab.hooks import capture, hook_names, intervene, resolve
+from saelab.llm import LLMClient
 from saelab.models import LoadedModel, load_model
 from saelab.sae import SAE, SAEConfig
+from saelab.store import ActivationStore
+from saelab.train import TrainConfig, train
 
-__all__ = ["CorpusSpec", "LoadedModel", "SAE", "SAEConfig", "capture", "hook_names", "intervene", "load_model",
-           "resolve"]
+__all__ = ["ActivationStore", "CorpusSpec", "EvalReport", "LoadedModel", "SAE", "SAEConfig", "capture", "evaluate", "harvest", "hook_names",
+           "intervene", "load_model", "resolve", "LLMClient", "detection_score", "offline_explanation",
+           "TrainConfig", "train", "load_sae", "save_sae"]
 __version__ = "0.1.0"

@@ -154,7 +154,7 @@ def token_stream(docs: Iterable[Document], tokenizer, bos_id: int, seed: int | N
         random.Random(seed).shuffle(docs)
     for doc in docs:
         yield bos_id
-        yield from tokenizer.encode(doc.text, add_special_tokens=False)
+        yield from tokenizer.encode(doc.text, add_special_tokens=False, verbose=False)  # no "too long" warning: we pack
 
 
 def pack(stream: Iterable[int], context: int) -> Iterator[torch.Tensor]:

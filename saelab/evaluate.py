@@ -24,6 +24,7 @@ Definitions (also written into every report, see :data:`DEFINITIONS`):
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -231,16 +232,6 @@ class _SparsityStats:
                         log10_density_histogram=hist), density.float()
 
 
-class _Sums:
-    """Named float64 running sums."""
-
-    def __init__(self):
-        self.values: dict[str, float] = {}
-
-    def add(self, name: str, value: torch.Tensor | float) -> None:
-        self.values[name] = self.values.get(name, 0.0) + float(value)
-
-
 # -- the pass --------------------------------------------------------------------------------------
 
 def _model_output(out) -> torch.Tensor:
@@ -254,7 +245,8 @@ class _Evaluator:
     def __init__(self, sae, lm: LoadedModel, hook: str):
         self.sae, self.lm, self.hook, self.model = sae, lm, hook, lm.model
         self.causal = lm.is_causal
-        self.recon, self.sparsity, self.sums = _ReconStats(sae.d_in), _SparsityStats(sae.d_sae), _Sums()
+        self.recon, self.sparsity = _ReconStats(sae.d_in), _SparsityStats(sae.d_sae)
+        self.sums: defaultdict[str, float] = defaultdict(float)  # float64 running sums of CE, KL, counts
         self.mean: torch.Tensor | None = None  # (d_in,) x̄ over the evaluated positions, for mean-ablation
         self.max_diff = self.max_out = 0.0
 
@@ -272,6 +264,8 @@ class _Evaluator:
         """``x [n, d_in]`` → x̂ ``[n, d_in]`` float32, in chunks so that latents stay bounded."""
         W = self.sae.W_enc
         rows = max(1, SAE_CHUNK_ELEMENTS // self.sae.d_sae)
+        if not x.shape[0]:  # a batch of BOS only, when they are excluded
+            return x.clone()
         outs = []
         for chunk in x.to(W.device, W.dtype).split(rows):
             z = self.sae.encode(chunk)  # (rows, d_sae)
@@ -296,6 +290,9 @@ class _Evaluator:
         with capture(self.model, [self.hook]) as acts:
             clean = _model_output(self.model(input_ids=b, use_cache=False))
         x = acts[self.hook][keep].float()  # (n_keep, d_in)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"the model's activations at {self.hook!r} contain NaN or inf (on tokens "
+                             f"{b[0, :8].tolist()}...): check the model's dtype and weights")
         x_hat = self.reconstruct(x)
         # The captured x, not the value the intervention sees: if the two hook paths disagreed,
         # this splice would put a foreign activation in and the outputs would differ.
@@ -306,22 +303,26 @@ class _Evaluator:
             return
         targets = b[:, 1:]  # (B, T-1)
         lp_clean = clean[:, :-1].float().log_softmax(-1)  # (B, T-1, vocab)
-        self.sums.add("predictions", targets.numel())
-        self._score("clean", lp_clean, lp_clean, targets)
-        self._score("error", lp_clean, kept_error[:, :-1].float().log_softmax(-1), targets)
+        p_clean = lp_clean.exp()
+        self.sums["predictions"] += float(targets.numel())
+        self._score("clean", lp_clean, targets)
+        self._score("error", kept_error[:, :-1].float().log_softmax(-1), targets, lp_clean, p_clean)
         splices = {"spliced": x_hat, "zero": torch.zeros_like(x_hat), "mean": self.mean.to(x).expand_as(x)}
         for name, values in splices.items():
             out = self.forward_with(b, keep, values)
-            self._score(name, lp_clean, out[:, :-1].float().log_softmax(-1), targets)
+            self._score(name, out[:, :-1].float().log_softmax(-1), targets, lp_clean, p_clean)
 
-    def _score(self, name: str, lp_clean: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> None:
+    def _score(self, name: str, lp: torch.Tensor, targets: torch.Tensor, lp_clean: torch.Tensor | None = None,
+               p_clean: torch.Tensor | None = None) -> None:
+        """Add the summed CE of log-probs ``lp [B, T-1, vocab]`` and, given the clean ones, KL(clean ‖ lp)."""
         ce = -lp.gather(-1, targets[..., None]).squeeze(-1)  # (B, T-1)
-        kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)  # (B, T-1)
-        self.sums.add(f"ce_{name}", ce.double().sum())
-        self.sums.add(f"kl_{name}", kl.double().sum())
+        self.sums[f"ce_{name}"] += float(ce.double().sum())
+        if lp_clean is not None:
+            kl = (p_clean * (lp_clean - lp)).sum(-1)  # (B, T-1)
+            self.sums[f"kl_{name}"] += float(kl.double().sum())
 
     def downstream(self) -> Downstream:
-        s = self.sums.values
+        s = self.sums
         n = s["predictions"]
         ce = {k: s[f"ce_{k}"] / n for k in ("clean", "spliced", "zero", "mean")}
 
@@ -338,7 +339,7 @@ class _Evaluator:
         half = next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16)
         tolerance = 2e-2 if half else 1e-4  # relative to the largest output; a wrong hook is O(1) off
         rel = self.max_diff / max(self.max_out, 1e-12)
-        kl = self.sums.values["kl_error"] / self.sums.values["predictions"] if self.causal else None
+        kl = self.sums["kl_error"] / self.sums["predictions"] if self.causal else None
         return SelfCheck(output="logits" if self.causal else "last_hidden_state", max_abs_diff=self.max_diff,
                          relative_diff=rel, kl=kl, tolerance=tolerance, ok=rel <= tolerance)
 
@@ -364,9 +365,12 @@ def default_corpus(sae, split: str = "validation") -> CorpusSpec:
 
 
 def trained_without_bos(sae) -> bool:
-    """Whether provenance says BOS positions were left out of training (``exclude_bos``, also inside
-    ``train_config``, or SAELens' ``exclude_special_tokens`` in cfg.json metadata)."""
+    """Whether provenance says BOS positions were left out of training: ``exclude_bos`` (top level or in
+    ``train_config``), ``bos.excluded`` (the store manifest's block), SAELens' ``exclude_special_tokens``."""
     prov = provenance(sae)
+    bos = prov.get("bos") if isinstance(prov.get("bos"), dict) else {}
+    if bos.get("excluded") is not None:
+        return bool(bos["excluded"])
     for where in (prov, prov.get("train_config") or {}, sae.cfg.metadata):
         for key in ("exclude_bos", "exclude_special_tokens"):
             if where.get(key) is not None:
@@ -456,6 +460,8 @@ def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | s
     lm = _as_loaded(sae, model)
     hook = _hook(sae, hook, warnings)
     _check_fits(sae, lm, hook)
+    if isinstance(corpus, torch.Tensor):
+        context = corpus.shape[-1]  # given token ids set the context
     ids, corpus_json = _token_ids(sae, corpus, lm, _context(sae, context, lm, warnings), tokens, seed)
     if ids.numel() < tokens:
         warnings.append(f"the corpus gave only {ids.numel():,} of the {tokens:,} tokens asked for")

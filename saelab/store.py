@@ -27,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -177,6 +178,73 @@ def append_shard(path: Path, manifest: dict, data: bytes, rows: int, **extra) ->
     return new
 
 
+# fields that must agree for a resumed harvest to continue the same store
+IDENTITY = ("model_weights_sha256", "tokenizer", "hook_name", "hf_hook_name", "hook_io", "d_in", "dtype",
+            "context", "bos", "corpus", "harvest")
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """Human-readable differences in the harvest identity between two manifests."""
+    a = _flat({k: old.get(k) for k in IDENTITY})
+    b = _flat({k: new.get(k) for k in IDENTITY})
+    return [f"{k}: store has {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _ours(name: str) -> bool:
+    """Files a harvest writes (temporary files of an interrupted write included)."""
+    return name == MANIFEST or (name.startswith("shard-") and name.endswith(".safetensors")) or (
+        name.startswith(".") and ".tmp-" in name)
+
+
+def prepare(path: Path, header: dict, resume: bool) -> dict:
+    """Create the store folder for ``header`` or reopen it to resume; return its manifest.
+
+    Refuses, without touching anything, a folder that is not empty and holds something else or a
+    different harvest (naming the differing fields), or this harvest without ``resume``. On resume,
+    removes leftovers of an interrupted write: temporary files and shards not in the manifest.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the store folder {path}: {e.strerror or e}") from None
+    entries = [p.name for p in path.iterdir()]
+    if (path / MANIFEST).exists():
+        manifest = read_manifest(path)
+        diff = identity_diff(manifest, header)
+        if diff:
+            verb = "resume" if resume else "write into"
+            raise ValueError(f"refusing to {verb} {path}: it holds a different harvest ({'; '.join(diff)}). "
+                             "Use another --out folder, or the original arguments to resume")
+        if not resume:
+            state = "complete" if manifest.get("complete") else f"unfinished, {len(manifest['shards'])} shards"
+            raise FileExistsError(f"{path} already holds this harvest ({state}); pass --resume to continue it "
+                                  "or choose another --out folder")
+    elif entries and not all(_ours(n) and n.startswith(".") for n in entries):
+        raise FileExistsError(f"refusing to write into {path}: the folder is not empty and is not an activation "
+                              f"store (found {', '.join(sorted(entries)[:5])}); choose an empty or new --out folder")
+    else:
+        manifest = {**header, "shards": [], "n_rows": 0, "complete": False}
+    listed = {s["file"] for s in manifest["shards"]}
+    for name in entries:
+        if _ours(name) and name != MANIFEST and name not in listed:
+            (path / name).unlink()
+    try:
+        atomic.write_json(path / MANIFEST, manifest)
+    except OSError as e:
+        raise OSError(f"cannot write to the store folder {path}: {e.strerror or e}") from None
+    return manifest
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 def _split_mask(seq: torch.Tensor, split: str, heldout_fraction: float) -> torch.Tensor | None:
@@ -286,6 +354,19 @@ class ActivationStore:
                 problems.append(str(e))
         return problems
 
+    def _read_seq(self, index: int) -> torch.Tensor:
+        """Only the ``seq [n]`` column of a shard (memory-mapped; the checksum waits for the full read)."""
+        entry = self.shards[index]
+        file = self._check_size(entry)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                seq = f.get_tensor("seq")
+        except Exception as e:  # safetensors raises its own error types for malformed files
+            raise StoreError(f"shard {file} cannot be parsed: {e}") from None
+        if tuple(seq.shape) != (entry["rows"],) or seq.dtype != torch.int64:
+            raise StoreError(f"shard {file}: seq is {tuple(seq.shape)} {seq.dtype}, expected ({entry['rows']},) int64")
+        return seq
+
     def _split_index(self, split: str, heldout_fraction: float) -> list[torch.Tensor | None]:
         """Per shard: row indices of ``split`` (None: all rows). Reads only the ``seq`` column."""
         if split not in SPLITS:
@@ -296,7 +377,7 @@ class ActivationStore:
         if key not in self._split_rows:
             out = []
             for i in range(len(self.shards)):
-                mask = None if split == "all" else _split_mask(self.read_shard(i)["seq"], split, heldout_fraction)
+                mask = None if split == "all" else _split_mask(self._read_seq(i), split, heldout_fraction)
                 out.append(None if mask is None else mask.nonzero().squeeze(1))
             self._split_rows[key] = out
         return self._split_rows[key]
@@ -326,7 +407,7 @@ class ActivationStore:
         gen = self._iter_batches(batch_size, global_batch, per_epoch, seed=seed, start_batch=start_batch,
                                  split=split, heldout_fraction=heldout_fraction, rank=rank, shuffle=shuffle,
                                  epochs=epochs, window_shards=window_shards)
-        return _prefetched(gen, prefetch) if prefetch > 0 else gen
+        return prefetched(gen, prefetch) if prefetch > 0 else gen
 
     def _epoch_windows(self, seed: int, epoch: int, shuffle: bool, window_shards: int) -> list[list[int]]:
         order = list(range(len(self.shards)))
@@ -335,16 +416,19 @@ class ActivationStore:
         return [order[i:i + window_shards] for i in range(0, len(order), window_shards)]
 
     def _load_window(self, shard_ids: list[int], rows: list[torch.Tensor | None], seed: int, epoch: int,
-                     w: int, shuffle: bool) -> torch.Tensor:
+                     w: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The window's rows in storage dtype ``[n, d_in]`` and their order (None: as stored).
+
+        Batches gather through the order, so the window is held once, not also as a shuffled copy.
+        """
         parts = []
         for i in shard_ids:
             acts = self.read_shard(i)["acts"]
-            parts.append((acts if rows[i] is None else acts[rows[i]]).float())
+            parts.append(acts if rows[i] is None else acts[rows[i]])
         window = torch.cat(parts) if len(parts) > 1 else parts[0]       # (rows_in_window, d_in)
-        if shuffle:
-            perm = np.random.default_rng([seed + epoch, 1, w]).permutation(window.shape[0])
-            window = window[torch.from_numpy(perm)]
-        return window
+        if not shuffle:
+            return window, None
+        return window, torch.from_numpy(np.random.default_rng([seed + epoch, 1, w]).permutation(window.shape[0]))
 
     def _iter_batches(self, batch_size: int, global_batch: int, per_epoch: int, *, seed: int, start_batch: int,
                       split: str, heldout_fraction: float, rank: int, shuffle: bool, epochs: int | None,
@@ -354,30 +438,40 @@ class ActivationStore:
         epoch, g = divmod(start_batch, per_epoch)
         lo, hi = rank * batch_size, (rank + 1) * batch_size
         while epochs is None or epoch < epochs:
-            windows = self._epoch_windows(seed, epoch, shuffle, window_shards)
             offset = g * global_batch            # row offset of the next batch in this epoch's stream
-            carry = torch.empty(0, self.d_in)
+            carry = torch.empty(0, self.d_in)    # rows of a global batch that began in the previous window
             start = 0
-            for w, ids in enumerate(windows):
+            for w, ids in enumerate(self._epoch_windows(seed, epoch, shuffle, window_shards)):
                 n = sum(counts[i] for i in ids)
-                if start + n <= offset:          # entirely before the resume point: never read
+                if start + n <= offset or g >= per_epoch:   # before the resume point / past the last batch
                     start += n
                     continue
-                window = self._load_window(ids, rows, seed, epoch, w, shuffle)[max(offset - start, 0):]
+                window, order = self._load_window(ids, rows, seed, epoch, w, shuffle)
+
+                def take(a: int, b: int) -> torch.Tensor:   # (b - a, d_in) float32
+                    return (window[a:b] if order is None else window[order[a:b]]).float()
+
+                k = max(offset - start, 0)
                 start += n
-                buf = torch.cat([carry, window]) if len(carry) else window
-                k = 0
-                while k + global_batch <= len(buf) and g < per_epoch:
-                    yield buf[k + lo:k + hi]
-                    k += global_batch
-                    g += 1
-                carry = buf[k:]
-                offset = start
+                if len(carry):
+                    need = global_batch - len(carry)
+                    if n - k < need:
+                        carry = torch.cat([carry, take(k, n)])
+                        continue
+                    yield torch.cat([carry, take(k, k + need)])[lo:hi]
+                    k, g, carry = k + need, g + 1, torch.empty(0, self.d_in)
+                while k + global_batch <= n and g < per_epoch:
+                    yield take(k + lo, k + hi)
+                    k, g = k + global_batch, g + 1
+                if g < per_epoch:
+                    carry = take(k, n)
             epoch, g = epoch + 1, 0
 
 
-def _prefetched(gen: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
-    """Run ``gen`` in a background thread, ``depth`` items ahead; errors re-raise in the consumer."""
+def prefetched(gen: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
+    """Run ``gen`` in a background thread, ``depth`` items ahead; errors re-raise in the consumer.
+
+    Closing the returned generator (or dropping it) stops the thread at its next item."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -413,3 +507,22 @@ def _prefetched(gen: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Tenso
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def summary(store: ActivationStore) -> dict:
+    """What ``saelab store info`` shows: provenance, size and the row-norm summary."""
+    m = store.manifest
+    norm = m.get("stats", {}).get("norm", {})
+    median = norm.get("median")
+    size = sum(s["bytes"] for s in m["shards"]) + (store.path / MANIFEST).stat().st_size
+    return {
+        "path": str(store.path), "model": m["model_name"], "model_weights_sha256": m.get("model_weights_sha256"),
+        "hook": m["hook_name"], "hf_hook": m.get("hf_hook_name"), "d_in": store.d_in, "dtype": m["dtype"],
+        "context": store.context, "corpus": m.get("corpus"), "rows": store.n_rows,
+        "sequences": m.get("n_sequences", m["shards"][-1]["seq_end"] if m["shards"] else 0),
+        "shards": len(m["shards"]), "bytes": size, "complete": bool(m.get("complete")),
+        "corpus_exhausted": bool(m.get("corpus_exhausted")), "excluded": m.get("excluded", {}),
+        "skipped_sequences": len(m.get("skipped_sequences", [])),
+        "norm": {k: norm.get(k) for k in ("mean", "std", "min", "median", "p99", "max")},
+        "max_over_median": norm["max"] / median if median else None,
+    }

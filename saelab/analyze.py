@@ -1,0 +1,434 @@
+"""The analysis pass: one streaming pass over corpus tokens → every feature's story in features.db.
+
+Per batch of sequences: model forward to the hook (stopping there), SAE encode (the sparse top-k path
+for topk SAEs), and the batch's non-zero latents feed the streaming statistics of :mod:`saelab.mining`
+(counts, max/mean, histograms, top-K / quantile / random examples with token windows, co-activation).
+BOS tokens (attention sinks with outlier norms) are left out of everything when ``skip_bos``.
+
+Tokens come from the SAE's corpus: by default (``split="auto"``) its validation split first, then its
+train split once validation runs out (the stdlib validation split has ~450k tokens, less than the
+default 1M); ``split="validation"`` stops at the end of the held-out text and says so in the meta table.
+
+After the pass: logit effects (direct path, :func:`direct_logit_directions`), decoder and co-activation
+neighbours, the map (:mod:`saelab.fmap`), offline explanations with detection scores (``saelab.explain``
+when present), all written atomically to features.db. :func:`inspect_text` and
+:func:`contrastive_search` answer "which features fire on this text" and "which stand for this concept".
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+
+from saelab.mining import Batch, Stats, best_in_group, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
+
+
+@dataclass
+class AnalyzeConfig:
+    """Knobs of the analysis pass (defaults suit a 1M-token pass on CPU)."""
+
+    tokens: int = 1_000_000
+    """Tokens to analyse (rounded up to whole sequences)."""
+    context: int | None = None
+    """Sequence length; default the SAE's training context_size (else 128)."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+    split: str = "auto"
+    """validation | train | all | auto (validation first, then train once it runs out)."""
+    seed: int = 0
+    """Document order and reservoir sampling."""
+    k_top: int = 20
+    """Top-activating contexts kept per feature."""
+    n_quantiles: int = 5
+    """Activation bands (equal fractions of the max) sampled per feature."""
+    per_quantile: int = 4
+    """Examples kept per band."""
+    n_random: int = 6
+    """Uniformly random firing examples per feature, and as many windows from a shared pool of uniformly
+    random corpus windows (mostly non-firing: the negatives for detection scoring)."""
+    pool: int = 256
+    """Size of that shared pool of random windows."""
+    window_left: int = 12
+    """Tokens kept before the chosen token."""
+    window_right: int = 4
+    """Tokens kept after it."""
+    skip_bos: bool = True
+    """Leave BOS tokens out of stats and examples."""
+    coact_top: int = 8
+    """Strongest latents per token counted for co-activation."""
+    coact_max_pairs: int = 4_000_000
+    """Pair-table size that triggers pruning to top partners."""
+    coact_partners: int = 32
+    """Partners kept per feature when pruning, and stored in the coactivation table."""
+    n_logits: int = 10
+    """Top and bottom logit-effect tokens stored."""
+    n_neighbours: int = 10
+    """Decoder / co-activation neighbours stored."""
+    map: str = "auto"
+    """auto | umap | pca | none."""
+    explain: bool = True
+    """Write offline explanations (and their detection scores) when saelab.explain is available."""
+
+
+# -- the pass ----------------------------------------------------------------------------------------
+
+
+class Setup(NamedTuple):
+    sae: object
+    lm: object
+    hook: str
+    corpus: str
+    sae_path: Path | None
+
+
+def resolve_inputs(sae, model=None, corpus=None, hook: str | None = None) -> Setup:
+    """Accept an SAE or its folder; default the model, hook and corpus from the SAE's provenance."""
+    from saelab.models import LoadedModel, load_model
+
+    sae_path = None
+    if isinstance(sae, (str, Path)):
+        from saelab.formats import load_sae
+
+        sae_path = Path(sae).resolve()
+        sae = load_sae(sae_path)
+    prov = {**sae.cfg.metadata, **getattr(sae, "provenance", {})}
+    if model is None:
+        if not prov.get("model_name"):
+            raise ValueError("the SAE does not record its model (provenance model_name); pass the model explicitly")
+        model = prov["model_name"]
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    hook = hook or prov.get("hook_name")
+    if not hook:
+        raise ValueError("the SAE does not record its hook (provenance hook_name); pass hook=... explicitly")
+    if corpus is None:
+        corpus = (prov.get("corpus") or {}).get("source", "stdlib")
+    return Setup(sae.eval(), lm, hook, corpus, sae_path)
+
+
+def token_batches(lm, corpus: str, cfg: AnalyzeConfig, context: int) -> Iterator[tuple[torch.Tensor, str]]:
+    """``[B, context]`` id batches and the split they came from, until ``cfg.tokens`` tokens."""
+    from saelab.corpus import CorpusSpec, sequences
+
+    splits = ["validation", "train"] if cfg.split == "auto" else [cfg.split]
+    n_seqs = math.ceil(cfg.tokens / context)
+    seqs = itertools.chain.from_iterable(
+        ((s, split) for s in sequences(CorpusSpec(corpus, split), lm.tokenizer, context, cfg.seed))
+        for split in splits)
+    seqs = itertools.islice(seqs, n_seqs)
+    while chunk := list(itertools.islice(seqs, cfg.batch_size)):
+        yield torch.stack([s for s, _ in chunk]), chunk[-1][1]
+
+
+@torch.no_grad()
+def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = True) -> tuple[Stats, dict]:
+    """Stream the corpus through model → hook → SAE and accumulate :class:`Stats`."""
+    from tqdm import tqdm
+
+    from saelab.corpus import bos_token_id
+    from saelab.hooks import run_to_hooks
+
+    sae, lm = setup.sae, setup.lm
+    device = sae.W_dec.device
+    prov = getattr(sae, "provenance", {})
+    hint = prov.get("feature_max_act")
+    hint = torch.tensor(hint, dtype=torch.float32) if hint is not None and len(hint) == sae.d_sae else None
+    stats = Stats(sae.d_sae, cfg, hint, device, cfg.seed)
+    bos = bos_token_id(lm.tokenizer)
+    warmup = max(1, math.ceil(cfg.tokens / context / cfg.batch_size) // 20)
+    by_split: dict[str, int] = {}
+    start, n_batches = time.perf_counter(), 0
+    with tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="analysing", disable=not progress) as bar:
+        for ids, split in token_batches(lm, setup.corpus, cfg, context):
+            x = run_to_hooks(lm.model, ids.to(lm.device), setup.hook)[setup.hook]  # (B, T, d_in)
+            x = x.reshape(-1, x.shape[-1]).to(device, torch.float32)  # (B·T, d_in)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"non-finite activations at hook {setup.hook} (batch {n_batches}); "
+                                 "check the model weights and dtype")
+            flat = ids.reshape(-1).to(device)
+            keep = flat != bos if cfg.skip_bos else torch.ones_like(flat, dtype=torch.bool)
+            tok, feat, val, top_m = sparse_latents(sae, x, keep, cfg.coact_top)
+            order = (tok * sae.d_sae + feat).argsort()
+            b = Batch(tok, feat, val, flat, context, n_batches * cfg.batch_size, sae.d_sae, cfg.window_left,
+                      cfg.window_right, (tok * sae.d_sae + feat)[order], val[order])
+            stats.add(b, top_m, keep, sample_bands=stats.hinted or n_batches >= warmup)
+            by_split[split] = by_split.get(split, 0) + ids.numel()
+            n_batches += 1
+            bar.update(ids.numel())
+    seconds = time.perf_counter() - start
+    total = sum(by_split.values())
+    info = {"tokens_analysed": stats.tokens, "tokens_read": total, "tokens_by_split": by_split,
+            "seconds": round(seconds, 2), "tokens_per_s": round(total / max(seconds, 1e-9), 1)}
+    if total < cfg.tokens:
+        info["note"] = f"asked for {cfg.tokens} tokens but split {cfg.split!r} of {setup.corpus!r} has only {total}"
+    return stats, info
+
+
+# -- after the pass ------------------------------------------------------------------------------------
+
+
+def token_strings(tokenizer, n_model: int = 0) -> list[str]:
+    """The exact text of every token id on its own (raw; SentencePiece's ``▁`` restored as a space).
+    Ids the model has beyond the tokenizer's vocabulary (padding rows) read ``<id N>``."""
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    out = []
+    for i, piece in enumerate(pieces):
+        s = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        if isinstance(piece, str) and piece.startswith("▁") and not s.startswith(" "):
+            s = " " + s
+        out.append(s)
+    return out + [f"<id {i}>" for i in range(n, n_model)]
+
+
+def direct_logit_directions(sae, lm, hook: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(D [d_sae, d_model], W_U [vocab, d_model])`` with logit effects ``D @ W_Uᵀ``, or None.
+
+    D is each decoder direction in the residual stream (mapped through the down projection for an
+    ``mlp.hook_post``-style hook), times the final norm's scale (``1 + w`` for Gemma; LayerNorm also
+    centres it). Approximation: the norm's division by the RMS / standard deviation of the *whole*
+    residual is ignored (it rescales all logits of a token alike), and later layers are skipped.
+    """
+    from saelab.hooks import resolve
+
+    model = lm.model
+    head = model.get_output_embeddings() if lm.is_causal else None
+    if head is None:
+        return None
+    W_U = head.weight.detach().float().to(sae.W_dec.device)
+    D = sae.W_dec.detach().float()
+    if D.shape[1] != W_U.shape[1]:
+        point = resolve(model, hook)
+        mod = model.get_submodule(point.module_path)
+        w = getattr(mod, "weight", None)
+        if point.io != "input" or w is None:
+            return None
+        w = w.detach().float().to(D.device)
+        D = D @ (w.T if w.shape[1] == D.shape[1] else w)  # nn.Linear [out, in]; GPT-2 Conv1D [in, out]
+        if D.shape[1] != W_U.shape[1]:
+            return None
+    norm = _final_norm(model)
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        if isinstance(norm, torch.nn.LayerNorm):
+            D = D - D.mean(1, keepdim=True)
+        scale = norm.weight.detach().float().to(D.device)
+        D = D * (1 + scale if lm.family.startswith("gemma") else scale)
+    return D, W_U
+
+
+def _final_norm(model):
+    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm",
+                 "model.decoder.final_layer_norm", "norm", "ln_f"):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    return None
+
+
+@torch.no_grad()
+def logit_effects(D: torch.Tensor, W_U: torch.Tensor, n: int = 10, block: int = 1024):
+    """Top and bottom ``n`` logit effects of every row of ``D``: ``(pos_vals, pos_ids, neg_vals, neg_ids)``."""
+    out = [[], [], [], []]
+    for start in range(0, D.shape[0], block):
+        eff = D[start:start + block] @ W_U.T  # (block, vocab)
+        pv, pi = eff.topk(min(n, eff.shape[1]), dim=1)
+        nv, ni = (-eff).topk(min(n, eff.shape[1]), dim=1)
+        for acc, t in zip(out, (pv, pi, -nv, ni)):
+            acc.append(t.cpu())
+    return tuple(torch.cat(t) for t in out)
+
+
+def summary_tokens(top_rows: list[dict], logit_tokens: list[str], n: int = 12) -> str:
+    """Words for full-text search: the max tokens of the top examples (most frequent first), then the
+    most promoted logit tokens."""
+    freq: dict[str, int] = {}
+    for r in top_rows:
+        tok = r["tokens"][r["max_pos"]].strip()
+        if tok:
+            freq[tok] = freq.get(tok, 0) + 1
+    words = sorted(freq, key=lambda t: -freq[t])[:n] + [t.strip() for t in logit_tokens[:5] if t.strip()]
+    return " ".join(words)
+
+
+def write_db(out: Path, setup: Setup, cfg: AnalyzeConfig, context: int, stats: Stats, info: dict,
+             progress: bool) -> None:
+    from saelab.corpus import bos_token_id
+    from saelab.featuredb import FeatureDB, build
+    from saelab.fmap import decoder_neighbours, layout
+
+    sae, lm = setup.sae, setup.lm
+    vocab = getattr(lm.model.config, "vocab_size", 0) or 0
+    strings, bos = token_strings(lm.tokenizer, vocab), bos_token_id(lm.tokenizer)
+    left = cfg.window_left
+    examples = list(example_rows(stats.top, "top", strings, bos, left))
+    examples += example_rows(stats.quant, "quantile", strings, bos, left, cfg.n_quantiles)
+    examples += example_rows(stats.rand, "random", strings, bos, left)
+    examples += pool_rows(stats.pool, sae.d_sae, cfg.n_random, strings, bos, left, cfg.n_random, cfg.seed)
+    top_by_feature: dict[int, list[dict]] = {}
+    for r in examples:
+        if r["kind"] == "top":
+            top_by_feature.setdefault(r["feature"], []).append(r)
+    logit_rows, pos_tokens = [], [[] for _ in range(sae.d_sae)]
+    dirs = direct_logit_directions(sae, lm, setup.hook)
+    if dirs is not None:
+        pv, pi, nv, ni = logit_effects(*dirs, n=cfg.n_logits)
+        for sign, vals, ids in ((1, pv, pi), (-1, nv, ni)):
+            for f, (vrow, irow) in enumerate(zip(vals.tolist(), ids.tolist())):
+                for r, (v, t) in enumerate(zip(vrow, irow)):
+                    logit_rows.append((f, sign, r, t, strings[t], v))
+                    if sign > 0:
+                        pos_tokens[f].append(strings[t])
+    count, mx = stats.count.cpu(), stats.max.cpu()
+    mean = (stats.sum.cpu() / count.clamp_min(1)).tolist()
+    features = [{"id": f, "count": int(count[f]), "density": int(count[f]) / max(stats.tokens, 1),
+                 "max_act": float(mx[f]), "mean_act": mean[f],
+                 "top_tokens": summary_tokens(top_by_feature.get(f, []), pos_tokens[f])} for f in range(sae.d_sae)]
+    cos, idx = decoder_neighbours(sae.W_dec, cfg.n_neighbours)
+    neigh = [(f, "decoder", r, o, c) for f, (orow, crow) in enumerate(zip(idx.tolist(), cos.tolist()))
+             for r, (o, c) in enumerate(zip(orow, crow))]
+    coact_neigh, coact_raw = coact_rows(stats, cfg.n_neighbours, cfg.coact_partners)
+    fmap = layout(sae.W_dec, method=cfg.map, seed=cfg.seed) if cfg.map != "none" else None
+    with build(out) as w:
+        w.meta(**_meta(setup, cfg, context, info, dirs is not None, fmap))
+        w.features(features)
+        w.examples(examples)
+        w.logit_effects(logit_rows)
+        w.neighbours(neigh + coact_neigh)
+        w.coactivation(coact_raw)
+        w.histograms(histogram_rows(stats))
+        if fmap is not None:
+            w.map(zip(range(sae.d_sae), fmap.x.tolist(), fmap.y.tolist(), fmap.cluster.tolist()))
+        if cfg.explain:
+            write_explanations(FeatureDB(w.conn, out), progress)
+
+
+def _meta(setup: Setup, cfg: AnalyzeConfig, context: int, info: dict, logits: bool, fmap) -> dict:
+    sae, lm = setup.sae, setup.lm
+    prov = getattr(sae, "provenance", {})
+    return {"model_name": lm.name, "model_weights_sha256": prov.get("model_weights_sha256"),
+            "hook_name": setup.hook, "sae_path": str(setup.sae_path) if setup.sae_path else None,
+            "d_sae": sae.d_sae, "d_in": sae.d_in, "architecture": sae.cfg.architecture, "k": sae.cfg.k,
+            "corpus": setup.corpus, "context": context, "config": asdict(cfg), **info,
+            "map_method": fmap.method if fmap is not None else None,
+            "logit_effects": ("W_U · (final-norm scale ⊙ W_dec[f]); the norm's division by the RMS is ignored"
+                              if logits else None),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_explanations(db, progress: bool = True) -> int:
+    """Offline explanations and detection scores for every live feature, via ``saelab.explain`` when it is
+    importable (else nothing; returns the number written)."""
+    try:
+        from saelab.explain import explain_and_score, record_from_db
+    except ImportError:
+        return 0
+    from tqdm import tqdm
+
+    rows = []
+    for f in tqdm(db.live_features(), desc="explaining", unit="feat", disable=not progress):
+        result = explain_and_score(record_from_db(db, f))
+        rows.append((f, result.explanation, "offline", result.score))
+    db.set_explanations(rows)
+    return len(rows)
+
+
+def analyze(sae, model=None, corpus=None, *, out: Path | str | None = None, hook: str | None = None,
+            progress: bool = True, config: AnalyzeConfig | None = None, **overrides) -> Path:
+    """Analyse an SAE (object or folder) over corpus tokens and write features.db; returns its path.
+
+    ``model``/``corpus``/``hook`` default to the SAE's provenance. ``out`` defaults to
+    ``<sae folder>/../features.db``. Any :class:`AnalyzeConfig` field can be given as a keyword
+    (``tokens=``, ``context=``, ``batch_size=``, ``k_top=``, ``n_quantiles=``, ``seed=``, ``split=`` ...).
+    """
+    names = {f.name for f in fields(AnalyzeConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise TypeError(f"analyze() got unknown options {sorted(unknown)}; valid: {sorted(names)}")
+    cfg = AnalyzeConfig(**{**(asdict(config) if config else {}), **overrides})
+    setup = resolve_inputs(sae, model, corpus, hook)
+    if out is None:
+        if setup.sae_path is None:
+            raise ValueError("give out=... for an in-memory SAE (there is no SAE folder to put features.db beside)")
+        out = setup.sae_path.parent / "features.db"
+    prov = {**setup.sae.cfg.metadata, **getattr(setup.sae, "provenance", {})}
+    context = int(cfg.context or prov.get("context_size") or 128)
+    stats, info = run_pass(setup, cfg, context, progress)
+    write_db(Path(out), setup, cfg, context, stats, info, progress)
+    return Path(out)
+
+
+# -- inspect and concept search --------------------------------------------------------------------------
+
+
+class TokenFeatures(NamedTuple):
+    """One token of an inspected text and its strongest features."""
+
+    pos: int
+    """Index in the text's tokens (BOS excluded)."""
+    token_id: int
+    token: str
+    """Exact token string (raw)."""
+    features: list[tuple[int, float]]
+    """``(feature, activation)``, strongest first (only active ones)."""
+
+
+@torch.no_grad()
+def text_latents(sae, lm, text: str, hook: str) -> tuple[list[int], torch.Tensor]:
+    """Token ids of ``text`` (without the BOS the model sees first) and their latents ``[n_tokens, d_sae]``."""
+    from saelab.corpus import bos_token_id
+    from saelab.hooks import run_to_hooks
+
+    ids = lm.tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"text {text[:40]!r} has no tokens")
+    x = torch.tensor([[bos_token_id(lm.tokenizer), *ids]], device=lm.device)  # documents start with BOS
+    acts = run_to_hooks(lm.model, x, hook)[hook][0, 1:].to(sae.W_dec.device, torch.float32)  # (n, d_in)
+    return ids, sae.encode(acts)  # (n, d_sae)
+
+
+def inspect_text(sae, model=None, text: str = "", top: int = 5, hook: str | None = None) -> list[TokenFeatures]:
+    """Per token of ``text`` (exact token strings), the ``top`` most active features and their activations."""
+    setup = resolve_inputs(sae, model, "stdlib", hook)
+    ids, z = text_latents(setup.sae, setup.lm, text, setup.hook)
+    vals, feats = z.topk(min(top, z.shape[1]), dim=1)
+    strings = [setup.lm.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+    return [TokenFeatures(p, i, s, [(f, v) for f, v in zip(fr, vr) if v > 0])
+            for p, (i, s, fr, vr) in enumerate(zip(ids, strings, feats.tolist(), vals.tolist()))]
+
+
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Per column, P(a positive score > a negative one) + ½ P(tie): ``pos [p, d]``, ``neg [q, d]`` → ``[d]``."""
+    gt = (pos[:, None, :] > neg[None, :, :]).float().mean((0, 1))
+    eq = (pos[:, None, :] == neg[None, :, :]).float().mean((0, 1))
+    return gt + 0.5 * eq
+
+
+def contrastive_search(sae, model=None, positives: Sequence[str] = (), negatives: Sequence[str] = (), top: int = 20,
+                       hook: str | None = None) -> list[dict]:
+    """Features whose activation separates ``positives`` from ``negatives`` texts, best first.
+
+    Each text is scored per feature by its max activation over the text's tokens. Features are ranked by
+    the AUROC of those scores (positive vs negative texts; 1 = every positive text beats every negative
+    one), ties broken by the difference of mean max activation, relative to the feature's largest score
+    (so strong and weak features compare fairly). Each hit: feature, auroc, mean_pos, mean_neg, diff.
+    """
+    if not positives or not negatives:
+        raise ValueError(f"contrastive search needs positive and negative texts; got {len(positives)} positive "
+                         f"and {len(negatives)} negative")
+    setup = resolve_inputs(sae, model, "stdlib", hook)
+    scores = [text_latents(setup.sae, setup.lm, t, setup.hook)[1].max(0).values for t in [*positives, *negatives]]
+    S = torch.stack(scores).cpu()  # (n_texts, d_sae)
+    P, N = S[:len(positives)], S[len(positives):]
+    au = torch.cat([auroc(P[:, i:i + 2048], N[:, i:i + 2048]) for i in range(0, S.shape[1], 2048)])
+    mp, mn = P.mean(0), N.mean(0)
+    rel = (mp - mn) / S.max(0).values.clamp_min(1e-12)
+    order = sorted(range(S.shape[1]), key=lambda f: (-float(au[f]), -float(rel[f])))
+    hits = [f for f in order if float(mp[f] - mn[f]) > 0][:top]
+    return [{"feature": f, "auroc": float(au[f]), "mean_pos": float(mp[f]), "mean_neg": float(mn[f]),
+             "diff": float(mp[f] - mn[f]), "relative_diff": float(rel[f])} for f in hits]

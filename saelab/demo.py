@@ -1,0 +1,151 @@
+"""The main job: every stage on the embedded default, then the browser.
+
+    runs/demo/acts/         harvest of the builtin model's middle residual stream on the stdlib corpus
+    runs/demo/sae/          a TopK SAE trained on it (SAELens-compatible folder + saelab.json)
+    runs/demo/eval.json     its evaluation (also in sae/eval.json)
+    runs/demo/features.db   the analysis of every feature
+
+Each stage is skipped when its artifact is already complete, and an interrupted stage resumes
+(harvest and training checkpoint), so re-running ``saelab demo`` is cheap.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from saelab.analyze import analyze
+from saelab.evaluate import evaluate
+from saelab.featuredb import FeatureDB
+from saelab.formats import load_sae
+from saelab.harvest import harvest
+from saelab.models import load_model
+from saelab.store import ActivationStore
+from saelab.train import TrainConfig, train
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo run. ``quick()`` gives the smaller first look."""
+
+    run: Path = Path("runs/demo")
+    """Run folder."""
+    model: str = "builtin"
+    """Model to study."""
+    hook: str = "blocks.1.hook_resid_post"
+    """The middle of the builtin model's 4-layer residual stream."""
+    corpus: str = "stdlib"
+    """Corpus spec (train split for harvest/training, validation split for eval/analysis)."""
+    context: int = 256
+    """Tokens per sequence."""
+    harvest_tokens: int = 2_000_000
+    """Activations stored (and trained on)."""
+    latents: int = 4096
+    """SAE width."""
+    k: int = 32
+    """Active latents per token (TopK)."""
+    eval_tokens: int = 100_000
+    """Held-out tokens for the evaluation."""
+    analyze_tokens: int = 1_000_000
+    """Tokens of the analysis pass (validation split first, then the rest of the corpus)."""
+
+    @classmethod
+    def quick(cls, run: Path = Path("runs/demo-quick")) -> "DemoConfig":
+        return cls(run=run, harvest_tokens=400_000, latents=2048, eval_tokens=30_000, analyze_tokens=150_000)
+
+
+def _stage(name: str, say: Callable[[str], None], fn: Callable[[], str | None], done: bool) -> None:
+    if done:
+        say(f"[{name}] already complete, skipped")
+        return
+    say(f"[{name}] running...")
+    t0 = time.time()
+    detail = fn()
+    say(f"[{name}] done in {time.time() - t0:.0f}s" + (f": {detail}" if detail else ""))
+
+
+def run_demo(config: DemoConfig | None = None, say: Callable[[str], None] = print) -> dict:
+    """Run every stage that is not complete yet; return the summary (see :func:`summary`)."""
+    c = config or DemoConfig()
+    run = Path(c.run)
+    acts, sae_dir, eval_path, db_path = run / "acts", run / "sae", run / "eval.json", run / "features.db"
+    run.mkdir(parents=True, exist_ok=True)
+    lm = load_model(c.model)
+
+    def do_harvest() -> str:
+        store = harvest(lm, c.hook, c.corpus, tokens=c.harvest_tokens, out=acts, context=c.context,
+                        resume=(acts / "manifest.json").exists())
+        return f"{store.n_rows:,} activations of width {store.d_in}"
+
+    def do_train() -> str:
+        cfg = TrainConfig(architecture="topk", d_sae=c.latents, k=c.k, tokens=c.harvest_tokens)
+        sae = train(ActivationStore.open(acts), cfg, out=sae_dir, resume=(sae_dir / "checkpoint").exists())
+        held = sae.provenance.get("held_out", {})
+        return f"held-out FVU {held.get('fvu', float('nan')):.3f}, L0 {held.get('l0', float('nan')):.1f}"
+
+    def do_eval() -> str:
+        report = evaluate(load_sae(sae_dir), lm, tokens=c.eval_tokens, progress=True)
+        report.save(sae_dir)
+        shutil.copyfile(sae_dir / "eval.json", eval_path)
+        d = report.downstream
+        return f"FVU {report.reconstruction.fvu:.3f}, CE recovered {d.ce_recovered_zero:.3f}" if d else None
+
+    def do_analyze() -> str:
+        analyze(load_sae(sae_dir), lm, out=db_path, tokens=c.analyze_tokens)
+        return str(db_path)
+
+    _stage("harvest", say, do_harvest, _harvest_complete(acts, c.harvest_tokens))
+    _stage("train", say, do_train, (sae_dir / "cfg.json").exists() and (sae_dir / "saelab.json").exists())
+    _stage("eval", say, do_eval, eval_path.exists())
+    _stage("analyze", say, do_analyze, db_path.exists())
+    return summary(run)
+
+
+def _harvest_complete(acts: Path, tokens: int) -> bool:
+    if not (acts / "manifest.json").exists():
+        return False
+    try:
+        return ActivationStore.open(acts).n_rows >= tokens
+    except (ValueError, OSError):
+        return False
+
+
+def summary(run: Path, n_features: int = 5) -> dict:
+    """FVU, L0, CE recovered and a few notable features (well-explained, mid-density) of a run."""
+    import json
+
+    report = json.loads((run / "eval.json").read_text())
+    with FeatureDB.open(run / "features.db") as db:
+        candidates = db.features(order_by="score", limit=200, min_density=1e-4, max_density=0.05)
+        notable = [{"id": f["id"], "density": f["density"], "explanation": f["explanation"], "score": f["score"]}
+                   for f in candidates if f["explanation"]][:n_features]
+        live = len(db.live_features())
+    down = report.get("downstream") or {}
+    return {
+        "run": str(run),
+        "fvu": report["reconstruction"]["fvu"],
+        "l0": report["sparsity"]["l0"],
+        "dead_fraction": report["sparsity"]["dead_fraction"],
+        "ce_clean": down.get("ce_clean"),
+        "ce_spliced": down.get("ce_spliced"),
+        "ce_recovered": down.get("ce_recovered_zero"),
+        "live_features": live,
+        "notable": notable,
+    }
+
+
+def format_summary(s: dict, url: str | None) -> str:
+    lines = [f"run {s['run']}: FVU {s['fvu']:.3f}, L0 {s['l0']:.1f}, dead {100 * s['dead_fraction']:.1f}%, "
+             f"{s['live_features']} live features"]
+    if s["ce_clean"] is not None:
+        lines.append(f"CE clean {s['ce_clean']:.3f}, with the SAE spliced in {s['ce_spliced']:.3f}, "
+                     f"CE recovered {s['ce_recovered']:.3f}")
+    for f in s["notable"]:
+        score = f" (detection {f['score']:.2f})" if f["score"] is not None else ""
+        lines.append(f"  feature {f['id']:>5}: {f['explanation']}{score}")
+    if url:
+        lines.append(f"browse: {url}")
+    return "\n".join(lines)

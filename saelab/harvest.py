@@ -1,0 +1,332 @@
+"""Run a model over a corpus and record activations at hook points: to a store, or as a stream.
+
+``harvest`` writes one :class:`~saelab.store.ActivationStore` per hook in a single forward pass that
+stops after the last hooked layer. With one hook, ``out`` is the store; with several, each store
+is ``out/<hook name>/`` (``:`` in raw module paths becomes ``_``) and a dict hook → store is returned.
+
+Determinism and resume: the corpus gives the same sequences for the same seed; model batches are
+``batch_size`` consecutive sequences and a shard is a whole number of batches
+(``seqs_per_shard``), so a resumed run skips the sequences of the shards already stored and
+recomputes exactly the same batches: its shards are byte-identical to an uninterrupted run's.
+
+Outliers: every stored row's norm goes into the store's statistics. ``exclude_bos`` drops
+positions holding the BOS token; ``max_norm_factor`` drops positions whose norm exceeds that
+factor times the median norm of the model batch (attention sinks can be ~100× the median).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import queue
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from saelab import store as st
+from saelab.corpus import CorpusSpec, bos_token_id, sequences
+from saelab.hooks import HookPoint, hook_shapes, resolve, run_to_hooks
+from saelab.models import LoadedModel, load_model
+
+NAN_POLICIES = ("fail", "skip")
+SHARD_BYTES = 64 << 20  # default shard size: large writes, bounded memory
+STATS_CHUNK = 16384     # rows per statistics update (bounds the float64 temporaries)
+PREFETCH_BATCHES = 4    # token batches prepared ahead by the tokenising thread
+
+
+class NonFiniteActivation(ValueError):
+    """NaN or inf in an activation, with where it happened."""
+
+
+def store_dir(out: Path, hook: str) -> Path:
+    """Folder of one hook's store inside a multi-hook harvest."""
+    return Path(out) / hook.replace(":", "_").replace("/", "_")
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+class _Sink:
+    """One hook's store being written: row chunks of the current shard, stats, counters."""
+
+    def __init__(self, point: HookPoint, path: Path, manifest: dict, dtype: torch.dtype):
+        self.point, self.path, self.manifest, self.dtype = point, path, manifest, dtype
+        self.first_new_shard = len(manifest["shards"])   # shards below this are already on disk
+        stats = manifest.get("stats")
+        self.stats = st.RunningStats.from_json(stats) if stats else st.RunningStats(manifest["d_in"])
+        self.skipped = list(manifest.get("skipped_sequences", []))
+        self.excluded = dict(manifest.get("excluded", {"bos": 0, "norm": 0}))
+        self.chunks: list[tuple[torch.Tensor, ...]] = []
+
+    def add(self, act: torch.Tensor, ids: torch.Tensor, seq0: int, keep: torch.Tensor, shard: int,
+            bos_id: int, exclude_bos: bool, max_norm_factor: float | None) -> None:
+        """Select rows of ``act [b, ctx, d]`` (``keep [b, ctx]``: finite sequences) and buffer them."""
+        if shard < self.first_new_shard:
+            return
+        b, ctx, d = act.shape
+        keep = keep.clone()
+        if exclude_bos:
+            is_bos = ids == bos_id
+            self.excluded["bos"] += int((is_bos & keep).sum())
+            keep &= ~is_bos
+        x = act.reshape(b * ctx, d)                                         # (b*ctx, d)
+        if max_norm_factor is not None and keep.any():
+            norms = torch.linalg.vector_norm(x.float(), dim=1).reshape(b, ctx)
+            over = keep & (norms > max_norm_factor * norms[keep].median())
+            self.excluded["norm"] += int(over.sum())
+            keep &= ~over
+        seq = (torch.arange(b).unsqueeze(1) + seq0).expand(b, ctx).reshape(-1)
+        pos = torch.arange(ctx).expand(b, ctx).reshape(-1)
+        cols = (x.to(self.dtype).cpu(), ids.reshape(-1).cpu(), seq, pos)   # (n, d) storage dtype, (n,) x3
+        if not bool(keep.all()):
+            sel = keep.reshape(-1)
+            cols = tuple(c[sel.to(c.device)] for c in cols)
+        self.chunks.append(cols)
+
+    def take_shard(self) -> tuple[torch.Tensor, ...]:
+        cols = [torch.cat(c) for c in zip(*self.chunks)] if self.chunks else [
+            torch.empty(0, self.manifest["d_in"], dtype=self.dtype), *(torch.empty(0, dtype=torch.long),) * 3]
+        self.chunks = []
+        return tuple(cols)
+
+
+class _Writer:
+    """A background thread that serialises, checksums and writes shards while the model computes."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=1)   # at most one shard waiting: bounded memory
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="saelab-harvest-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as e:  # re-raised in the harvesting thread
+                    self.error = e
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.raise_error()
+        self.q.put(job)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self.raise_error()
+
+
+def _write_job(sink: _Sink, cols: tuple[torch.Tensor, ...], entry: dict) -> Callable[[], None]:
+    """Statistics, serialisation, checksum and the atomic write of one shard, off the model's thread.
+
+    Jobs run in shard order on one thread, so the statistics merge in the same order on every run.
+    """
+    def job() -> None:
+        for chunk in cols[0].split(STATS_CHUNK):
+            up = chunk.float()                                              # (chunk, d_in)
+            sink.stats.update(up, torch.linalg.vector_norm(up, dim=1))
+        update = {"stats": sink.stats.to_json(), "skipped_sequences": entry.pop("skipped"),
+                  "excluded": entry.pop("excluded")}
+        data = st.encode_shard(*cols)
+        try:
+            sink.manifest = st.append_shard(sink.path, sink.manifest, data, int(cols[0].shape[0]),
+                                            manifest_update=update, **entry)
+        except OSError as e:
+            raise OSError(f"could not write shard {len(sink.manifest['shards'])} of {sink.path}: "
+                          f"{e.strerror or e}. The store keeps its {len(sink.manifest['shards'])} complete "
+                          "shards; fix the problem (disk space, permissions) and rerun with --resume") from None
+    return job
+
+
+def _flush(sinks: list[_Sink], writer: _Writer, shard: int, seq_start: int, seq_end: int) -> None:
+    for sink in sinks:
+        if shard < sink.first_new_shard:
+            continue
+        entry = {"seq_start": seq_start, "seq_end": seq_end, "skipped": list(sink.skipped),
+                 "excluded": dict(sink.excluded)}
+        writer.submit(_write_job(sink, sink.take_shard(), entry))
+
+
+def _finite_rows(acts: dict[str, torch.Tensor], seq0: int, nan_policy: str) -> tuple[torch.Tensor, list[int]]:
+    """``keep [b, ctx]``: False for whole sequences with a non-finite value (policy skip), and their
+    corpus indices; or raise (policy fail) naming the hook, sequence and position."""
+    bad = None
+    for name, a in acts.items():
+        finite = torch.isfinite(a).all(-1)                                  # (b, ctx)
+        if bool(finite.all()):
+            continue
+        s, p = (int(v) for v in (~finite).nonzero()[0])
+        if nan_policy == "fail":
+            raise NonFiniteActivation(
+                f"non-finite activation (NaN/inf) at hook {name}, corpus sequence {seq0 + s}, position {p}; "
+                "the store keeps its complete shards. Rerun with --nan-policy skip (and --resume) to drop such "
+                "sequences")
+        bad = ~finite.all(1) if bad is None else bad | ~finite.all(1)
+    b, ctx = next(iter(acts.values())).shape[:2]
+    keep = torch.ones(b, ctx, dtype=torch.bool)
+    if bad is None:
+        return keep, []
+    bad = bad.cpu()
+    keep[bad] = False
+    return keep, [seq0 + s for s in bad.nonzero().squeeze(1).tolist()]
+
+
+def _batched(it: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
+    while chunk := list(itertools.islice(it, n)):
+        yield torch.stack(chunk)                                            # (b, ctx)
+
+
+def _check_args(tokens, context, batch_size, dtype, nan_policy, max_norm_factor, lm) -> None:
+    if tokens < 1 or context < 2 or batch_size < 1:
+        raise ValueError(f"tokens, batch_size must be positive and context >= 2 (got {tokens}, {batch_size}, "
+                         f"{context})")
+    if dtype not in st.DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(st.DTYPES)}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"unknown nan_policy {nan_policy!r}; choose fail or skip")
+    if max_norm_factor is not None and not max_norm_factor > 1:
+        raise ValueError(f"max_norm_factor must be > 1 (a multiple of the median norm), got {max_norm_factor}")
+    limit = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+    if limit and context > limit:
+        raise ValueError(f"context {context} is longer than the model's {limit} positions")
+
+
+def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec | str, *, tokens: int,
+            out: Path | str, context: int = 256, batch_size: int = 32, dtype: str = "float32", seed: int = 0,
+            resume: bool = False, exclude_bos: bool = False, max_norm_factor: float | None = None,
+            nan_policy: str = "fail", shard_rows: int | None = None, progress: bool = True):
+    """Harvest ``tokens`` positions (rounded up to whole sequences) at ``hooks`` into stores.
+
+    Returns the :class:`ActivationStore` (one hook) or ``{hook: ActivationStore}`` (several).
+    """
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    names = [hooks] if isinstance(hooks, str) else list(hooks)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"give one or more distinct hooks, got {names}")
+    points = [resolve(lm.model, n) for n in names]
+    spec = CorpusSpec(corpus) if isinstance(corpus, str) else corpus
+    _check_args(tokens, context, batch_size, dtype, nan_policy, max_norm_factor, lm)
+    seq_iter = sequences(spec, lm.tokenizer, context, seed)   # a missing corpus path fails here
+    widths = hook_shapes(lm.model, names)
+    itemsize = st.DTYPES[dtype].itemsize
+    target = shard_rows or max(1, SHARD_BYTES // (max(widths.values()) * itemsize))
+    seqs_per_shard = batch_size * max(1, round(target / (batch_size * context)))
+    bos_id = bos_token_id(lm.tokenizer)
+    common = {"format": st.FORMAT, "version": st.VERSION, "model_name": lm.name, "model_family": lm.family,
+              "model_weights_sha256": lm.weights_hash, "tokenizer": tokenizer_identity(lm.tokenizer),
+              "context": context, "dtype": dtype,
+              "bos": {"token_id": bos_id, "prepended_per_document": True, "excluded": exclude_bos},
+              "corpus": {**spec.to_json(), "seed": seed},
+              "harvest": {"tokens": tokens, "batch_size": batch_size, "seqs_per_shard": seqs_per_shard,
+                          "max_norm_factor": max_norm_factor, "nan_policy": nan_policy}}
+    out = Path(out).expanduser()
+    sinks = []
+    for p in points:
+        path = out if len(points) == 1 else store_dir(out, p.name)
+        header = {**common, "hook_name": p.name, "hf_hook_name": p.hf_hook_name, "hook_module": p.module_path,
+                  "hook_io": p.io, "d_in": widths[p.name]}
+        sinks.append(_Sink(p, path, st.prepare(path, header, resume), st.DTYPES[dtype]))
+    _run(lm, sinks, seq_iter, n_seqs=math.ceil(tokens / context), seqs_per_shard=seqs_per_shard,
+         batch_size=batch_size, bos_id=bos_id, exclude_bos=exclude_bos, max_norm_factor=max_norm_factor,
+         nan_policy=nan_policy, progress=progress)
+    stores = {s.point.name: st.ActivationStore.open(s.path) for s in sinks}
+    return stores[names[0]] if len(names) == 1 else stores
+
+
+def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], *, n_seqs: int,
+         seqs_per_shard: int, batch_size: int, bos_id: int, exclude_bos: bool, max_norm_factor: float | None,
+         nan_policy: str, progress: bool) -> None:
+    from tqdm import tqdm
+
+    # Resume from the store that is furthest behind (a kill can fall between two hooks' writes).
+    behind = min(sinks, key=lambda s: len(s.manifest["shards"]))
+    shard = len(behind.manifest["shards"])
+    seq0 = behind.manifest["shards"][-1]["seq_end"] if shard else 0
+    names = [s.point.name for s in sinks]
+    device = lm.device
+    context = sinks[0].manifest["context"]
+    writer = _Writer()
+    bar = tqdm(total=n_seqs * context, initial=min(seq0, n_seqs) * context, unit="tok", unit_scale=True,
+               disable=not progress, desc="harvest")
+    # Tokenising runs in its own thread, overlapped with the forward passes.
+    batches = st.prefetched(_batched(itertools.islice(seq_iter, seq0, n_seqs), batch_size), PREFETCH_BATCHES)
+    try:
+        for ids in batches:
+            acts = run_to_hooks(lm.model, ids.to(device), names)
+            keep, skipped = _finite_rows(acts, seq0, nan_policy)
+            for sink in sinks:
+                if shard >= sink.first_new_shard:
+                    sink.skipped.extend(skipped)
+                sink.add(acts[sink.point.name], ids, seq0, keep, shard, bos_id, exclude_bos, max_norm_factor)
+            seq0 += ids.shape[0]
+            bar.update(ids.numel())
+            if seq0 - shard * seqs_per_shard == seqs_per_shard:
+                _flush(sinks, writer, shard, shard * seqs_per_shard, seq0)
+                shard += 1
+        if seq0 > shard * seqs_per_shard:       # the last, partial shard
+            _flush(sinks, writer, shard, shard * seqs_per_shard, seq0)
+    finally:
+        batches.close()
+        bar.close()
+        writer.close()
+    for sink in sinks:
+        last = sink.manifest["shards"][-1]["seq_end"] if sink.manifest["shards"] else 0
+        exhausted = last < n_seqs
+        if exhausted:
+            warnings.warn(f"the corpus ran out after {last} sequences of {context} tokens "
+                          f"({last * context} of {n_seqs * context} requested tokens); {sink.path} holds what there is")
+        sink.manifest = {**sink.manifest, "complete": True, "n_sequences": last, "corpus_exhausted": exhausted}
+        st.atomic.write_json(sink.path / st.MANIFEST, sink.manifest)
+
+
+def stream_activations(model: LoadedModel | str, hook: str, corpus: CorpusSpec | str, *, context: int,
+                       batch_size: int, seed: int = 0, model_batch_size: int = 8, buffer_rows: int | None = None,
+                       exclude_bos: bool = False, passes: int | None = 1) -> Iterator[torch.Tensor]:
+    """float32 ``[batch_size, d_in]`` batches straight from the model, mixed in a shuffle buffer.
+
+    The buffer (``buffer_rows``, default 32 batches) is filled with activations of
+    ``model_batch_size`` sequences at a time, shuffled, and its first half is yielded; consecutive
+    positions of one sequence therefore rarely share a batch. ``passes=None`` repeats the corpus
+    forever (pass p is shuffled with seed + p). The final partial batch is dropped.
+    """
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    spec = CorpusSpec(corpus) if isinstance(corpus, str) else corpus
+    resolve(lm.model, hook)
+    bos_id = bos_token_id(lm.tokenizer)
+    capacity = max(buffer_rows or 32 * batch_size, 2 * batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    buf: list[torch.Tensor] = []
+    n_buf = 0
+    for p in itertools.count() if passes is None else range(passes):
+        for ids in _batched(sequences(spec, lm.tokenizer, context, seed + p), model_batch_size):
+            act = run_to_hooks(lm.model, ids.to(lm.device), [hook])[hook]
+            x = act.reshape(-1, act.shape[-1]).float().cpu()                # (b*ctx, d)
+            if exclude_bos:
+                x = x[(ids != bos_id).reshape(-1)]
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteActivation(f"non-finite activation (NaN/inf) at hook {hook} while streaming")
+            buf.append(x)
+            n_buf += x.shape[0]
+            if n_buf >= capacity:
+                mixed = torch.cat(buf)[torch.randperm(n_buf, generator=gen)]
+                half = (n_buf // 2) // batch_size * batch_size
+                for i in range(0, half, batch_size):
+                    yield mixed[i:i + batch_size]
+                buf, n_buf = [mixed[half:]], n_buf - half
+    if n_buf >= batch_size:
+        mixed = torch.cat(buf)[torch.randperm(n_buf, generator=gen)]
+        for i in range(0, n_buf - batch_size + 1, batch_size):
+            yield mixed[i:i + batch_size]

@@ -1,0 +1,392 @@
+"""Steering: turn SAE features like dials while the model reads and writes.
+
+At the SAE's hook, with ``z = encode(x)`` and ``max_f`` feature f's maximum activation over the
+analysis corpus, on every position (prompt and generated tokens):
+
+- ``Clamp(v)``:  x ↦ decode(z′) + (x − decode(z)),  z′ = z with z_f := v·max_f  (Templeton et al. 2024:
+  the SAE's error term x − decode(z) is kept, so only the chosen features change);
+- ``Add(v)``:    x ↦ x + v·max_f·W_dec[f]  (the steering-vector form of Neuronpedia and AxBench);
+- ``Ablate()``:  ``Clamp(0)``;
+- ``when=(g, t)`` on any edit: apply it only at positions where feature g's activation exceeds t
+  (raw activation units, as in features.db and alerts; Goodfire's ``set_when``).
+
+``with steering(model, sae, {1234: Clamp(10)}): model.generate(...)``; hooks are removed on exit,
+also on exceptions and Ctrl-C. :func:`compare_generations` puts default and steered continuations
+side by side; :func:`dial` measures how a feature's concept and the text's loss follow the dial.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Mapping, NamedTuple, Sequence, Union
+
+import torch
+from torch.nn import functional as F
+
+from saelab.hooks import _module, capture, intervene, resolve, run_to_hooks
+
+DIAL_VALUES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """Set the feature to ``value × max_act`` (keeping the SAE's error term)."""
+
+    value: float
+    """Multiple of the feature's max activation (0 ablates, 10 is Anthropic's 10×)."""
+    when: tuple[int, float] | None = None
+    """``(feature, threshold)``: edit only where that feature's activation exceeds the threshold."""
+
+
+@dataclass(frozen=True)
+class Add:
+    """Add ``value × max_act × W_dec[f]`` to the activation."""
+
+    value: float
+    """Multiple of the feature's max activation along its decoder direction (may be negative)."""
+    when: tuple[int, float] | None = None
+    """``(feature, threshold)``: edit only where that feature's activation exceeds the threshold."""
+
+
+@dataclass(frozen=True)
+class Ablate:
+    """Clamp the feature to 0."""
+
+    when: tuple[int, float] | None = None
+    """``(feature, threshold)``: edit only where that feature's activation exceeds the threshold."""
+
+    @property
+    def value(self) -> float:
+        return 0.0
+
+
+Edit = Union[Clamp, Add, Ablate]
+
+
+def sae_hook_name(sae) -> str:
+    """The hook the SAE reads, from its provenance (saelab.json) or cfg.json metadata."""
+    name = (getattr(sae, "provenance", None) or {}).get("hook_name") or sae.cfg.metadata.get("hook_name")
+    if not name:
+        raise ValueError("this SAE does not record which hook it reads (no hook_name in saelab.json or in "
+                         "cfg.json metadata); pass the hook explicitly")
+    return name
+
+
+def check_feature(sae, feature) -> int:
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < sae.cfg.d_sae:
+        raise ValueError(f"unknown feature id {feature!r}: this SAE has {sae.cfg.d_sae} features "
+                         f"(ids 0..{sae.cfg.d_sae - 1})")
+    return feature
+
+
+def max_activations(sae, features, override=None, db=None) -> dict[int, float]:
+    """Max activation of each feature: ``override`` (mapping or [d_sae] sequence) first, then
+    ``db.feature(i)["max_act"]`` (a :class:`saelab.featuredb.FeatureDB`), then the SAE's provenance."""
+    out, missing = {}, []
+    for f in features:
+        if override is not None and (f in override if isinstance(override, Mapping) else True):
+            out[f] = float(override[f])
+        elif db is not None:
+            out[f] = float(db.feature(f)["max_act"])
+        else:
+            missing.append(f)
+    if missing:
+        from saelab.formats import feature_max_activations
+
+        table = feature_max_activations(sae)  # (d_sae,); ValueError with a clear message when absent
+        out.update({f: float(table[f]) for f in missing})
+    return out
+
+
+class FeatureEncoder:
+    """``z[..., features]`` of ``x [..., d_in]``, equal to ``sae.encode(x)[..., features]`` at inference.
+
+    For relu, jumprelu and batchtopk (a JumpReLU at inference) a latent depends on its own
+    pre-activation only, so only ``W_enc[:, features]`` is multiplied. TopK must know whether the
+    feature is among the k largest pre-activations of the token, which needs all of them.
+    """
+
+    def __init__(self, sae, features: Sequence[int], device: torch.device | None = None):
+        self.arch, self.k = sae.cfg.architecture, sae.cfg.k
+        self.d_in = sae.cfg.d_in
+        idx = torch.tensor(list(features), dtype=torch.long)
+        get = lambda t: t.detach().to(device=device, dtype=torch.float32)  # noqa: E731
+        self.b_dec = get(sae.b_dec)
+        if self.arch == "topk":
+            self.W_enc, self.b_enc, self.idx = get(sae.W_enc), get(sae.b_enc), idx.to(device)
+        else:
+            self.W_enc, self.b_enc = get(sae.W_enc[:, idx]), get(sae.b_enc[idx])  # (d_in, n), (n,)
+            self.threshold = get(sae.threshold[idx])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        pre = (x.float() - self.b_dec) @ self.W_enc + self.b_enc  # (..., n) or (..., d_sae) for topk
+        if self.arch == "topk":
+            kth = pre.topk(self.k, dim=-1).values[..., -1:]  # (..., 1) the k-th largest pre-activation
+            sel = pre[..., self.idx]  # (..., n)
+            return F.relu(sel) * (sel >= kth)
+        if self.arch == "relu":
+            return F.relu(pre)
+        return pre * (pre > self.threshold)
+
+
+def check_width(x: torch.Tensor, d_in: int, hook: str) -> None:
+    if x.shape[-1] != d_in:
+        raise ValueError(f"the SAE reads d_in={d_in} but hook {hook!r} of this model has width {x.shape[-1]}: "
+                         f"the SAE was trained on another model or hook (use the model named in its provenance)")
+
+
+class SteeringHook:
+    """The intervention ``f(x)`` installed at the hook; every edit applied in one small matmul.
+
+    decode is affine, so decode(z′) + (x − decode(z)) = x + (z′ − z)·W_dec exactly: computing only the
+    delta touches just the edited features' decoder rows, and an edit that changes nothing adds exact
+    zeros, leaving the logits bit-identical (the literal formula would round x through decode(z)).
+    """
+
+    def __init__(self, sae, edits: Mapping[int, Edit], max_acts: Mapping[int, float], hook: str, device=None):
+        feats = list(edits)
+        clamped = [f for f in feats if not isinstance(edits[f], Add)]
+        conds = [edits[f].when for f in feats if edits[f].when is not None]
+        needed = sorted(set(clamped) | {g for g, _ in conds})
+        col = {f: i for i, f in enumerate(needed)}
+        self.hook, self.d_in = hook, sae.cfg.d_in
+        self.encoder = FeatureEncoder(sae, needed, device) if needed else None
+        self.W = sae.W_dec.detach()[feats].to(device=device, dtype=torch.float32)  # (n_edits, d_in)
+        self.target = torch.tensor([edits[f].value * max_acts[f] for f in feats], device=device)  # (n_edits,)
+        self.is_clamp = torch.tensor([f in col and not isinstance(edits[f], Add) for f in feats], device=device)
+        self.src = torch.tensor([col.get(f, 0) for f in feats], device=device)
+        self.any_clamp = bool(clamped)
+        self.cond_col = torch.tensor([col[e.when[0]] if e.when else 0 for e in edits.values()], device=device)
+        self.cond_thr = torch.tensor([e.when[1] if e.when else -math.inf for e in edits.values()], device=device)
+        self.any_cond = bool(conds)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, seq, d_in)
+        check_width(x, self.d_in, self.hook)
+        xf = x.float()
+        coef = self.target.expand(*x.shape[:-1], -1)  # (batch, seq, n_edits)
+        if self.encoder is not None:
+            z = self.encoder(xf)  # (batch, seq, n_needed)
+            if self.any_clamp:
+                coef = torch.where(self.is_clamp, coef - z[..., self.src], coef)  # z′_f − z_f
+            if self.any_cond:
+                coef = coef * (z[..., self.cond_col] > self.cond_thr)  # unconditioned edits: thr = −inf
+        return xf + coef @ self.W  # (batch, seq, d_in)
+
+
+def _check_edits(sae, edits: Mapping[int, Edit]) -> None:
+    for f, e in edits.items():
+        check_feature(sae, f)
+        if not isinstance(e, (Clamp, Add, Ablate)):
+            raise ValueError(f"feature {f}: expected Clamp, Add or Ablate, got {e!r}")
+        if isinstance(e.value, bool) or not isinstance(e.value, (int, float)) or not math.isfinite(e.value):
+            raise ValueError(f"feature {f}: the dial value must be a finite number, got {e.value!r}")
+        if e.when is not None:
+            g, thr = e.when
+            check_feature(sae, g)
+            if not isinstance(thr, (int, float)) or not math.isfinite(thr):
+                raise ValueError(f"feature {f}: the 'when' threshold must be a finite number, got {thr!r}")
+
+
+@contextmanager
+def steering(model, sae, edits: Mapping[int, Edit], *, max_act=None, db=None,
+             hook: str | None = None) -> Iterator[SteeringHook | None]:
+    """Apply ``edits`` ({feature: Clamp | Add | Ablate}) at the SAE's hook inside the block.
+
+    ``model``: a :class:`saelab.models.LoadedModel` or HF module. ``max_act``: explicit max activations
+    ({feature: value} or a [d_sae] sequence); else ``db`` (features.db), else the SAE's provenance.
+    """
+    module = _module(model)
+    name = hook or sae_hook_name(sae)
+    resolve(module, name)  # HookError naming the valid hooks when the model has no such hook
+    _check_edits(sae, edits)
+    if not edits:
+        yield None
+        return
+    maxes = max_activations(sae, [f for f, e in edits.items() if e.value != 0], max_act, db)
+    for f, m in maxes.items():
+        if not m > 0:
+            raise ValueError(f"feature {f} has max activation {m} (dead on the analysis corpus): a multiple of "
+                             f"it is 0; pass an explicit max_act for it")
+    maxes.update({f: 0.0 for f, e in edits.items() if e.value == 0})
+    fn = SteeringHook(sae, edits, maxes, name, device=next(module.parameters()).device)
+    with intervene(module, {name: fn}):
+        yield fn
+
+
+# -- generation --------------------------------------------------------------------------------------
+
+def _loaded(model, need_lm_head: bool = True):
+    if not hasattr(model, "tokenizer"):
+        raise TypeError("pass a saelab LoadedModel (saelab.load_model) so that the tokenizer is known")
+    if need_lm_head and not model.is_causal:
+        raise ValueError(f"{model.name} ({model.family}) has no language-model head: it cannot generate")
+    return model
+
+
+def model_context(module) -> int | None:
+    cfg = module.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if getattr(cfg, attr, None):
+            return int(getattr(cfg, attr))
+    return None
+
+
+def prompt_ids(model, prompt: str, max_new_tokens: int = 0, prepend_bos: bool = True) -> torch.Tensor:
+    """``[1, n]`` token ids of the prompt (BOS first, as the SAE saw documents in training)."""
+    from saelab.corpus import bos_token_id
+
+    tok = model.tokenizer
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if prepend_bos:
+        ids = [bos_token_id(tok)] + ids
+    ctx = model_context(model.model)
+    if ctx is not None and len(ids) + max_new_tokens > ctx:
+        raise ValueError(f"the prompt is {len(ids)} tokens; with {max_new_tokens} new tokens that is beyond the "
+                         f"model's context of {ctx} tokens: shorten the prompt or generate fewer tokens")
+    return torch.tensor([ids], device=model.device)
+
+
+def generate_ids(model, ids: torch.Tensor, *, max_new_tokens: int = 40, temperature: float = 1.0, seed: int = 0,
+                 samples: int = 1, exact_length: bool = False, **kwargs) -> torch.Tensor:
+    """HF ``generate`` (KV cache on): greedy when ``temperature == 0``, else plain sampling from a
+    fixed seed (no top-k/top-p) without touching the caller's RNG. ``[samples, n + new]``."""
+    if temperature < 0 or max_new_tokens < 1 or samples < 1:
+        raise ValueError("need temperature >= 0, max_new_tokens >= 1, samples >= 1")
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
+        else dict(do_sample=False)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        return model.model.generate(
+            ids.expand(samples, -1), attention_mask=torch.ones_like(ids).expand(samples, -1),
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if exact_length else None,
+            pad_token_id=pad, use_cache=True, **sampling, **kwargs)
+
+
+def generated_part(model, row: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """The generated ids of one output row, cut at the first EOS (HF pads finished rows with it)."""
+    new = row[n_prompt:]
+    eos = model.tokenizer.eos_token_id
+    if eos is not None:
+        hits = (new == eos).nonzero()
+        if len(hits):
+            new = new[: int(hits[0])]
+    return new
+
+
+@torch.no_grad()
+def measure(model, sae, ids: torch.Tensor, features: Sequence[int], hook: str | None = None,
+            with_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unsteered forward of ``ids [1, n]``: features' activations ``[n, len(features)]`` and, with
+    ``with_loss``, the next-token NLL ``[n - 1]`` (nats; entry i scores token i + 1)."""
+    module, name = model.model, hook or sae_hook_name(sae)
+    if not with_loss:
+        x = run_to_hooks(module, ids, name)[name]
+        return FeatureEncoder(sae, features, x.device)(x)[0], None
+    with capture(module, name) as acts:
+        logits = module(input_ids=ids, use_cache=False).logits.float()  # (1, n, vocab)
+    nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")  # (n - 1,)
+    return FeatureEncoder(sae, features, ids.device)(acts[name])[0], nll
+
+
+class Comparison(NamedTuple):
+    default_text: str
+    """Continuation without intervention."""
+    steered_text: str
+    """Continuation with the edits, from the same seed."""
+    steered_acts: dict[int, list[float]]
+    """Each edited feature's activation at each steered generated token, measured without intervention."""
+    steered_tokens: list[str]
+    """The steered generated tokens those activations belong to."""
+
+
+def compare_generations(model, sae, prompt: str, edits: Mapping[int, Edit], max_new_tokens: int = 40,
+                        samples: int = 1, seed: int = 0, temperature: float = 1.0, *, max_act=None,
+                        db=None) -> list[Comparison]:
+    """Default and steered continuations of ``prompt`` side by side, one pair per sample."""
+    model = _loaded(model)
+    ids = prompt_ids(model, prompt, max_new_tokens)
+    args = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, samples=samples)
+    with steering(model, sae, {}):  # validates the hook before spending time on generation
+        default = generate_ids(model, ids, **args)
+    with steering(model, sae, edits, max_act=max_act, db=db):
+        steered = generate_ids(model, ids, **args)
+    feats, n, out = list(edits), ids.shape[1], []
+    for d_row, s_row in zip(default, steered):
+        d_new, s_new = generated_part(model, d_row, n), generated_part(model, s_row, n)
+        acts, _ = measure(model, sae, torch.cat([ids[0], s_new])[None], feats)
+        gen = acts[n:].T.tolist() if len(s_new) else [[] for _ in feats]  # (n_feats, n_new)
+        tok = model.tokenizer
+        out.append(Comparison(tok.decode(d_new, skip_special_tokens=True), tok.decode(s_new, skip_special_tokens=True),
+                              dict(zip(feats, gen)), [tok.decode([t]) for t in s_new.tolist()]))
+    return out
+
+
+# -- the dial: efficacy curves -----------------------------------------------------------------------
+
+class DialPoint(NamedTuple):
+    value: float
+    """Clamp value (multiple of max activation)."""
+    activation: float
+    """Mean activation of the feature on the generated tokens, measured without intervention."""
+    loss: float
+    """Mean NLL (nats/token) of the generated tokens under the unsteered model."""
+    n_tokens: int
+    """Generated tokens measured (over all prompts and samples)."""
+    texts: list[str]
+    """The generated continuations."""
+
+
+class DialCurve(NamedTuple):
+    feature: int
+    max_act: float
+    points: list[DialPoint]
+
+
+def dial(model, sae, feature: int, prompts: Sequence[str], values: Sequence[float] = DIAL_VALUES, *,
+         max_new_tokens: int = 32, temperature: float = 0.0, samples: int = 1, seed: int = 0, max_act=None,
+         db=None) -> DialCurve:
+    """Clamp ``feature`` at each value, generate from every prompt, and measure the result unsteered."""
+    model = _loaded(model)
+    check_feature(sae, feature)
+    if not prompts:
+        raise ValueError("dial needs at least one prompt")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"dial values must be finite numbers, got {v!r}")
+    m = max_activations(sae, [feature], max_act, db)[feature]
+    encoded = [prompt_ids(model, p, max_new_tokens) for p in prompts]
+    points = []
+    for v in values:
+        act_sum, nll_sum, n_tok, texts = 0.0, 0.0, 0, []
+        for i, ids in enumerate(encoded):
+            with steering(model, sae, {feature: Clamp(float(v))}, max_act={feature: m}):
+                out = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   seed=seed + i, samples=samples)
+            n = ids.shape[1]
+            for row in out:
+                new = generated_part(model, row, n)
+                texts.append(model.tokenizer.decode(new, skip_special_tokens=True))
+                if len(new) == 0:
+                    continue
+                acts, nll = measure(model, sae, torch.cat([ids[0], new])[None], [feature], with_loss=True)
+                act_sum += float(acts[n:, 0].sum())
+                nll_sum += float(nll[n - 1:].sum())
+                n_tok += len(new)
+        points.append(DialPoint(float(v), act_sum / max(n_tok, 1), nll_sum / max(n_tok, 1), n_tok, texts))
+    return DialCurve(feature, m, points)
+
+
+def monotonic_fraction(curves: Sequence[DialCurve], up_to: float = 10.0) -> float:
+    """Fraction of curves whose activation never falls and ends higher, over dial values ``<= up_to``."""
+    if not curves:
+        raise ValueError("no curves")
+    good = 0
+    for c in curves:
+        acts = [p.activation for p in sorted(c.points, key=lambda p: p.value) if p.value <= up_to]
+        good += len(acts) > 1 and acts[-1] > acts[0] and all(b >= a for a, b in zip(acts, acts[1:]))
+    return good / len(curves)

@@ -1,0 +1,1 @@
+"""The local web app (feature browser, map, inspect, steer, monitor): ``saelab.web.app.create_app``."""

@@ -1,0 +1,191 @@
+"""HTML pages. Jinja2 autoescapes every value; template names are constants, never from a request."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from urllib.parse import urlencode
+
+import jinja2
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse
+
+from saelab.featuredb import ORDER_BY
+
+TEMPLATES = Path(__file__).parent / "templates"
+PAGE_SIZE = 50
+DEFAULT_TEXT = "import subprocess\n\ndef run(cmd):\n    return subprocess.call(cmd, shell=True)\n"
+DIAL_MIN, DIAL_MAX = -10, 20
+
+env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+router = APIRouter(include_in_schema=False)
+
+
+def render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+    state = request.app.state.run
+    html = env.get_template(name).render(run_label=state.label, active=context.pop("active", ""),
+                                         page_title=context.pop("page_title", ""), **context)
+    return HTMLResponse(html, status_code=status)
+
+
+def fmt(value, spec: str = ".4g") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "–"
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+# -- overview --------------------------------------------------------------------------------------
+
+def _flat_rows(section: dict, prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for key, value in section.items():
+        if isinstance(value, dict):
+            continue
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            rows.append((prefix + key, fmt(value)))
+    return rows
+
+
+def eval_rows(report: dict | None) -> list[tuple[str, str]]:
+    """The headline metrics of eval.json first, then every other scalar, section by section."""
+    if not report:
+        return []
+    rows = []
+    for section in ("reconstruction", "sparsity", "downstream", "self_check"):
+        if isinstance(report.get(section), dict):
+            rows += _flat_rows(report[section], f"{section}.")
+    skip = {"reconstruction", "sparsity", "downstream", "self_check", "definitions"}
+    return rows + _flat_rows({k: v for k, v in report.items() if k not in skip})
+
+
+@router.get("/", response_class=HTMLResponse)
+def overview(request: Request):
+    from saelab.web.api import overview_info
+
+    info = overview_info(request.app.state.run)
+    model_rows = [(k, fmt(info["model"].get(k))) for k in ("model_name", "family", "hook_name", "hook_io",
+                                                            "context_size") if info["model"].get(k) is not None]
+    sae_rows = [(k, fmt(v)) for k, v in info["sae"].items() if not isinstance(v, (dict, list))]
+    hist = info["density_histogram"]
+    return render(request, "overview.html", active="Overview", page_title="Overview", model_rows=model_rows,
+                  sae_rows=sae_rows, eval_rows=eval_rows(info["eval"]), has_train_log=info["train_curve"] is not None,
+                  n_features=info["sae"].get("d_sae"), n_dead=hist["dead"],
+                  plot_data={"train": info["train_curve"], "density": hist})
+
+
+# -- features ------------------------------------------------------------------------------------
+
+def _row(f: dict) -> dict:
+    return {**f, "score_text": fmt(f.get("score"), ".2f"), "density_text": fmt(f.get("density"), ".3g"),
+            "max_act_text": fmt(f.get("max_act"), ".3g")}
+
+
+@router.get("/features", response_class=HTMLResponse)
+def features_page(request: Request, q: str = Query("", max_length=200), order_by: str = "density",
+                  cluster: str = "", min_density: str = "", max_density: str = "",
+                  offset: int = Query(0, ge=0, le=10_000_000)):
+    from saelab.web.api import feature_list
+
+    # Empty form fields arrive as "", so the optional numbers are parsed here (422 on junk).
+    filters = {"cluster": _opt(cluster, int, "cluster"), "min_density": _opt(min_density, float, "min_density"),
+               "max_density": _opt(max_density, float, "max_density")}
+    order_by = order_by if order_by in ORDER_BY else "density"
+    rows = feature_list(request.app.state.run, q=q, order_by=order_by, offset=offset, limit=PAGE_SIZE + 1, **filters)
+    more = len(rows) > PAGE_SIZE
+    params = {"q": q, "order_by": order_by, "cluster": cluster, "min_density": min_density, "max_density": max_density}
+    params = {k: v for k, v in params.items() if v not in ("", None)}
+    page = lambda o: "/features?" + urlencode({**params, "offset": o})  # noqa: E731
+    return render(request, "features.html", active="Features", page_title="Features", q=q, orders=list(ORDER_BY),
+                  order_by=order_by, offset=offset, rows=[_row(f) for f in rows[:PAGE_SIZE]], **filters,
+                  prev_url=page(max(0, offset - PAGE_SIZE)) if offset > 0 else None,
+                  next_url=page(offset + PAGE_SIZE) if more else None)
+
+
+def _opt(value: str, cast, name: str):
+    from fastapi import HTTPException
+
+    if value.strip() == "":
+        return None
+    try:
+        return cast(value)
+    except ValueError:
+        raise HTTPException(422, f"{name} must be a number, got {value!r}") from None
+
+
+def _tokens(ex: dict, max_act: float) -> list[dict]:
+    return [{"text": t, "alpha": f"{min(1.0, max(0.0, a / max_act)) if max_act > 0 else 0.0:.3f}",
+             "title": f"{a:.3f}" if a > 0 else ""} for t, a in zip(ex["tokens"], ex["acts"])]
+
+
+def _examples(examples: list[dict], kind: str, max_act: float) -> list[dict]:
+    out = []
+    for ex in examples:
+        label = f"q{ex['quantile']:.2f}" if kind == "quantile" and ex.get("quantile") is not None else ""
+        out.append({"label": label, "tokens": _tokens(ex, max_act)})
+    return out
+
+
+@router.get("/features/{feature_id}", response_class=HTMLResponse)
+def feature_page(request: Request, feature_id: int):
+    from saelab.web.api import feature_detail
+
+    d = feature_detail(request.app.state.run, feature_id)
+    f, ex = d["feature"], d["examples"]
+    stats = [("density", fmt(f["density"], ".3g")), ("max act", fmt(f["max_act"], ".3g")),
+             ("mean act", fmt(f["mean_act"], ".3g")), ("fired on", f"{f['count']:,} tokens"),
+             ("score", fmt(f.get("score"), ".2f")), ("cluster", fmt(f.get("cluster"))),
+             ("explained by", f.get("explanation_source") or "–")]
+    max_act = float(f["max_act"] or 0)
+    example_sets = [("Top activations", "top", _examples(ex["top"], "top", max_act)),
+                    ("Across the activation range", "quantile", _examples(ex["quantile"], "quantile", max_act)),
+                    ("Random firings", "random", _examples(ex["random"], "random", max_act))]
+    neighbour_sets = [("Nearest by decoder direction", [{**n, "value_text": f"cos {n['value']:.3f}"}
+                                                        for n in d["neighbours"]["decoder"]]),
+                      ("Fire together", [{**n, "value_text": f"J {n['value']:.3f}"} for n in d["neighbours"]["coact"]])]
+    return render(request, "feature.html", active="Features", page_title=f"Feature {feature_id}", f=f, stats=stats,
+                  example_sets=example_sets, logits=d["logit_effects"], neighbour_sets=neighbour_sets,
+                  plot_data={"histogram": d["histogram"]})
+
+
+# -- interactive pages ---------------------------------------------------------------------------
+
+@router.get("/map", response_class=HTMLResponse)
+def map_page(request: Request, feature: int | None = Query(None, ge=0), around: int | None = Query(None, ge=0)):
+    return render(request, "map.html", active="Map", page_title="Map", focus=feature if around is None else around,
+                  around=around)
+
+
+@router.get("/inspect", response_class=HTMLResponse)
+def inspect_page(request: Request):
+    cfg = request.app.state.config
+    return render(request, "inspect.html", active="Inspect", page_title="Inspect", max_chars=cfg.max_prompt_chars,
+                  max_top=32, default_text=DEFAULT_TEXT)
+
+
+@router.get("/steer", response_class=HTMLResponse)
+def steer_page(request: Request, feature: list[int] = Query([])):
+    cfg = request.app.state.config
+    start = [{"id": f, "value": 10, "mode": "clamp"} for f in feature[: cfg.max_steer_features] if f >= 0]
+    return render(request, "steer.html", active="Steer", page_title="Steer", max_chars=cfg.max_prompt_chars,
+                  default_prompt="def run(cmd):\n", default_tokens=min(40, cfg.max_new_tokens),
+                  max_new_tokens=cfg.max_new_tokens, start_features=start, dial_min=DIAL_MIN, dial_max=DIAL_MAX)
+
+
+@router.get("/monitor", response_class=HTMLResponse)
+def monitor_page(request: Request):
+    cfg = request.app.state.config
+    return render(request, "monitor.html", active="Monitor", page_title="Monitor", max_chars=cfg.max_prompt_chars,
+                  default_text=DEFAULT_TEXT)
+
+
+@router.get("/docs", response_class=HTMLResponse)
+def docs_page(request: Request):
+    """The OpenAPI schema as a plain page (FastAPI's Swagger UI loads its assets from a CDN)."""
+    from saelab.web.apidoc import operations, schemas
+
+    spec = request.app.openapi()
+    return render(request, "docs.html", active="API", page_title="API", openapi_version=spec.get("openapi", ""),
+                  operations=operations(spec), schemas=schemas(spec))

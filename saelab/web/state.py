@@ -1,0 +1,200 @@
+"""The artifacts one server shows: features.db, the SAE folder, eval.json, the training log, the model.
+
+Every path is settled once, when the server starts, from the command line; requests only ever name
+features by integer id, never files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from saelab.featuredb import FeatureDB
+
+TRAIN_LOG_NAMES = ("train_log.jsonl", "train.jsonl", "log.jsonl", "metrics.jsonl")
+TRAIN_METRICS = ("fvu", "l0", "dead_fraction", "loss", "mse", "aux")
+LOG_SCALE_METRICS = ("loss", "mse", "fvu")
+
+
+def locate(run_dir=None, db=None, sae=None) -> tuple[Path, Path | None]:
+    """(features.db, SAE folder or None) from a run folder and/or explicit paths; clear errors if missing."""
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: no such run folder (expected sae/, features.db, eval.json)")
+        db = db or run_dir / "features.db"
+        if sae is None and (run_dir / "sae").is_dir():
+            sae = run_dir / "sae"
+    if db is None:
+        raise ValueError("give a run folder, or --db FEATURES_DB (and --sae SAE_DIR for inspect/steer/monitor)")
+    db = Path(db)
+    if not db.is_file():
+        raise FileNotFoundError(f"{db}: no feature database here; make one with 'saelab analyze SAE_DIR'")
+    if sae is not None and not isinstance(sae, (str, Path)):
+        return db, None
+    if sae is not None and not Path(sae).is_dir():
+        raise FileNotFoundError(f"{sae}: no SAE folder here")
+    return db, (Path(sae) if sae is not None else None)
+
+
+def read_train_log(folder: Path | None) -> list[dict]:
+    """The training log's JSON lines (metrics per step), or [] when there is none."""
+    if folder is None:
+        return []
+    for name in TRAIN_LOG_NAMES:
+        path = folder / name
+        if path.is_file():
+            rows = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash mid-write; the rest of the log is still good
+                if isinstance(row, dict):
+                    rows.append(row)
+            return rows
+    return []
+
+
+def train_curve(rows: list[dict]) -> dict | None:
+    """Plot data for the overview: x (tokens or step) and each known metric logged in ``rows``."""
+    xkey = next((k for k in ("tokens", "step") if any(k in r for r in rows)), None)
+    if xkey is None:
+        return None
+    rows = [r for r in rows if isinstance(r.get(xkey), (int, float))]
+    series = {}
+    for name in TRAIN_METRICS:
+        values = [r.get(name) for r in rows]
+        if any(isinstance(v, (int, float)) for v in values):
+            series[name] = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
+    if not series:
+        return None
+    return {"x": [r[xkey] for r in rows], "xlabel": xkey, "series": dict(list(series.items())[:4]),
+            "log": [m for m in LOG_SCALE_METRICS if m in series]}
+
+
+class RunState:
+    """Opened artifacts of one run; the SAE and the model load on first use (once, under a lock)."""
+
+    def __init__(self, db_path: Path, sae_path: Path | None = None, *, sae=None, model=None,
+                 eval_path: Path | None = None):
+        self.db = FeatureDB.open(db_path)
+        self.db_path = db_path
+        self.sae_path = sae_path
+        self._sae = sae
+        self._model = model if not isinstance(model, str) else None
+        self._model_name = model if isinstance(model, str) else None
+        self._load_lock = threading.Lock()
+        self.eval = self._read_eval(eval_path)
+        self.train_rows = read_train_log(sae_path)
+        self._stats: dict[str, np.ndarray] | None = None
+        self._map_json: bytes | None = None
+
+    @classmethod
+    def open(cls, run_dir=None, *, db=None, sae=None, model=None) -> "RunState":
+        db_path, sae_path = locate(run_dir, db, sae)
+        eval_path = None
+        for folder in (Path(run_dir) if run_dir is not None else None, sae_path):
+            if folder is not None and (folder / "eval.json").is_file():
+                eval_path = folder / "eval.json"
+                break
+        return cls(db_path, sae_path, sae=None if isinstance(sae, (str, Path)) else sae, model=model,
+                   eval_path=eval_path)
+
+    @staticmethod
+    def _read_eval(path: Path | None) -> dict | None:
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable eval.json ({e}); re-run 'saelab eval' or delete it") from None
+
+    @property
+    def label(self) -> str:
+        return str(self.db_path.parent if self.db_path.name == "features.db" else self.db_path)
+
+    # -- lazy model and SAE --------------------------------------------------------------------------
+
+    @property
+    def has_sae(self) -> bool:
+        return self._sae is not None or self.sae_path is not None
+
+    def sae(self):
+        with self._load_lock:
+            if self._sae is None:
+                if self.sae_path is None:
+                    raise LookupError("this server has no SAE folder (start it with a run folder or --sae SAE_DIR); "
+                                      "inspect, steer and monitor need one")
+                from saelab.formats import load_sae
+
+                self._sae = load_sae(self.sae_path).eval()
+            return self._sae
+
+    def model_name(self) -> str:
+        if self._model_name:
+            return self._model_name
+        info = self.db.sae_info()
+        prov = getattr(self._sae, "provenance", None) or {}
+        name = prov.get("model_name") or info.get("model_name")
+        if not name:
+            raise LookupError("cannot tell which model this SAE reads (no model_name in saelab.json or features.db); "
+                              "start the server with --model NAME")
+        return name
+
+    def model(self):
+        self.sae()
+        with self._load_lock:
+            if self._model is None:
+                from saelab.models import load_model
+
+                self._model = load_model(self.model_name())
+            return self._model
+
+    def warm(self) -> str | None:
+        """Load the SAE and the model now; returns why not (None when both loaded or there is no SAE)."""
+        if not self.has_sae:
+            return "no SAE folder"
+        try:
+            self.model()
+        except (OSError, ValueError, LookupError) as e:
+            return str(e)
+        return None
+
+    # -- whole-dictionary data, computed once ---------------------------------------------------------
+
+    def stats(self) -> dict[str, np.ndarray]:
+        """density and max_act of every feature, by id."""
+        if self._stats is None:
+            rows = self.db.conn.execute("SELECT density, max_act FROM features ORDER BY id").fetchall()
+            arr = np.array([tuple(r) for r in rows], dtype=np.float64).reshape(-1, 2)
+            self._stats = {"density": arr[:, 0], "max_act": arr[:, 1]}
+        return self._stats
+
+    def density_histogram(self, bins: int = 40) -> dict:
+        """log10-density histogram of the features that fired (dead ones are counted apart)."""
+        density = self.stats()["density"]
+        live = density[density > 0]
+        if live.size == 0:
+            return {"centers": [], "counts": [], "width": 0, "dead": int(density.size)}
+        logs = np.log10(live)
+        lo, hi = float(logs.min()), float(logs.max())
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        counts, edges = np.histogram(logs, bins=bins, range=(lo, hi))
+        return {"centers": ((edges[:-1] + edges[1:]) / 2).tolist(), "counts": counts.tolist(),
+                "width": float(edges[1] - edges[0]), "dead": int(density.size - live.size)}
+
+    def map_json(self) -> bytes:
+        """Every mapped feature as columns (ids, x, y, cluster, density), serialised once."""
+        if self._map_json is None:
+            pts = self.db.map_points()
+            cols = list(zip(*pts)) if pts else [[], [], [], [], []]
+            data = {"ids": list(cols[0]), "x": [round(v, 5) for v in cols[1]], "y": [round(v, 5) for v in cols[2]],
+                    "cluster": list(cols[3]), "density": [float(f"{v:.4g}") for v in cols[4]]}
+            self._map_json = json.dumps(data, separators=(",", ":")).encode()
+        return self._map_json
