@@ -11,11 +11,14 @@ from saelab.harvest import harvest
 from saelab.hooks import capture, hook_names, intervene, resolve
 from saelab.llm import LLMClient
 from saelab.models import LoadedModel, load_model
+from saelab.monitor import Watchlist, scan
 from saelab.sae import SAE, SAEConfig
 from saelab.store import ActivationStore
+from saelab.steer import Ablate, Add, Clamp, steering
 from saelab.train import TrainConfig, train
 
 __all__ = ["ActivationStore", "CorpusSpec", "EvalReport", "LoadedModel", "SAE", "SAEConfig", "capture", "evaluate", "harvest", "hook_names",
            "intervene", "load_model", "resolve", "LLMClient", "detection_score", "offline_explanation",
-           "TrainConfig", "train", "load_sae", "save_sae"]
+           "TrainConfig", "train", "load_sae", "save_sae",
+           "Ablate", "Add", "Clamp", "Watchlist", "scan", "steering"]
 __version__ = "0.1.0"

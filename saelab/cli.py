@@ -330,6 +330,197 @@ def _run_eval(args) -> None:
 
 # -- analyze / feature / inspect / search / explain / export ---------------------------------------
 
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="one streaming pass over corpus tokens → features.db",
+                       description="Run the model and SAE over held-out corpus tokens and write every feature's "
+                                   "stats, examples, logit effects, neighbours, map and offline explanation "
+                                   "to features.db (SQLite).")
+    p.add_argument("sae", help="SAE folder (model, hook and corpus are read from its provenance)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to analyse (default 1M)")
+    p.add_argument("--out", help="database file (default: features.db beside the SAE folder)")
+    p.add_argument("--model", help="model to run (default: the SAE's model_name)")
+    p.add_argument("--corpus", help="corpus spec (default: the SAE's training corpus)")
+    p.add_argument("--split", default="auto", choices=["auto", "validation", "train", "all"],
+                   help="auto = validation first, then train when it runs out")
+    p.add_argument("--context", type=int, help="sequence length (default: the SAE's context_size)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--k-top", type=int, default=20, help="top examples per feature")
+    p.add_argument("--map", default="auto", choices=["auto", "umap", "pca", "none"], help="map layout method")
+    p.add_argument("--no-explain", action="store_true", help="skip the offline explanations")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_analyze)
+
+    p = sub.add_parser("feature", help="a feature's page in the terminal",
+                       description="Stats, explanation, top examples (max token marked «like this»), logit "
+                                   "effects and neighbours of one feature of a features.db.")
+    p.add_argument("db", help="features.db")
+    p.add_argument("id", type=int, help="feature index")
+    p.add_argument("--examples", type=int, default=8, help="top examples to show")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.set_defaults(func=_run_feature)
+
+    p = sub.add_parser("inspect", help="per token of a text: its top features",
+                       description="Run a text through the model and SAE and list, per token, the most active "
+                                   "features (with their explanations when a features.db is beside the SAE).")
+    p.add_argument("sae", help="SAE folder")
+    p.add_argument("--text", required=True, help=r"the text (\n and \t are read as newline and tab)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--model", help="model (default: the SAE's model_name)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_inspect)
+
+    p = sub.add_parser("search", help="full-text search in features.db, or contrastive concept search",
+                       description="'saelab search DB \"words\"' searches explanations and top tokens. "
+                                   "'saelab search SAE_DIR --positive P --negative N' ranks features by how well "
+                                   "their max activation per text separates the two sets (AUROC, then the "
+                                   "relative difference of means); P and N hold one text per line, or JSONL "
+                                   "with a 'text' field.")
+    p.add_argument("target", help="features.db (text search) or SAE folder (contrastive)")
+    p.add_argument("query", nargs="?", help="words to look for")
+    p.add_argument("--positive", help="file of texts that show the concept")
+    p.add_argument("--negative", help="file of texts that do not")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--model", help="model (default: the SAE's model_name)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_search)
+
+    p = sub.add_parser("export", help="export features.db to other tools' formats",
+                       description="Export a features.db: 'neuronpedia' writes Neuronpedia's upload layout "
+                                   "(batch-N.json feature dashboards and explanations.json).")
+    p.add_argument("format", choices=["neuronpedia"])
+    p.add_argument("db", help="features.db")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model-id", help="Neuronpedia model id (default: from the database)")
+    p.add_argument("--sae-set", help="Neuronpedia SAE set name (default: saelab-<hook>)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_analyze(args) -> None:
+    from saelab.analyze import analyze
+
+    out = analyze(args.sae, args.model, args.corpus, out=args.out, tokens=args.tokens, split=args.split,
+                  context=args.context, batch_size=args.batch_size, k_top=args.k_top, map=args.map,
+                  explain=not args.no_explain, seed=args.seed)
+    from saelab.featuredb import FeatureDB
+
+    with FeatureDB.open(out) as db:
+        info = db.sae_info()
+        live = len(db.live_features())
+    print(f"{out}: {info['d_sae']} features ({live} fired) over {info['tokens_analysed']:,} tokens "
+          f"in {info['seconds']:.0f} s ({info['tokens_per_s']:,.0f} tokens/s)")
+    if info.get("note"):
+        print(f"note: {info['note']}")
+
+
+def _shown(text: str) -> str:
+    """Model text made safe for a terminal: control characters escaped, nothing interpreted."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _window(ex: dict) -> str:
+    return "".join(f"«{_shown(t)}»" if i == ex["max_pos"] else _shown(t) for i, t in enumerate(ex["tokens"]))
+
+
+def _run_feature(args) -> None:
+    from saelab.featuredb import FeatureDB
+
+    with FeatureDB.open(args.db) as db:
+        row = db.feature(args.id)
+        page = {"feature": row, "top": db.examples(args.id, "top")[:args.examples],
+                "logit_effects": db.logit_effects(args.id), "neighbours": db.neighbours(args.id),
+                "histogram": db.histogram(args.id)}
+    if args.json:
+        _print_json(page)
+        return
+    print(f"feature {row['id']}   density {row['density']:.3g} ({row['count']} tokens)   max {row['max_act']:.3g}"
+          f"   mean {row['mean_act']:.3g}" + (f"   cluster {row['cluster']}" if row["cluster"] is not None else ""))
+    score = f"  (detection score {row['score']:.2f})" if row["score"] is not None else ""
+    print(f"explanation: {_shown(row['explanation']) or '-'}{score}")
+    print("\ntop examples:")
+    for ex in page["top"]:
+        print(f"  {ex['max_act']:8.3f}  {_window(ex)}")
+    effects = page["logit_effects"]
+    if effects["positive"]:
+        print("\npromotes: " + ", ".join(f"{_shown(t)!r} {v:+.2f}" for t, v in effects["positive"]))
+        print("suppresses: " + ", ".join(f"{_shown(t)!r} {v:+.2f}" for t, v in effects["negative"]))
+    for kind, label in (("decoder", "decoder cosine"), ("coact", "co-activation (Jaccard)")):
+        near = [n for n in page["neighbours"] if n["kind"] == kind]
+        if near:
+            print(f"\nneighbours by {label}: " + ", ".join(f"{n['other']} ({n['value']:.2f})" for n in near))
+
+
+def _run_inspect(args) -> None:
+    from saelab.analyze import inspect_text
+
+    text = args.text.replace("\\n", "\n").replace("\\t", "\t")
+    rows = inspect_text(args.sae, args.model, text, top=args.top)
+    if args.json:
+        _print_json([r._asdict() for r in rows])
+        return
+    width = max(len(_shown(r.token)) for r in rows)
+    for r in rows:
+        feats = "  ".join(f"{f}:{a:.2f}" for f, a in r.features) or "-"
+        print(f"{r.pos:4d}  {_shown(r.token):<{width}}  {feats}")
+
+
+def _read_texts(path: str) -> list[str]:
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no such file of texts")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix != ".jsonl":
+        return lines
+    texts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        text = record.get("text") if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{n}: each line needs a string or an object with a string 'text'")
+        texts.append(text)
+    return texts
+
+
+def _run_search(args) -> None:
+    if args.positive or args.negative:
+        from saelab.analyze import contrastive_search
+
+        if not (args.positive and args.negative):
+            raise ValueError("contrastive search needs both --positive and --negative files")
+        hits = contrastive_search(args.target, args.model, _read_texts(args.positive), _read_texts(args.negative),
+                                  top=args.top)
+        if args.json:
+            _print_json(hits)
+            return
+        for h in hits:
+            print(f"{h['feature']:6d}  AUROC {h['auroc']:.2f}  mean max act {h['mean_pos']:.3f} vs {h['mean_neg']:.3f}")
+        return
+    if not args.query:
+        raise ValueError("give words to search for, or --positive/--negative files for a contrastive search")
+    from saelab.featuredb import FeatureDB
+
+    with FeatureDB.open(args.target) as db:
+        hits = db.search(args.query, limit=args.top)
+    if args.json:
+        _print_json(hits)
+        return
+    for h in hits:
+        print(f"{h['id']:6d}  density {h['density']:.2g}  {_shown(h['explanation'] or h['top_tokens'])}")
+    if not hits:
+        print(f"no feature matches {args.query!r}")
+
+
+def _run_export(args) -> None:
+    from saelab.featuredb import export_neuronpedia
+
+    files = export_neuronpedia(args.db, args.out, model_id=args.model_id, sae_set=args.sae_set)
+    print(f"wrote {len(files)} files to {args.out}")
+
+
 def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="explain and score features in a features.db (offline, or by an LLM)",
                        description="Write an explanation and a detection score (balanced accuracy on held-out "
@@ -486,10 +677,16 @@ def _parse_when(spec: str) -> tuple[int, float]:
 
 
 def _parse_numbers(text: str, what: str, cast=float) -> list:
-    try:
-        return [cast(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"{what} {text!r}: every comma-separated item must be a number") from None
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            out.append(cast(item))
+        except ValueError:
+            kind = "an integer" if cast is int else "a number"
+            raise ValueError(f"{what} {text!r}: {item!r} is not {kind} (expected comma-separated values)") from None
+    if not out:
+        raise ValueError(f"{what} {text!r}: expected at least one comma-separated value")
+    return out
 
 
 def _parse_thresholds(text: str | None):
@@ -706,7 +903,7 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-STAGES = [_add_demo, _add_hooks, _add_builtin, _add_harvest, _add_train, _add_eval, _add_explain, _add_steer, _add_serve]
+STAGES = [_add_demo, _add_hooks, _add_builtin, _add_harvest, _add_train, _add_eval, _add_analyze, _add_explain, _add_steer, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -169,7 +169,7 @@ def neighbourhood_map(db_or_sae, feature: int, n: int = 30) -> list[tuple[int, f
 def _classical_mds(D: torch.Tensor) -> torch.Tensor:
     """2-D embedding whose distances best match ``D [m, m]`` (Torgerson: eigenvectors of −½ J D² J)."""
     m = D.shape[0]
-    J = torch.eye(m) - 1.0 / m
+    J = torch.eye(m, dtype=torch.float64) - 1.0 / m
     B = -0.5 * J @ (D.double() ** 2) @ J
     evals, evecs = torch.linalg.eigh(B)  # ascending
     top = evals.flip(0)[:2].clamp_min(0)

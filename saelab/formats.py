@@ -159,7 +159,8 @@ def _read_any(path: Path) -> Parsed:
         return _read_gemma_scope(path / GEMMA_SCOPE_PARAMS)
     for name in sorted(names):
         _refuse_pickle(path / name)
-    subs = sorted(d.name for d in path.iterdir() if d.is_dir() and ((d / CFG).exists() or (d / GEMMA_SCOPE_PARAMS).exists()))
+    subs = sorted(d.name for d in path.iterdir()
+                  if d.is_dir() and ((d / CFG).exists() or (d / GEMMA_SCOPE_PARAMS).exists()))
     if subs:
         raise ValueError(f"{path} holds several SAEs (one per hook: {', '.join(subs)}); pass one of them, "
                          f"e.g. {path / subs[0]}")
@@ -263,7 +264,8 @@ def _major(version) -> int:
 
 def _flat_to_v6(cfg: dict, file: Path) -> dict:
     """An old flat SAELens cfg.json → v6 keys (as SAELens' handle_pre_6_0_config does)."""
-    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
+    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
+               "activation_fn_str": "activation_fn"}
     c = {renames.get(k, k): v for k, v in cfg.items()}
     c.setdefault("architecture", "standard")
     act, k = c.get("activation_fn") or "relu", (c.get("activation_fn_kwargs") or {}).get("k")
@@ -273,7 +275,8 @@ def _flat_to_v6(cfg: dict, file: Path) -> dict:
         raise ValueError(f"{file}: activation_fn {act!r} is not supported (saelab runs relu, topk and jumprelu "
                          "SAEs); convert the SAE to one of those")
     norm = c.get("normalize_activations")
-    c["normalize_activations"] = ("expected_average_only_in" if norm else "none") if isinstance(norm, bool) or norm is None else norm
+    if isinstance(norm, bool) or norm is None:  # old configs: a flag for Anthropic's input scaling
+        c["normalize_activations"] = "expected_average_only_in" if norm else "none"
     c["metadata"] = {key: c[key] for key in SAELENS_LLM_METADATA_KEYS if key in c}
     return c
 
@@ -399,5 +402,6 @@ def feature_max_activations(sae: SAE) -> torch.Tensor:
                          "analysis pass (features.db has them) or re-save the SAE with feature_max_act=...")
     out = torch.tensor(values, dtype=torch.float32, device=sae.W_dec.device)
     if out.shape != (sae.d_sae,) or not torch.isfinite(out).all():
-        raise ValueError(f"saelab.json 'feature_max_act' must be {sae.d_sae} finite numbers, got shape {list(out.shape)}")
+        raise ValueError(f"saelab.json 'feature_max_act' must be {sae.d_sae} finite numbers, "
+                         f"got shape {list(out.shape)}")
     return out

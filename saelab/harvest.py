@@ -86,6 +86,9 @@ class _Sink:
         seq = (torch.arange(b).unsqueeze(1) + seq0).expand(b, ctx).reshape(-1)
         pos = torch.arange(ctx).expand(b, ctx).reshape(-1)
         cols = (x.to(self.dtype).cpu(), ids.reshape(-1).cpu(), seq, pos)   # (n, d) storage dtype, (n,) x3
+        if self.dtype == torch.float16 and not bool(torch.isfinite(cols[0]).all()):
+            raise ValueError(f"activations at hook {self.point.name} exceed the float16 range (max |x| = "
+                             f"{float(x.abs().max()):.3g} > 65504); harvest with --dtype bfloat16 or float32")
         if not bool(keep.all()):
             sel = keep.reshape(-1)
             cols = tuple(c[sel.to(c.device)] for c in cols)

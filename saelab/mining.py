@@ -58,7 +58,7 @@ class Slots:
         src = torch.zeros(G, n, dtype=torch.long, device=score.device)
         src[g, rank] = entries
         top, idx = torch.cat([self.score, cand], 1).topk(n, dim=1)  # (G, n)
-        new = idx >= n
+        new = (idx >= n) & torch.isfinite(top)
         old = idx.clamp(max=n - 1)
         self.score = top
         self.act, self.seq, self.pos = (t.gather(1, old) for t in (self.act, self.seq, self.pos))
@@ -111,6 +111,8 @@ class Batch(NamedTuple):
         valid = (pos >= 0) & (pos < self.T)
         flat = (tok[:, None] + offs).clamp(0, self.ids.numel() - 1)
         ids = torch.where(valid, self.ids[flat], torch.full_like(flat, -1)).to(torch.int32)
+        if len(self.keys) == 0:
+            return ids, torch.zeros(ids.shape, device=tok.device)
         key = flat * self.d_sae + feat[:, None]
         at = torch.searchsorted(self.keys, key).clamp(max=len(self.keys) - 1)
         hit = valid & (self.keys[at] == key)

@@ -195,7 +195,7 @@ def input_scale(x: torch.Tensor) -> float:
 # -- the sparse TopK path --------------------------------------------------------------------------
 
 class SparseCode(NamedTuple):
-    """Selected (token, latent) pairs as CSR rows (tokens), latents sorted within each row."""
+    """Selected (token, latent) pairs as CSR rows (tokens); within a row the latents are in any order."""
 
     crow: torch.Tensor
     """Row pointers [batch + 1]."""
@@ -210,8 +210,7 @@ class SparseCode(NamedTuple):
 def topk_code(pre: torch.Tensor, k: int) -> SparseCode:
     """The k largest pre-activations of each token (Gao et al.), ReLU'd."""
     vals, idx = pre.topk(k, dim=1, sorted=False)                  # (B, k)
-    idx, order = idx.sort(dim=1)
-    vals = vals.gather(1, order).clamp_min(0)
+    vals = vals.clamp_min(0)
     crow = torch.arange(0, pre.shape[0] * k + 1, k, device=pre.device)
     return SparseCode(crow, idx.reshape(-1), vals.reshape(-1), pre)
 
@@ -242,13 +241,27 @@ def _pair_dots(code: SparseCode, a: torch.Tensor, W: torch.Tensor) -> torch.Tens
         return torch.sparse.sampled_addmm(pattern, a, W.t(), beta=0.0).values()
 
 
-def _sum_by_latent(code: SparseCode, rows: torch.Tensor, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """out[l] = Σ_{pairs (b, l)} weights · src[b] → ``[d_sae, d]``: an embedding_bag over pairs grouped by latent."""
-    S = code.pre.shape[1]
-    by_latent = torch.argsort(code.col, stable=True)
-    counts = torch.bincount(code.col, minlength=S)
-    offsets = counts.cumsum(0) - counts
-    return F.embedding_bag(rows[by_latent], src, offsets, mode="sum", per_sample_weights=weights[by_latent])
+def _count(index: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """out[i] = Σ weights[index == i] → ``[n]`` (1-D index_add_: ~50x faster than bincount here)."""
+    return torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, index, weights)
+
+
+class _ByLatent(NamedTuple):
+    """The pairs grouped by latent: a permutation, the token of each, and each latent's first position."""
+
+    order: torch.Tensor
+    rows: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def of(cls, code: SparseCode, rows: torch.Tensor) -> "_ByLatent":
+        order = torch.sort(code.col.int(), stable=True).indices     # int32 keys sort ~3x faster
+        counts = _count(code.col, torch.ones_like(code.val), code.pre.shape[1]).long()
+        return cls(order, rows[order], counts.cumsum(0) - counts)
+
+    def sum(self, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """out[l] = Σ_{pairs (b, l)} weights · src[b] → ``[d_sae, d]`` (one embedding_bag)."""
+        return F.embedding_bag(self.rows, src, self.offsets, mode="sum", per_sample_weights=weights[self.order])
 
 
 class SparseGrads(NamedTuple):
@@ -272,9 +285,10 @@ def sparse_grads(sae: SAE, x: torch.Tensor, code: SparseCode, dead: torch.Tensor
     g = err * (2.0 / B)                                          # ∂L/∂x̂ (B, d_in)
     rows = torch.repeat_interleave(torch.arange(B, device=x.device), code.crow.diff())   # (pairs,)
     g_pre = _pair_dots(code, g, W_dec) * (code.val > 0)          # (pairs,)
-    g_W_dec = _sum_by_latent(code, rows, code.val, g)            # (d_sae, d_in)
-    g_W_encT = _sum_by_latent(code, rows, g_pre, xc)             # (d_sae, d_in)
-    g_b_enc = torch.zeros(W_dec.shape[0], device=x.device).index_add_(0, code.col, g_pre)
+    by_latent = _ByLatent.of(code, rows)
+    g_W_dec = by_latent.sum(code.val, g)                         # (d_sae, d_in)
+    g_W_encT = by_latent.sum(g_pre, xc)                          # (d_sae, d_in)
+    g_b_enc = _count(code.col, g_pre, W_dec.shape[0])
     g_b_dec = g.sum(0) - W_enc @ g_b_enc
     aux = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
@@ -298,11 +312,12 @@ def _auxk(pre, err, xc, dead, k_aux, alpha, W_enc, W_dec, grads) -> torch.Tensor
     W_d = W_dec.index_select(0, dead_idx)                        # (n_dead, d_in)
     r = z_aux @ W_d + err                                        # ê − e, e = x − x̂ detached (B, d_in)
     ga = r * (2.0 * alpha / B)
-    g_W_dec.index_add_(0, dead_idx, z_aux.t() @ ga)
+    # index_put_ (rows are distinct): 2-D index_add_ on CPU scans the whole destination
+    g_W_dec.index_put_((dead_idx,), z_aux.t() @ ga, accumulate=True)
     g_pre_d = (ga @ W_d.t()) * (z_aux > 0)                       # (B, n_dead)
     s = g_pre_d.sum(0)
     g_b_enc.index_add_(0, dead_idx, s)
-    g_W_encT.index_add_(0, dead_idx, g_pre_d.t() @ xc)
+    g_W_encT.index_put_((dead_idx,), g_pre_d.t() @ xc, accumulate=True)
     g_b_dec.sub_(W_enc.index_select(1, dead_idx) @ s)
     return r.pow(2).sum(1).mean()
 
@@ -382,10 +397,12 @@ class Trainer:
             sae.threshold.data.fill_(cfg.threshold_init)
         self.sae = sae.to(device).train()
         self.sparse = cfg.architecture in ("topk", "batchtopk")
-        if self.sparse:
-            # W_enc [d_in, d_sae] stored latent-major, so gradient rows of latents are contiguous.
-            sae.W_enc.data = sae.W_enc.data.t().contiguous().t()
         self.params = {n: p for n, p in sae.named_parameters() if p.requires_grad}
+        if self.sparse:
+            # Adam updates W_encᵀ [d_sae, d_in], contiguous (the sparse gradient's rows are latents, and
+            # fused Adam is 4x slower on a transposed tensor); sae.W_enc is a view of the same storage.
+            self.params["W_enc"] = torch.nn.Parameter(sae.W_enc.detach().t().contiguous())
+            sae.W_enc.data = self.params["W_enc"].data.t()
         self.opt = torch.optim.Adam(list(self.params.values()), lr=cfg.lr, betas=(0.9, 0.999),
                                     fused=device.type in ("cpu", "cuda"))
         self.step = 0
@@ -441,10 +458,11 @@ class Trainer:
             code = (topk_code if cfg.architecture == "topk" else batchtopk_code)(pre, cfg.k)
         out = sparse_grads(sae, x, code, self.dead, cfg.k_aux, cfg.auxk_alpha)
         for name, g in out.grads.items():
-            sae.get_parameter(name).grad = g
+            p = self.params[name]
+            p.grad = g if g.shape == p.shape else g.t()
         B = x.shape[0]
         on = code.val > 0
-        fired = torch.zeros(cfg.d_sae, device=x.device).index_add_(0, code.col, on.float())
+        fired = _count(code.col, on.float(), cfg.d_sae)
         min_kept = code.val[on].min() if bool(on.any()) else torch.tensor(float("inf"), device=x.device)
         loss = out.err_sq / B + cfg.auxk_alpha * out.aux
         return StepStats(out.err_sq, loss, out.aux, on.sum().float(), fired, min_kept)

@@ -72,6 +72,7 @@ def test_stats_and_top_examples_match_brute_force(analysed, lm, corpus):
     ids, z = dense_latents(sae, lm, corpus)
     n_tokens = int((ids != lm.tokenizer.bos_token_id).sum())
     assert db.sae_info()["tokens_analysed"] == n_tokens
+    assert int((z > 0).sum()) > n_tokens  # the case is not vacuous: features do fire
     for f in range(sae.d_sae):
         row, zf = db.feature(f), z[..., f]
         assert row["count"] == int((zf > 0).sum())

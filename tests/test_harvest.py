@@ -263,3 +263,12 @@ def test_cli_harvest_info_verify(env, tmp_path, capsys):
     assert "shard-00001.safetensors is corrupt" in capsys.readouterr().err
     assert cli_main(argv[:-1] + [str(out), "--context", "16", "--resume"]) == 2
     assert "different harvest" in capsys.readouterr().err
+
+
+def test_float16_overflow_refused(env, tmp_path):
+    def huge(x):
+        return x * 1e6
+
+    with intervene(env["lm"], {HOOK: huge}):
+        with pytest.raises(ValueError, match="exceed the float16 range.*bfloat16"):
+            harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "s", dtype="float16", **ARGS)

@@ -13,6 +13,7 @@ import mimetypes
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -85,7 +86,9 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     def validation(request: Request, exc: RequestValidationError):
         if _is_api(request) or request.method != "GET":
-            return JSONResponse({"detail": exc.errors(include_url=False, include_context=False)}, status_code=422)
+            # type/loc/msg only: the offending input is not echoed back
+            errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
+            return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
         return _error(request, 422, "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors()))
 
 

@@ -120,10 +120,6 @@ async def _send_error(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class GuardMiddleware:
     """ASGI middleware: Host check (400), body cap (413, also for chunked bodies), security headers."""
 
@@ -144,29 +140,32 @@ class GuardMiddleware:
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await _send_error(send, 413, f"request body over the {limit}-byte limit")
         received = 0
-        started = False
+        started = responded = False
 
         async def limited_receive():
-            nonlocal received
+            # A chunked body has no Content-Length: count it as it arrives. Past the cap, answer 413
+            # here and tell the app the client left (FastAPI would turn an exception into a 400).
+            nonlocal received, responded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge
+                    if not started and not responded:
+                        responded = True
+                        await _send_error(send, 413, f"request body over the {limit}-byte limit")
+                    return {"type": "http.disconnect"}
             return message
 
         async def send_with_headers(message):
             nonlocal started
+            if responded:
+                return  # the 413 is already out; drop the app's own reply to the cut-off body
             if message["type"] == "http.response.start":
                 started = True
                 message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, send_with_headers)
-        except _BodyTooLarge:
-            if not started:
-                await _send_error(send, 413, f"request body over the {limit}-byte limit")
+        await self.app(scope, limited_receive, send_with_headers)
 
 
 class Busy(Exception):
