@@ -6,15 +6,19 @@ Baseline: the same model, the same token batches (pre-tokenised here, so the bas
 tokenisation), the forward stopped after the same layer (``run_to_hooks``; its hook keeps a
 reference and stores nothing). Harvest: ``saelab.harvest`` end to end into a temporary store:
 corpus reading and tokenisation, forward, NaN checks, statistics, shard serialisation, sha256,
-fsync. The two are interleaved ``--repeats`` times and the best of each is kept, because other
-jobs share the CPU. Prints tokens/s of both and the ratio (target >= 0.90).
+fsync. A middle line B (corpus tokenised in a thread exactly as harvest does, then the same
+forwards, nothing captured or stored) separates the cost of tokenising from that of the store.
+The three run in ``--repeats`` rounds (order rotating) because other jobs share the CPU; prints the
+best tokens/s of each, the ratios (target C/A >= 0.90) and the median per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,14 +26,25 @@ from pathlib import Path
 import torch
 
 from saelab.corpus import CorpusSpec, sequences
-from saelab.harvest import harvest
+from saelab.harvest import PREFETCH_BATCHES, _batched, harvest
 from saelab.hooks import run_to_hooks
 from saelab.models import load_model
+from saelab.store import prefetched
 
 
 def bare_forward(lm, batches: list[torch.Tensor], hook: str) -> tuple[float, float]:
     start, cpu = time.perf_counter(), time.process_time()
     for ids in batches:
+        run_to_hooks(lm.model, ids, [hook])
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def corpus_forward(lm, hook: str, corpus: CorpusSpec, n_seqs: int, context: int,
+                   batch_size: int) -> tuple[float, float]:
+    """Tokenise the corpus (in a thread, as harvest does) and run the same forward passes: no capture, no store."""
+    start, cpu = time.perf_counter(), time.process_time()
+    batches = _batched(itertools.islice(sequences(corpus, lm.tokenizer, context, 0), n_seqs), batch_size)
+    for ids in prefetched(batches, PREFETCH_BATCHES):
         run_to_hooks(lm.model, ids, [hook])
     return time.perf_counter() - start, time.process_time() - cpu
 
@@ -55,7 +70,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=4, help="bare/harvest pairs, order alternating")
     args = p.parse_args()
 
     lm = load_model(args.model)
@@ -66,19 +81,31 @@ def main() -> None:
     batches = [torch.stack(seqs[i:i + args.batch_size]) for i in range(0, len(seqs), args.batch_size)]
     tokens = sum(b.numel() for b in batches)
     run_to_hooks(lm.model, batches[0], [args.hook])  # warm-up
-    bare, full = [], []
-    for _ in range(args.repeats):
-        bare.append(bare_forward(lm, batches, args.hook))
-        full.append(full_harvest(lm, args.hook, corpus, tokens, args.context, args.batch_size, args.dtype))
-    bare_tps, full_tps = tokens / min(t for t, _ in bare), tokens / min(t for t, _ in full)
-    bare_cpu, full_cpu = min(c for _, c in bare), min(c for _, c in full)
+    load0 = os.getloadavg()[0]
+    bare, tok, full = [], [], []
+    for r in range(args.repeats):  # rotate the order so that a drifting load favours none
+        for which in [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1)][r % 4]:
+            if which == 0:
+                bare.append(bare_forward(lm, batches, args.hook))
+            elif which == 1:
+                tok.append(corpus_forward(lm, args.hook, corpus, len(seqs), args.context, args.batch_size))
+            else:
+                full.append(full_harvest(lm, args.hook, corpus, tokens, args.context, args.batch_size, args.dtype))
+    best = {name: tokens / min(t for t, _ in runs) for name, runs in (("bare", bare), ("tok", tok), ("full", full))}
     print(f"model {args.model}, hook {args.hook}, {tokens:,} tokens, context {args.context}, "
-          f"batch {args.batch_size} x {args.context}, store dtype {args.dtype}, torch threads {torch.get_num_threads()}")
-    for label, tps, runs in (("bare forward (stopped at the hook)", bare_tps, bare), ("harvest to a store", full_tps, full)):
-        print(f"{label:<36}{tps:10,.0f} tokens/s  (wall {', '.join(f'{t:.1f}s' for t, _ in runs)}; "
+          f"batch {args.batch_size} x {args.context}, store dtype {args.dtype}, "
+          f"torch threads {torch.get_num_threads()}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    rows = (("A bare forward, pre-tokenised batches", "bare", bare), ("B tokenise corpus + forward", "tok", tok),
+            ("C harvest to a store", "full", full))
+    for label, key, runs in rows:
+        print(f"{label:<40}{best[key]:10,.0f} tokens/s best  (wall {', '.join(f'{t:.1f}s' for t, _ in runs)}; "
               f"CPU {', '.join(f'{c:.1f}s' for _, c in runs)})")
-    print(f"{'ratio harvest / bare forward':<36}{full_tps / bare_tps:10.3f}  (wall clock; target >= 0.90)")
-    print(f"{'ratio of CPU time bare / harvest':<36}{bare_cpu / full_cpu:10.3f}  (all threads of this process)")
+    for label, a, b in (("C / A (target >= 0.90)", "full", "bare"), ("C / B (cost of capture + store)", "full", "tok"),
+                        ("B / A (cost of tokenising)", "tok", "bare")):
+        pairs = sorted(x[0] / y[0] for x, y in zip(dict(bare=bare, tok=tok, full=full)[b],
+                                                   dict(bare=bare, tok=tok, full=full)[a]))
+        print(f"ratio {label:<34}{best[a] / best[b]:10.3f} best of each; median pair {statistics.median(pairs):.3f}")
+
 
 if __name__ == "__main__":
     main()

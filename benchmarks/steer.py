@@ -1,28 +1,41 @@
-"""Cost of steering: steered generation against plain generation of the same length, same run.
+"""Steering figures: its cost (``speed``) and its efficacy over many features (``dial``).
 
-    nice -n 5 python benchmarks/steer.py [--sae runs/x/sae] [--tokens 128] [--reps 5]
+    nice -n 5 python benchmarks/steer.py speed [--sae runs/x/sae] [--tokens 128] [--reps 7]
+    nice -n 5 python benchmarks/steer.py dial runs/x/sae [--n 50] [--seed 0]
 
-Both sides run HF ``generate`` greedily with the KV cache on and exactly ``--tokens`` new tokens
-(``min_new_tokens``), on the builtin model unless the SAE names another. The steered side clamps
-one feature (and, in the other rows, adds one, or clamps one only where another fires, or clamps
-four) at the SAE's hook. Plain and steered runs alternate and the medians are compared (goal: ≤ 1.25).
-Without ``--sae`` a random TopK SAE (8 × d_model latents, k = 32) at ``blocks.1.hook_resid_post``
-stands in: the hook's cost does not depend on what the weights learned.
+``speed``: steered against plain generation of the same length, same run. Both sides run HF
+``generate`` greedily with the KV cache on and exactly ``--tokens`` new tokens (``min_new_tokens``).
+The steered side clamps one feature (other rows: adds one, clamps one only where another fires,
+clamps four) at the SAE's hook. Plain and steered runs alternate; the ratio of the fastest run of each
+side is reported (the minimum is the estimate least disturbed by other processes on a shared CPU),
+beside the median, and the hook's own time per call measured alone. Goal: ratio ≤ 1.25. Without
+``--sae`` a random TopK SAE (8 × d_model latents, k = 32) at ``blocks.1.hook_resid_post`` stands in:
+the hook's cost does not depend on what the weights learned.
+
+``dial``: for ``--n`` random live features (features.db beside the SAE, else the SAE's recorded
+densities), the efficacy curve of :func:`saelab.steer.dial` over clamp values 0, 1, 2, 5, 10, 20 on
+a few code prompts; prints the fraction of features whose concept activation rises monotonically
+from 0× to 10× (:func:`saelab.steer.monotonic_fraction`) and example curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from saelab.models import load_model
 from saelab.sae import SAE, SAEConfig
-from saelab.steer import Add, Clamp, generate_ids, prompt_ids, steering
+from saelab.steer import Add, Clamp, dial, generate_ids, monotonic_fraction, prompt_ids, steering
 
 PROMPT = "import os\n\n\ndef run_command(cmd):\n    "
+DIAL_PROMPTS = ["import os\n\n\ndef main():\n    ", "class Parser:\n    def __init__(self, text):\n        ",
+                "# Tests for the json module\nimport unittest\n\n\n", "def read_config(path):\n    "]
 
 
 def random_sae(d_in: int) -> SAE:
@@ -38,14 +51,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sae", help="SAE folder (default: a random TopK SAE on the builtin model)")
-    ap.add_argument("--model", help="model (default: the SAE's, else builtin)")
-    ap.add_argument("--tokens", type=int, default=128, help="new tokens per generation")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per side (median)")
-    args = ap.parse_args()
-
+def speed(args) -> None:
     sae = SAE.load(args.sae) if args.sae else None
     lm = load_model(args.model or (sae.provenance.get("model_name") if sae else None) or "builtin")
     sae = sae or random_sae(lm.config.hidden_size)
@@ -59,19 +65,80 @@ def main() -> None:
     }
     print(f"model {lm.name}, SAE {args.sae or 'random topk'} ({sae.cfg.architecture}, d_sae={sae.d_sae}) at "
           f"{sae.provenance['hook_name']}; {ids.shape[1]}-token prompt + {args.tokens} new tokens, "
-          f"{torch.get_num_threads()} threads, median of {args.reps}")
+          f"{torch.get_num_threads()} threads, {args.reps} alternating runs per side")
     run()  # warm-up
+    x = torch.randn(1, 1, lm.config.hidden_size)
     for name, edits in cases.items():
         plain, steered = [], []
-        with steering(lm, sae, edits):
+        with steering(lm, sae, edits) as hook:
             run()  # warm-up of the steered path
+            hook_s = min(timed(lambda: [hook(x) for _ in range(200)]) for _ in range(3)) / 200
         for _ in range(args.reps):  # alternate, so that load changes hit both sides alike
             plain.append(timed(run))
             with steering(lm, sae, edits):
                 steered.append(timed(run))
-        p, s = statistics.median(plain), statistics.median(steered)
-        print(f"  {name:<28} plain {p * 1e3 / args.tokens:6.2f} ms/token   steered {s * 1e3 / args.tokens:6.2f} "
-              f"ms/token   ratio {s / p:.3f}")
+        p, s = min(plain), min(steered)
+        print(f"  {name:<27} plain {p * 1e3 / args.tokens:6.2f} ms/token  steered {s * 1e3 / args.tokens:6.2f} "
+              f"ms/token  ratio {s / p:.3f} (medians: {statistics.median(steered) / statistics.median(plain):.3f})  "
+              f"hook alone {hook_s * 1e6:5.0f} us/call", flush=True)
+
+
+def live_features(sae_dir: str, sae) -> list[int]:
+    db_path = Path(sae_dir).resolve().parent / "features.db"
+    if db_path.is_file():
+        from saelab.featuredb import FeatureDB
+
+        with FeatureDB.open(db_path) as db:
+            return db.live_features()
+    density = sae.provenance.get("feature_density")
+    if density is None:
+        raise SystemExit("no features.db beside the SAE and no feature_density in saelab.json: cannot tell live features")
+    return [i for i, d in enumerate(density) if d > 0]
+
+
+def efficacy(args) -> None:
+    sae = SAE.load(args.sae)
+    lm = load_model(args.model or sae.provenance.get("model_name") or "builtin")
+    feats = sorted(random.Random(args.seed).sample(live_features(args.sae, sae), args.n))
+    curves = []
+    t0 = time.perf_counter()
+    for i, f in enumerate(feats):
+        c = dial(lm, sae, f, DIAL_PROMPTS, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        curves.append(c)
+        acts = " ".join(f"{p.value:g}x:{p.activation:.3f}/{p.loss:.2f}" for p in c.points)
+        print(f"  [{i + 1}/{len(feats)}] feature {f:>5} (max {c.max_act:.2f})  activation/loss  {acts}", flush=True)
+    print(f"{len(feats)} random live features, {len(DIAL_PROMPTS)} prompts x {args.max_new_tokens} greedy tokens, "
+          f"{time.perf_counter() - t0:.0f}s")
+    print(f"monotonic 0x..10x: {monotonic_fraction(curves):.0%}; 0x..20x: {monotonic_fraction(curves, 20):.0%}")
+    for v_idx, v in enumerate(curves[0].points):
+        mean_act = statistics.mean(c.points[v_idx].activation / c.max_act for c in curves)
+        mean_loss = statistics.mean(c.points[v_idx].loss for c in curves)
+        print(f"  {v.value:>4g}x: mean activation {mean_act:.3f} x max act, mean loss {mean_loss:.3f} nats/token")
+    if args.out:
+        Path(args.out).write_text(json.dumps([{"feature": c.feature, "max_act": c.max_act,
+                                               "points": [p._asdict() for p in c.points]} for c in curves], indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speed", help="steered vs plain generation time")
+    s.add_argument("--sae", help="SAE folder (default: a random TopK SAE on the builtin model)")
+    s.add_argument("--model", help="model (default: the SAE's, else builtin)")
+    s.add_argument("--tokens", type=int, default=128, help="new tokens per generation")
+    s.add_argument("--reps", type=int, default=7, help="timed runs per side")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (1 suits a 4-layer model best)")
+    d = sub.add_parser("dial", help="efficacy curves of random live features")
+    d.add_argument("sae", help="SAE folder (features.db beside it is used for live features and max activations)")
+    d.add_argument("--model", help="model (default: the SAE's)")
+    d.add_argument("--n", type=int, default=50, help="random live features")
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=1, help="torch threads")
+    d.add_argument("--out", help="write the curves as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    speed(args) if args.cmd == "speed" else efficacy(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """TopK SAE training speed on CPU against its floor, one dense ``x @ W_enc`` of the same shape.
 
-    nice -n 5 python benchmarks/train.py [--sizes 4096 16384] [--reps 5] [--dead 0.01]
+    nice -n 5 python benchmarks/train.py [--sizes 4096 16384] [--reps 5] [--dead 0.01] [--threads N]
 
 For each d_sae it times, in one run: the floor (one fp32 ``(batch, d_in) @ (d_in, d_sae)`` matmul),
 the full sparse training step (``Trainer.train_step``: encoder, top-k, sparse decoder, AuxK on a
@@ -77,7 +77,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dead", type=float, default=0.01, help="fraction of dead latents (AuxK work)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"d_in={args.d_in} k={args.k} batch={args.batch} dead={args.dead:.0%} threads={torch.get_num_threads()}")
     print(f"{'d_sae':>6} {'matmul tok/s':>13} {'step tok/s':>11} {'ratio':>6} {'dense step tok/s':>17} {'ratio':>6}")
     for d_sae in args.sizes:

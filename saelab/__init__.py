@@ -3,9 +3,12 @@
 Public API (re-exported names only; each lives in its stage's module).
 """
 
+from saelab.analyze import AnalyzeConfig, analyze, contrastive_search, inspect_text
 from saelab.corpus import CorpusSpec
 from saelab.evaluate import EvalReport, evaluate
 from saelab.explain import detection_score, offline_explanation
+from saelab.featuredb import FeatureDB, export_neuronpedia
+from saelab.fmap import layout, neighbourhood_map
 from saelab.formats import load_sae, save_sae
 from saelab.harvest import harvest
 from saelab.hooks import capture, hook_names, intervene, resolve
@@ -20,5 +23,7 @@ from saelab.train import TrainConfig, train
 __all__ = ["ActivationStore", "CorpusSpec", "EvalReport", "LoadedModel", "SAE", "SAEConfig", "capture", "evaluate", "harvest", "hook_names",
            "intervene", "load_model", "resolve", "LLMClient", "detection_score", "offline_explanation",
            "TrainConfig", "train", "load_sae", "save_sae",
-           "Ablate", "Add", "Clamp", "Watchlist", "scan", "steering"]
+           "Ablate", "Add", "Clamp", "Watchlist", "scan", "steering",
+           "AnalyzeConfig", "analyze", "contrastive_search", "inspect_text", "FeatureDB", "export_neuronpedia",
+           "layout", "neighbourhood_map"]
 __version__ = "0.1.0"

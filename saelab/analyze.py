@@ -26,7 +26,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from saelab.mining import Batch, Stats, best_in_group, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
+from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
 
 
 @dataclass
@@ -153,9 +153,8 @@ def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = Tr
             flat = ids.reshape(-1).to(device)
             keep = flat != bos if cfg.skip_bos else torch.ones_like(flat, dtype=torch.bool)
             tok, feat, val, top_m = sparse_latents(sae, x, keep, cfg.coact_top)
-            order = (tok * sae.d_sae + feat).argsort()
             b = Batch(tok, feat, val, flat, context, n_batches * cfg.batch_size, sae.d_sae, cfg.window_left,
-                      cfg.window_right, (tok * sae.d_sae + feat)[order], val[order])
+                      cfg.window_right, tok * sae.d_sae + feat, val)  # entries are already sorted by key
             stats.add(b, top_m, keep, sample_bands=stats.hinted or n_batches >= warmup)
             by_split[split] = by_split.get(split, 0) + ids.numel()
             n_batches += 1

@@ -51,10 +51,14 @@ class DemoConfig:
     """Held-out tokens for the evaluation."""
     analyze_tokens: int = 1_000_000
     """Tokens of the analysis pass (validation split first, then the rest of the corpus)."""
+    map_method: str = "auto"
+    """Feature map layout: auto (UMAP when installed) | umap | pca."""
 
     @classmethod
     def quick(cls, run: Path = Path("runs/demo-quick")) -> "DemoConfig":
-        return cls(run=run, harvest_tokens=400_000, latents=2048, eval_tokens=30_000, analyze_tokens=150_000)
+        # PCA map: UMAP's first-run JIT compilation alone takes about a minute on two cores
+        return cls(run=run, harvest_tokens=300_000, latents=2048, eval_tokens=20_000, analyze_tokens=100_000,
+                   map_method="pca")
 
 
 def _stage(name: str, say: Callable[[str], None], fn: Callable[[], str | None], done: bool) -> None:
@@ -94,21 +98,21 @@ def run_demo(config: DemoConfig | None = None, say: Callable[[str], None] = prin
         return f"FVU {report.reconstruction.fvu:.3f}, CE recovered {d.ce_recovered_zero:.3f}" if d else None
 
     def do_analyze() -> str:
-        analyze(load_sae(sae_dir), lm, out=db_path, tokens=c.analyze_tokens)
+        analyze(sae_dir, lm, out=db_path, tokens=c.analyze_tokens, map=c.map_method)
         return str(db_path)
 
-    _stage("harvest", say, do_harvest, _harvest_complete(acts, c.harvest_tokens))
+    _stage("harvest", say, do_harvest, _harvest_complete(acts))
     _stage("train", say, do_train, (sae_dir / "cfg.json").exists() and (sae_dir / "saelab.json").exists())
     _stage("eval", say, do_eval, eval_path.exists())
     _stage("analyze", say, do_analyze, db_path.exists())
     return summary(run)
 
 
-def _harvest_complete(acts: Path, tokens: int) -> bool:
-    if not (acts / "manifest.json").exists():
-        return False
+def _harvest_complete(acts: Path) -> bool:
+    """The store's manifest says the harvest finished (all tokens, or the corpus ran out)."""
     try:
-        return ActivationStore.open(acts).n_rows >= tokens
+        ActivationStore.open(acts)
+        return True
     except (ValueError, OSError):
         return False
 

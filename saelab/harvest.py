@@ -23,7 +23,7 @@ import queue
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -54,8 +54,17 @@ def tokenizer_identity(tokenizer) -> dict:
             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
+class _ShardBuffer(NamedTuple):
+    """Preallocated columns of one shard, reused shard after shard (fresh memory costs page faults)."""
+
+    acts: torch.Tensor    # (capacity, d_in) storage dtype
+    tokens: torch.Tensor  # (capacity,) int32
+    seq: torch.Tensor     # (capacity,) int64
+    pos: torch.Tensor     # (capacity,) int32
+
+
 class _Sink:
-    """One hook's store being written: row chunks of the current shard, stats, counters."""
+    """One hook's store being written: the filling shard buffer, stats, counters."""
 
     def __init__(self, point: HookPoint, path: Path, manifest: dict, dtype: torch.dtype):
         self.point, self.path, self.manifest, self.dtype = point, path, manifest, dtype
@@ -64,63 +73,89 @@ class _Sink:
         self.stats = st.RunningStats.from_json(stats) if stats else st.RunningStats(manifest["d_in"])
         self.skipped = list(manifest.get("skipped_sequences", []))
         self.excluded = dict(manifest.get("excluded", {"bos": 0, "norm": 0}))
-        self.chunks: list[tuple[torch.Tensor, ...]] = []
+        self.capacity = manifest["harvest"]["seqs_per_shard"] * manifest["context"]
+        # Two buffers: one filling while the writer thread writes the other; bounds memory to 2 shards.
+        self.free: queue.Queue = queue.Queue()
+        self.n_buffers = 0
+        self.buf: _ShardBuffer | None = None
+        self.n = 0
+
+    def _new_buffer(self, writer: "_Writer") -> _ShardBuffer:
+        if self.n_buffers < 2:
+            self.n_buffers += 1
+            c = self.capacity
+            return _ShardBuffer(torch.empty(c, self.manifest["d_in"], dtype=self.dtype),
+                                torch.empty(c, dtype=torch.int32), torch.empty(c, dtype=torch.int64),
+                                torch.empty(c, dtype=torch.int32))
+        while True:
+            try:
+                return self.free.get(timeout=0.5)
+            except queue.Empty:
+                writer.raise_error()
 
     def add(self, act: torch.Tensor, ids: torch.Tensor, seq0: int, keep: torch.Tensor, shard: int,
-            bos_id: int, exclude_bos: bool, max_norm_factor: float | None) -> None:
-        """Select rows of ``act [b, ctx, d]`` (``keep [b, ctx]``: finite sequences) and buffer them."""
+            opts: dict, writer: "_Writer") -> None:
+        """Copy the kept rows of ``act [b, ctx, d]`` (``keep [b, ctx]``: finite sequences) into the shard buffer."""
         if shard < self.first_new_shard:
             return
         b, ctx, d = act.shape
         keep = keep.clone()
-        if exclude_bos:
-            is_bos = ids == bos_id
+        if opts["exclude_bos"]:
+            is_bos = ids == opts["bos_id"]
             self.excluded["bos"] += int((is_bos & keep).sum())
             keep &= ~is_bos
         x = act.reshape(b * ctx, d)                                         # (b*ctx, d)
-        if max_norm_factor is not None and keep.any():
+        if opts["max_norm_factor"] is not None and keep.any():
             norms = torch.linalg.vector_norm(x.float(), dim=1).reshape(b, ctx)
-            over = keep & (norms > max_norm_factor * norms[keep].median())
+            over = keep & (norms > opts["max_norm_factor"] * norms[keep].median())
             self.excluded["norm"] += int(over.sum())
             keep &= ~over
         seq = (torch.arange(b).unsqueeze(1) + seq0).expand(b, ctx).reshape(-1)
         pos = torch.arange(ctx).expand(b, ctx).reshape(-1)
-        cols = (x.to(self.dtype).cpu(), ids.reshape(-1).cpu(), seq, pos)   # (n, d) storage dtype, (n,) x3
-        if self.dtype == torch.float16 and not bool(torch.isfinite(cols[0]).all()):
-            raise ValueError(f"activations at hook {self.point.name} exceed the float16 range (max |x| = "
-                             f"{float(x.abs().max()):.3g} > 65504); harvest with --dtype bfloat16 or float32")
+        cols = (x, ids.reshape(-1), seq, pos)                               # (b*ctx, d), (b*ctx,) x3
         if not bool(keep.all()):
             sel = keep.reshape(-1)
             cols = tuple(c[sel.to(c.device)] for c in cols)
-        self.chunks.append(cols)
+        if self.buf is None:
+            self.buf, self.n = self._new_buffer(writer), 0
+        k = cols[0].shape[0]
+        for dst, src in zip(self.buf, cols):
+            dst[self.n:self.n + k].copy_(src)                               # converts to the storage dtype
+        if self.dtype == torch.float16 and not bool(torch.isfinite(self.buf.acts[self.n:self.n + k]).all()):
+            raise ValueError(f"activations at hook {self.point.name} exceed the float16 range (max |x| = "
+                             f"{float(x.abs().max()):.3g} > 65504); harvest with --dtype bfloat16 or float32")
+        self.n += k
 
-    def take_shard(self) -> tuple[torch.Tensor, ...]:
-        cols = [torch.cat(c) for c in zip(*self.chunks)] if self.chunks else [
-            torch.empty(0, self.manifest["d_in"], dtype=self.dtype), *(torch.empty(0, dtype=torch.long),) * 3]
-        self.chunks = []
-        return tuple(cols)
+    def take(self, writer: "_Writer") -> tuple[_ShardBuffer, int]:
+        """Hand the filled buffer and its row count over to the writer; the next add takes a free one."""
+        buf = self.buf if self.buf is not None else self._new_buffer(writer)
+        n, self.buf, self.n = (self.n if self.buf is not None else 0), None, 0
+        return buf, n
 
 
 class _Writer:
     """A background thread that serialises, checksums and writes shards while the model computes."""
 
     def __init__(self) -> None:
-        self.q: queue.Queue = queue.Queue(maxsize=1)   # at most one shard waiting: bounded memory
+        self.q: queue.Queue = queue.Queue()      # bounded by the sinks' two buffers each
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="saelab-harvest-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (job := self.q.get()) is not None:
-            if self.error is None:
-                try:
+        while (item := self.q.get()) is not None:
+            job, release = item
+            try:
+                if self.error is None:
                     job()
-                except BaseException as e:  # re-raised in the harvesting thread
-                    self.error = e
+            except BaseException as e:  # re-raised in the harvesting thread
+                self.error = e
+            finally:
+                release()
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None], release: Callable[[], None]) -> None:
         self.raise_error()
-        self.q.put(job)
+        self.q.put((job, release))
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -132,12 +167,13 @@ class _Writer:
         self.raise_error()
 
 
-def _write_job(sink: _Sink, cols: tuple[torch.Tensor, ...], entry: dict) -> Callable[[], None]:
+def _write_job(sink: _Sink, buf: _ShardBuffer, n: int, entry: dict) -> Callable[[], None]:
     """Statistics, serialisation, checksum and the atomic write of one shard, off the model's thread.
 
     Jobs run in shard order on one thread, so the statistics merge in the same order on every run.
     """
     def job() -> None:
+        cols = [c[:n] for c in buf]
         for chunk in cols[0].split(STATS_CHUNK):
             up = chunk.float()                                              # (chunk, d_in)
             sink.stats.update(up, torch.linalg.vector_norm(up, dim=1))
@@ -145,8 +181,7 @@ def _write_job(sink: _Sink, cols: tuple[torch.Tensor, ...], entry: dict) -> Call
                   "excluded": entry.pop("excluded")}
         data = st.encode_shard(*cols)
         try:
-            sink.manifest = st.append_shard(sink.path, sink.manifest, data, int(cols[0].shape[0]),
-                                            manifest_update=update, **entry)
+            sink.manifest = st.append_shard(sink.path, sink.manifest, data, n, manifest_update=update, **entry)
         except OSError as e:
             raise OSError(f"could not write shard {len(sink.manifest['shards'])} of {sink.path}: "
                           f"{e.strerror or e}. The store keeps its {len(sink.manifest['shards'])} complete "
@@ -160,7 +195,8 @@ def _flush(sinks: list[_Sink], writer: _Writer, shard: int, seq_start: int, seq_
             continue
         entry = {"seq_start": seq_start, "seq_end": seq_end, "skipped": list(sink.skipped),
                  "excluded": dict(sink.excluded)}
-        writer.submit(_write_job(sink, sink.take_shard(), entry))
+        buf, n = sink.take(writer)
+        writer.submit(_write_job(sink, buf, n, entry), lambda sink=sink, buf=buf: sink.free.put(buf))
 
 
 def _finite_rows(acts: dict[str, torch.Tensor], seq0: int, nan_policy: str) -> tuple[torch.Tensor, list[int]]:
@@ -207,6 +243,17 @@ def _check_args(tokens, context, batch_size, dtype, nan_policy, max_norm_factor,
         raise ValueError(f"context {context} is longer than the model's {limit} positions")
 
 
+def _check_multi_out(out: Path, points: list[HookPoint]) -> None:
+    """A multi-hook ``out`` may hold only this harvest's per-hook folders (checked before writing)."""
+    if not out.is_dir():
+        return
+    expected = {store_dir(out, p.name).name for p in points}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in expected)
+    if foreign:
+        raise FileExistsError(f"refusing to write into {out}: a harvest of several hooks makes one folder per hook "
+                              f"there, but it already holds {', '.join(foreign[:5])}; choose an empty or new --out")
+
+
 def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec | str, *, tokens: int,
             out: Path | str, context: int = 256, batch_size: int = 32, dtype: str = "float32", seed: int = 0,
             resume: bool = False, exclude_bos: bool = False, max_norm_factor: float | None = None,
@@ -236,6 +283,8 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
               "harvest": {"tokens": tokens, "batch_size": batch_size, "seqs_per_shard": seqs_per_shard,
                           "max_norm_factor": max_norm_factor, "nan_policy": nan_policy}}
     out = Path(out).expanduser()
+    if len(points) > 1:
+        _check_multi_out(out, points)
     sinks = []
     for p in points:
         path = out if len(points) == 1 else store_dir(out, p.name)
@@ -264,8 +313,11 @@ def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], 
     writer = _Writer()
     bar = tqdm(total=n_seqs * context, initial=min(seq0, n_seqs) * context, unit="tok", unit_scale=True,
                disable=not progress, desc="harvest")
-    # Tokenising runs in its own thread, overlapped with the forward passes.
-    batches = st.prefetched(_batched(itertools.islice(seq_iter, seq0, n_seqs), batch_size), PREFETCH_BATCHES)
+    opts = {"bos_id": bos_id, "exclude_bos": exclude_bos, "max_norm_factor": max_norm_factor}
+    # Tokenising can run in its own thread, overlapped with the forward passes (0: in this thread).
+    batches = _batched(itertools.islice(seq_iter, seq0, n_seqs), batch_size)
+    if PREFETCH_BATCHES:
+        batches = st.prefetched(batches, PREFETCH_BATCHES)
     try:
         for ids in batches:
             acts = run_to_hooks(lm.model, ids.to(device), names)
@@ -273,7 +325,7 @@ def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], 
             for sink in sinks:
                 if shard >= sink.first_new_shard:
                     sink.skipped.extend(skipped)
-                sink.add(acts[sink.point.name], ids, seq0, keep, shard, bos_id, exclude_bos, max_norm_factor)
+                sink.add(acts[sink.point.name], ids, seq0, keep, shard, opts, writer)
             seq0 += ids.shape[0]
             bar.update(ids.numel())
             if seq0 - shard * seqs_per_shard == seqs_per_shard:

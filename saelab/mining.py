@@ -49,7 +49,9 @@ class Slots:
         self.acts = torch.zeros(groups, n, width, device=device)
 
     def update(self, group: torch.Tensor, score: torch.Tensor, entries: torch.Tensor, batch: "Batch") -> None:
-        """Offer candidates ``entries`` (indices into the batch's sparse list) under ``group`` / ``score``."""
+        """Offer candidates ``entries`` (indices into the batch's sparse list) under ``group`` / ``score`` ≥ 0."""
+        beats = score > self.score[:, -1][group]  # slots are sorted: only a candidate above the last can enter
+        group, score, entries = group[beats], score[beats], entries[beats]
         keep, rank = best_in_group(group, score, self.n)
         entries, g = entries[keep], group[keep]
         G, n = self.score.shape
@@ -57,16 +59,19 @@ class Slots:
         cand[g, rank] = score[keep]
         src = torch.zeros(G, n, dtype=torch.long, device=score.device)
         src[g, rank] = entries
-        top, idx = torch.cat([self.score, cand], 1).topk(n, dim=1)  # (G, n)
+        rows = torch.unique(g)  # only groups with candidates can change
+        top, idx = torch.cat([self.score[rows], cand[rows]], 1).topk(n, dim=1)  # (rows, n)
         new = (idx >= n) & torch.isfinite(top)
         old = idx.clamp(max=n - 1)
-        self.score = top
-        self.act, self.seq, self.pos = (t.gather(1, old) for t in (self.act, self.seq, self.pos))
+        self.score[rows] = top
+        for t in (self.act, self.seq, self.pos):
+            t[rows] = t[rows].gather(1, old)
         W = self.ids.shape[2]
-        self.ids = self.ids.gather(1, old[..., None].expand(-1, -1, W))
-        self.acts = self.acts.gather(1, old[..., None].expand(-1, -1, W))
-        gi, si = new.nonzero(as_tuple=True)
-        e = src[gi, idx[gi, si] - n]  # (n_new,) sparse entries that entered
+        self.ids[rows] = self.ids[rows].gather(1, old[..., None].expand(-1, -1, W))
+        self.acts[rows] = self.acts[rows].gather(1, old[..., None].expand(-1, -1, W))
+        ri, si = new.nonzero(as_tuple=True)
+        gi = rows[ri]
+        e = src[gi, idx[ri, si] - n]  # (n_new,) sparse entries that entered
         self.act[gi, si] = batch.val[e]
         self.seq[gi, si] = batch.seq0 + batch.tok[e] // batch.T
         self.pos[gi, si] = batch.tok[e] % batch.T
@@ -74,9 +79,13 @@ class Slots:
 
 
 def best_in_group(group: torch.Tensor, score: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the entries among the ``n`` best-scoring of their group, and their rank (0 = best)."""
-    order = score.argsort(descending=True)
-    order = order[group[order].argsort(stable=True)]  # grouped, best first within each group
+    """Indices of the entries among the ``n`` best-scoring of their group, and their rank (0 = best).
+
+    ``score`` must be ≥ 0 (activations, random keys, counts): the bits of a non-negative float32 sort like
+    the number, so one integer sort on ``group · 2³¹ + (2³¹ − 1 − bits)`` groups entries, best first.
+    """
+    bits = score.float().contiguous().view(torch.int32).long()
+    order = (group * 2**31 + (2**31 - 1 - bits)).argsort()
     g = group[order]
     _, counts = torch.unique_consecutive(g, return_counts=True)
     starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
@@ -120,7 +129,8 @@ class Batch(NamedTuple):
 
 
 def sparse_latents(sae, x: torch.Tensor, keep: torch.Tensor, m: int):
-    """``x [N, d_in]`` → (tok, feat, val) of the non-zero latents of kept tokens, and each token's top-``m``
+    """``x [N, d_in]`` → (tok, feat, val) of the non-zero latents of kept tokens (sorted by tok, then feat),
+    and each token's top-``m``
     latents ``(values [N, m], indices [N, m])`` for co-activation. TopK SAEs never build dense latents."""
     if sae.cfg.architecture == "topk":
         v, i = sae.encode_topk(x)  # (N, k)
@@ -128,7 +138,8 @@ def sparse_latents(sae, x: torch.Tensor, keep: torch.Tensor, m: int):
         z = sae.encode(x)  # (N, d_sae): dense within one batch only
         nz = (z > 0).sum(1).max().clamp_min(1).item()
         v, i = z.topk(int(nz), dim=1)
-    v = v * keep[:, None]
+    i, perm = i.sort(dim=1)  # feature order within each token: the flat entries come out sorted by key
+    v = v.gather(1, perm) * keep[:, None]
     tok, slot = (v > 0).nonzero(as_tuple=True)
     mv, mi = v.topk(min(m, v.shape[1]), dim=1)
     return tok, i[tok, slot], v[tok, slot], (mv, i.gather(1, mi))
@@ -166,7 +177,9 @@ class Stats:
         self.hist.index_add_(0, f * N_BINS + bins, torch.ones_like(bins))
         entries = torch.arange(len(f), device=f.device)
         seq = b.tok // b.T
-        first, _ = best_in_group(f * (b.ids.numel() // b.T) + seq, v, 1)  # the max token of each (feature, seq)
+        cand = (v > self.top.score[:, -1][f]).nonzero().squeeze(1)  # could enter the top-K
+        first, _ = best_in_group(f[cand] * (b.ids.numel() // b.T) + seq[cand], v[cand], 1)
+        first = cand[first]  # the max token of each (feature, sequence)
         self.top.update(f[first], v[first], entries[first], b)
         self.rand.update(f, torch.rand(len(f), generator=self.gen, device=f.device), entries, b)
         if sample_bands:

@@ -110,25 +110,27 @@ class FeatureEncoder:
 
     def __init__(self, sae, features: Sequence[int], device: torch.device | None = None):
         self.arch, self.k = sae.cfg.architecture, sae.cfg.k
-        self.d_in = sae.cfg.d_in
         idx = torch.tensor(list(features), dtype=torch.long)
         get = lambda t: t.detach().to(device=device, dtype=torch.float32)  # noqa: E731
-        self.b_dec = get(sae.b_dec)
-        if self.arch == "topk":
-            self.W_enc, self.b_enc, self.idx = get(sae.W_enc), get(sae.b_enc), idx.to(device)
-        else:
-            self.W_enc, self.b_enc = get(sae.W_enc[:, idx]), get(sae.b_enc[idx])  # (d_in, n), (n,)
-            self.threshold = get(sae.threshold[idx])
+        W_enc = get(sae.W_enc) if self.arch == "topk" else get(sae.W_enc[:, idx])  # (d_in, d_sae) or (d_in, n)
+        b_enc = get(sae.b_enc) if self.arch == "topk" else get(sae.b_enc[idx])
+        # (x − b_dec)·W + b_enc = x·W + (b_enc − b_dec·W): one fused addmm per call, no elementwise pass on x
+        self.W_enc, self.bias = W_enc, b_enc - get(sae.b_dec) @ W_enc
+        self.idx = idx.to(device)
+        self.threshold = get(sae.threshold[idx])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        pre = (x.float() - self.b_dec) @ self.W_enc + self.b_enc  # (..., n) or (..., d_sae) for topk
+        flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
+        pre = torch.addmm(self.bias, flat, self.W_enc)  # (positions, n), or (positions, d_sae) for topk
         if self.arch == "topk":
-            kth = pre.topk(self.k, dim=-1).values[..., -1:]  # (..., 1) the k-th largest pre-activation
-            sel = pre[..., self.idx]  # (..., n)
-            return F.relu(sel) * (sel >= kth)
-        if self.arch == "relu":
-            return F.relu(pre)
-        return pre * (pre > self.threshold)
+            kth = pre.topk(self.k, dim=-1).values[:, -1:]  # (positions, 1) the k-th largest pre-activation
+            sel = pre[:, self.idx]  # (positions, n)
+            z = torch.where((sel >= kth) & (sel > 0), sel, 0.0)
+        elif self.arch == "relu":
+            z = pre.clamp_min(0)
+        else:  # jumprelu, and batchtopk at inference
+            z = torch.where(pre > self.threshold, pre, 0.0)
+        return z.reshape(*x.shape[:-1], z.shape[-1])
 
 
 def check_width(x: torch.Tensor, d_in: int, hook: str) -> None:
@@ -164,15 +166,15 @@ class SteeringHook:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, seq, d_in)
         check_width(x, self.d_in, self.hook)
-        xf = x.float()
-        coef = self.target.expand(*x.shape[:-1], -1)  # (batch, seq, n_edits)
+        flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
+        coef = self.target.expand(flat.shape[0], -1)  # (positions, n_edits)
         if self.encoder is not None:
-            z = self.encoder(xf)  # (batch, seq, n_needed)
+            z = self.encoder(flat)  # (positions, n_needed)
             if self.any_clamp:
-                coef = torch.where(self.is_clamp, coef - z[..., self.src], coef)  # z′_f − z_f
+                coef = torch.where(self.is_clamp, coef - z[:, self.src], coef)  # z′_f − z_f
             if self.any_cond:
-                coef = coef * (z[..., self.cond_col] > self.cond_thr)  # unconditioned edits: thr = −inf
-        return xf + coef @ self.W  # (batch, seq, d_in)
+                coef = torch.where(z[:, self.cond_col] > self.cond_thr, coef, 0.0)  # unconditioned: thr = −inf
+        return torch.addmm(flat, coef, self.W).view(x.shape)  # x + Σ_f coef_f · W_dec[f]
 
 
 def _check_edits(sae, edits: Mapping[int, Edit]) -> None:

@@ -71,9 +71,11 @@ class RunningStats:
         n = x.shape[0]
         if n == 0:
             return
-        x = x.double()
-        b_mean = x.mean(0)                                           # (d_in,)
-        b_m2 = ((x - b_mean) ** 2).sum(0)                            # (d_in,)
+        # Chunk moments in float32 (callers pass chunks of ~1e4 rows), merged in float64.
+        x = x.float()
+        b_mean32 = x.mean(0)                                         # (d_in,)
+        b_m2 = ((x - b_mean32) ** 2).sum(0).double()                 # (d_in,)
+        b_mean = b_mean32.double()
         total = self.count + n
         delta = b_mean - self.mean
         self.mean += delta * (n / total)

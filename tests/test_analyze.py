@@ -1,5 +1,6 @@
 """The analysis pass against brute-force dense computations on a tiny model, inspect and concept search."""
 
+import json
 import math
 import random
 
@@ -40,7 +41,7 @@ def make_sae(arch="topk", d_sae=24, seed=0, **prov):
     with torch.no_grad():
         sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
         if arch == "relu":
-            sae.b_enc.fill_(-0.5)
+            sae.b_enc.fill_(-0.02)  # about a third of the latents fire on a token
     sae.provenance = {"hook_name": HOOK, "context_size": 16, **prov}
     return sae.eval()
 
@@ -204,3 +205,32 @@ def test_short_corpus_is_reported(lm, corpus, tmp_path):
     info = FeatureDB.open(out).sae_info()
     assert info["tokens_read"] < 10**7 and "has only" in info["note"]
     assert math.isfinite(info["tokens_per_s"])
+
+
+def test_cli_analyze_inspect_search(lm, corpus, tmp_path, capsys):
+    from saelab.cli import main
+    from saelab.formats import save_sae
+
+    sae = make_sae(model_name=str(lm.path), corpus={"source": corpus, "split": "all"})
+    save_sae(sae, tmp_path / "sae", **sae.provenance)
+    assert main(["analyze", str(tmp_path / "sae"), "--tokens", "300", "--split", "all", "--map", "pca",
+                 "--batch-size", "4"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    db = tmp_path / "features.db"
+    assert FeatureDB.open(db).sae_info()["sae_path"] == str((tmp_path / "sae").resolve())
+    assert main(["feature", str(db), "0"]) == 0
+    assert "feature 0" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "sae"), "--text", r"import os\nos.system(cmd)", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert "".join(r["token"] for r in rows) == "import os\nos.system(cmd)"
+    (tmp_path / "pos.txt").write_text("os.system(cmd)\nos.system(x)\n")
+    (tmp_path / "neg.jsonl").write_text('{"text": "def f(x):\\n    return x"}\n"print(i)"\n')
+    assert main(["search", str(tmp_path / "sae"), "--positive", str(tmp_path / "pos.txt"), "--negative",
+                 str(tmp_path / "neg.jsonl"), "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits and all(h["mean_pos"] > h["mean_neg"] for h in hits)
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    assert main(["search", str(tmp_path / "sae"), "--positive", str(tmp_path / "pos.txt"), "--negative",
+                 str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "nope")]) == 2

@@ -63,7 +63,8 @@ def test_round_trip_matches_direct_capture(env):
     assert torch.equal(torch.cat([s["pos"] for s in shards]).long(), torch.arange(32).repeat(32))
     stats = m["stats"]
     assert torch.allclose(torch.tensor(stats["mean"], dtype=torch.float64), acts.double().mean(0), atol=1e-6)
-    assert torch.allclose(torch.tensor(stats["var"], dtype=torch.float64), acts.double().var(0, unbiased=False), atol=1e-6)
+    var = torch.tensor(stats["var"], dtype=torch.float64)
+    assert torch.allclose(var, acts.double().var(0, unbiased=False), atol=1e-6)
     assert stats["norm"]["mean"] == pytest.approx(float(acts.norm(dim=1).mean()), rel=1e-5)
     assert store.verify() == []
 
@@ -145,6 +146,8 @@ def test_bad_inputs(env, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "c", **ARGS)
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["keep.txt"]
+    with pytest.raises(FileExistsError, match="one folder per hook.*manifest.json"):
+        harvest(env["lm"], [HOOK, HOOK2], env["corpus"], out=env["ref"].path, **ARGS)
     with pytest.raises(ValueError, match="unknown dtype"):
         harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "d", **ARGS, dtype="int8")
     blocker = tmp_path / "file"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saelab import SAE, SAEConfig, load_model
-from saelab.hooks import HookError, capture
+from saelab.hooks import HookError, capture, resolve
 from saelab.steer import (Ablate, Add, Clamp, DialCurve, DialPoint, compare_generations, dial, generate_ids,
                           monotonic_fraction, prompt_ids, steering)
 
@@ -152,7 +152,7 @@ def test_generate_steers_every_position_with_kv_cache(models, family, temperatur
     sae = make_sae(hook="blocks.1.hook_resid_pre")
     ids = prompt_ids(lm, PROMPT)
     seen = []
-    mod = lm.model.get_submodule(__import__("saelab").resolve(lm.model, "blocks.1.hook_resid_pre").module_path)
+    mod = lm.model.get_submodule(resolve(lm.model, "blocks.1.hook_resid_pre").module_path)
     handle = mod.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
                                            with_kwargs=True)
     try:

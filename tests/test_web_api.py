@@ -10,7 +10,11 @@ browser tests reuse it).
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,6 +48,7 @@ def build_run(root: Path) -> Path:
     from saelab.sae import SAE, SAEConfig
 
     model_dir = save_tiny_model("llama", root / "model")
+    corpus_tokenizer().save_pretrained(str(model_dir))
     corpus = root / "corpus"
     corpus.mkdir()
     for name, text in CORPUS.items():
@@ -65,12 +70,30 @@ def build_run(root: Path) -> Path:
     return run
 
 
+def corpus_tokenizer():
+    """A byte-level BPE tokenizer (96 entries, the tiny model's vocabulary) trained on CORPUS, so that every
+    character of the payload has a token (tiny_models' tokenizer drops characters it never saw)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tiny_models import VOCAB
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(list(CORPUS.values()) * 10, trainer)
+    assert tok.get_vocab_size() <= VOCAB
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special, pad_token=special)
+
+
 def xss_feature(db) -> int:
-    """The first live feature whose top examples include the payload line of the corpus."""
+    """The first live feature whose top examples show the corpus' ``<img ...>`` and ``</script>`` in full."""
     for f in db.live_features():
-        if any("onerror" in "".join(e["tokens"]) for e in db.examples(f, "top")):
+        texts = ["".join(e["tokens"]) for e in db.examples(f, "top")]
+        if any(XSS in t for t in texts) and any("</script>" in t for t in texts):
             return f
-    raise AssertionError("no feature fires on the payload line")
+    raise AssertionError("no feature's top examples contain the payload lines of the corpus")
 
 
 def web_run(tmp_path_factory) -> Path:
@@ -85,6 +108,32 @@ def web_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return web_run(tmp_path_factory)
+
+
+@contextmanager
+def served(run_dir, **config):
+    """The app over ``run_dir`` served by uvicorn on a free loopback port: yields (base url, app)."""
+    import uvicorn
+
+    from saelab.web.app import create_app
+    from saelab.web.guard import ServerConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(run_dir, config=ServerConfig(port=port, **config))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def make_client(run_dir, **config) -> TestClient:
@@ -182,6 +231,16 @@ def test_unknown_feature_is_404(client):
     assert r.status_code == 404 and "does not exist" in r.text
 
 
+def test_db_without_sae_browses_but_cannot_run_the_model(run_dir):
+    from saelab.web.app import create_app
+    from saelab.web.guard import ServerConfig
+
+    c = TestClient(create_app(db=run_dir / "features.db", config=ServerConfig(port=PORT)), base_url=BASE)
+    assert c.get("/features/0").status_code == 200 and c.get("/").status_code == 200
+    r = c.post("/api/inspect", json={"text": "def f"})
+    assert r.status_code == 409 and "--sae" in r.json()["detail"]
+
+
 # -- one model call at a time -----------------------------------------------------------------------
 
 def test_busy_model_answers_503(run_dir):
@@ -268,7 +327,7 @@ def test_feature_detail_and_summary(client, payload_id):
     assert d["feature"]["explanation"] == PAYLOAD
     top = d["examples"]["top"]
     assert top and all(len(e["tokens"]) == len(e["acts"]) for e in top)
-    assert any("onerror" in "".join(e["tokens"]) for e in top)
+    assert any(XSS in "".join(e["tokens"]) for e in top) and any("</script>" in "".join(e["tokens"]) for e in top)
     assert set(d["logit_effects"]) == {"positive", "negative"} and d["logit_effects"]["positive"]
     assert d["neighbours"]["decoder"] and all("explanation" in n for n in d["neighbours"]["decoder"])
     assert sum(d["histogram"]["counts"]) > 0
@@ -329,6 +388,23 @@ def test_steer_stream_sends_both_sides_token_by_token(client):
     assert "".join(e["text"] for e in tokens if e["side"] == "default") == whole["default"]
     assert "".join(e["text"] for e in tokens if e["side"] == "steered") == whole["steered"]
     assert client.post("/api/inspect", json={"text": "def"}).status_code == 200  # the gate was released
+
+
+def test_stream_stops_and_frees_the_model_when_the_client_leaves(run_dir, caplog):
+    import httpx
+
+    caplog.set_level(logging.INFO, logger="saelab.web.live")
+    with served(run_dir) as (url, app):
+        body = {"prompt": "def f", "max_new_tokens": 100}
+        with httpx.stream("POST", f"{url}/api/steer/stream", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if '"type": "token"' in line:
+                    break  # the first piece of text has arrived: hang up
+        deadline = time.monotonic() + 30
+        while app.state.gate._lock.locked():  # the generation thread stops at its next token
+            assert time.monotonic() < deadline, "the model stayed taken after the client left"
+            time.sleep(0.05)
+    assert "cancelled by the client" in caplog.text
 
 
 def test_monitor_scan_alerts(client):

@@ -177,8 +177,10 @@ def api_steer_stream(req: SteerRequest, request: Request):
     out, cancel = queue.Queue(), threading.Event()
     threading.Thread(target=_generate_both, args=(state, model, sae, ids, edits, req, out, cancel, gate),
                      name="saelab-steer", daemon=True).start()
+    # no-cache, not no-store: Chromium reports a no-store fetch stream read to EOF as aborted
+    # (microsoft/playwright#42742); a POST answer is never cached either way.
     return StreamingResponse(_events(out, cancel), media_type="text/event-stream",
-                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 # -- monitor -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ DIAL_MIN, DIAL_MAX = -10, 20
 
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+env.filters["visible"] = lambda t: str(t).replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or "∅"
 router = APIRouter(include_in_schema=False)
 
 
@@ -116,7 +117,7 @@ def _opt(value: str, cast, name: str):
 
 
 def _tokens(ex: dict, max_act: float) -> list[dict]:
-    return [{"text": t, "alpha": f"{min(1.0, max(0.0, a / max_act)) if max_act > 0 else 0.0:.3f}",
+    return [{"lines": t.split("\n"), "alpha": f"{min(1.0, max(0.0, a / max_act)) if max_act > 0 else 0.0:.3f}",
              "title": f"{a:.3f}" if a > 0 else ""} for t, a in zip(ex["tokens"], ex["acts"])]
 
 
