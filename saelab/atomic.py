@@ -55,6 +55,16 @@ def write_tensors(target: Path | str, tensors: dict[str, torch.Tensor], metadata
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def truncate_jsonl_log(path: Path | str, step: int) -> None:
+    """Drop JSONL records whose ``step`` is past ``step``: a run resumed from that checkpoint redoes them."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_bytes(path, "".join(line + "\n" for line in keep).encode("utf-8"))
+
+
 @contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it replaces ``target`` as a whole.

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from saelab.atomic import atomic_dir, recover_dir, write_bytes, write_json, write_tensors
+from saelab.atomic import atomic_dir, recover_dir, truncate_jsonl_log, write_json, write_tensors
 from saelab.sae import ARCHITECTURES, SAE, SAEConfig, jumprelu, step
 
 CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
@@ -739,14 +739,6 @@ def _save_checkpoint(trainer: Trainer, out: Path, source: dict) -> None:
         write_json(tmp / "state.json", meta)
 
 
-def _truncate_log(file: Path, step_: int) -> None:
-    """Drop log records written after the checkpoint we resume from (they will be redone)."""
-    if file.exists():
-        keep = [ln for ln in file.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step_]
-        write_bytes(file, "".join(ln + "\n" for ln in keep).encode("utf-8"))
-
-
 class _Logger:
     """JSONL records in the run folder, a tqdm bar, and optionally wandb and a callback (rank 0 only)."""
 
@@ -832,7 +824,7 @@ def _train(source, config, out, resume, log, progress, provenance, world, device
         _check_resume(ckpt[1], cfg, info, out)
         trainer.load_state(*ckpt)
         if world.is_main:
-            _truncate_log(out / LOG, start)
+            truncate_jsonl_log(out / LOG, start)
     else:
         trainer.initialize(world.gather_rows(first.to(device).float()))
     if out is not None and world.is_main:

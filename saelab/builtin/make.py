@@ -206,7 +206,7 @@ def train_builtin(out: Path | str, config: BuiltinConfig | None = None, resume: 
         state = json.loads((ckpt / "state.json").read_text())
         step, elapsed = state["step"], state["elapsed_s"]
         log(f"resumed at step {step}")
-    _truncate_log(out / "train_log.jsonl", step)
+    atomic.truncate_jsonl_log(out / "train_log.jsonl", step)
     total = config.tokens // (config.batch * config.context)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{n_params / 1e6:.2f}M parameters, {data.shape[0]} train sequences, {total} steps")
@@ -245,14 +245,6 @@ def train_builtin(out: Path | str, config: BuiltinConfig | None = None, resume: 
     model.save_pretrained(str(out), safe_serialization=True)
     log(f"done: {step} steps, {time.time() - t0:.0f}s; model in {out}")
     return out
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past the checkpoint we resume from, so a resumed run logs each step once."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic.write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def _train_step(model, opt, batch: torch.Tensor, lr: float, config: BuiltinConfig) -> float:
