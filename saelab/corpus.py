@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
@@ -84,13 +86,36 @@ def _read_text_files(root: Path, paths: Iterable[Path], split: str) -> Iterator[
             yield Document(name, text)
 
 
-def _stdlib_documents(split: str) -> Iterator[Document]:
-    root = stdlib_root()
-    paths = sorted(
-        (p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    return _read_text_files(root, paths, split)
+def _stdlib_files(root: Path) -> list[Path]:
+    """Every ``.py`` under ``root`` outside site-packages, in relative-path order (os.walk: ~5× rglob's speed)."""
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d != "site-packages"]
+        rel = Path(folder).relative_to(root).as_posix()
+        found += [(f if rel == "." else f"{rel}/{f}") for f in files if f.endswith(".py")]
+    return [root / name for name in sorted(found)]
+
+
+def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
+    """The root and the files a local corpus reads (before the split); None for ``hf:`` sources."""
+    spec = CorpusSpec(spec) if isinstance(spec, str) else spec
+    if spec.source == "stdlib":
+        root = stdlib_root()
+        return root, _stdlib_files(root)
+    if spec.source.startswith("hf:"):
+        return None
+    path = Path(spec.source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"corpus {spec.source!r}: no such file or directory "
+            "(use 'stdlib', a folder of .txt/.py/.md files, a .jsonl file, or hf:NAME)"
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"corpus {path}: no {'/'.join(TEXT_SUFFIXES)} files in this folder")
+        return path, files
+    return path, [path]
 
 
 def _jsonl_documents(path: Path, split: str) -> Iterator[Document]:
@@ -127,24 +152,13 @@ def _hf_documents(source: str, split: str) -> Iterator[Document]:
 def documents(spec: CorpusSpec | str) -> Iterator[Document]:
     """Yield the corpus' documents in their fixed order."""
     spec = CorpusSpec(spec) if isinstance(spec, str) else spec
-    if spec.source == "stdlib":
-        return _stdlib_documents(spec.split)
-    if spec.source.startswith("hf:"):
+    files = source_files(spec)
+    if files is None:
         return _hf_documents(spec.source, spec.split)
-    path = Path(spec.source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"corpus {spec.source!r}: no such file or directory "
-            "(use 'stdlib', a folder of .txt/.py/.md files, a .jsonl file, or hf:NAME)"
-        )
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise ValueError(f"corpus {path}: no {'/'.join(TEXT_SUFFIXES)} files in this folder")
-        return _read_text_files(path, files, spec.split)
-    if path.suffix == ".jsonl":
-        return _jsonl_documents(path, spec.split)
-    return _read_text_files(path, [path], spec.split)
+    root, paths = files
+    if root.is_file() and root.suffix == ".jsonl":
+        return _jsonl_documents(root, spec.split)
+    return _read_text_files(root, paths, spec.split)
 
 
 def token_stream(docs: Iterable[Document], tokenizer, bos_id: int, seed: int | None = 0) -> Iterator[int]:
@@ -169,10 +183,46 @@ def pack(stream: Iterable[int], context: int) -> Iterator[torch.Tensor]:
             buf = []
 
 
-def sequences(spec: CorpusSpec | str, tokenizer, context: int, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Packed ``[context]`` token sequences of a corpus; deterministic for a given seed."""
+def sequences(spec: CorpusSpec | str, tokenizer, context: int, seed: int = 0, *,
+              cache: bool = True) -> Iterator[torch.Tensor]:
+    """Packed ``[context]`` token sequences of a corpus; deterministic for a given seed.
+
+    Local corpora are read from the token cache (:mod:`saelab.token_cache`, built on first use);
+    ``cache=False`` or an uncacheable corpus tokenises on the fly. Both give the same sequences.
+    """
+    from saelab import token_cache
+
+    spec = CorpusSpec(spec) if isinstance(spec, str) else spec
     bos = bos_token_id(tokenizer)
-    return pack(token_stream(documents(spec), tokenizer, bos, seed), context)
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens, got {context}")
+    cached = token_cache.tokenized(spec, tokenizer) if cache else None
+    if cached is None:
+        return pack(token_stream(documents(spec), tokenizer, bos, seed), context)
+    return _pack_cached(cached, spec.split, bos, context, seed)
+
+
+def _pack_cached(corpus, split: str, bos: int, context: int, seed: int | None,
+                 chunk_windows: int = 64) -> Iterator[torch.Tensor]:
+    """:func:`pack` of :func:`token_stream` over cached documents, cut a chunk of windows at a time."""
+    order = [i for i, name in enumerate(corpus.names) if _in_split(name, split)]
+    if seed is not None:
+        random.Random(seed).shuffle(order)   # the same permutation token_stream applies to the documents
+    bos_piece = np.array([bos], dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    have = 0
+    for i in order:
+        doc = corpus.tokens[corpus.offsets[i]:corpus.offsets[i + 1]]
+        pieces += [bos_piece, doc]
+        have += 1 + len(doc)
+        if have >= chunk_windows * context:
+            flat = np.concatenate(pieces).astype(np.int64)             # (have,)
+            n = have // context
+            yield from torch.from_numpy(flat[:n * context]).view(n, context)
+            pieces, have = [flat[n * context:]], have - n * context
+    if have >= context:                                                  # the last whole windows; a short tail is dropped
+        n = have // context
+        yield from torch.from_numpy(np.concatenate(pieces).astype(np.int64)[:n * context]).view(n, context)
 
 
 def bos_token_id(tokenizer) -> int:
@@ -182,3 +232,11 @@ def bos_token_id(tokenizer) -> int:
         if value is not None:
             return int(value)
     raise ValueError("the tokenizer has no BOS, EOS or CLS token to separate documents with")
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """Name, vocabulary size and a hash of the full tokenizer definition (what makes token ids comparable)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}

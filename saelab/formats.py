@@ -38,7 +38,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 SAELENS_FORMAT_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version: SAELens reads configs without a version >= 6 as the old flat kind."""
 METADATA_KEYS = ("model_name", "hook_name", "hf_hook_name", "hook_io", "context_size", "prepend_bos",
-                 "model_weights_sha256")
+                 "exclude_special_tokens", "model_weights_sha256")
 """Provenance keys that also go into cfg.json["metadata"] (where SAELens and Neuronpedia look for them)."""
 SAELENS_LLM_METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hook_head_index",
                              "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens",

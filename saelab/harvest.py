@@ -16,7 +16,6 @@ factor times the median norm of the model batch (attention sinks can be ~100× t
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import queue
@@ -28,7 +27,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from saelab import store as st
-from saelab.corpus import CorpusSpec, bos_token_id, sequences
+from saelab.corpus import CorpusSpec, bos_token_id, sequences, tokenizer_identity
 from saelab.hooks import HookPoint, hook_shapes, resolve, run_to_hooks
 from saelab.models import LoadedModel, load_model
 
@@ -45,13 +44,6 @@ class NonFiniteActivation(ValueError):
 def store_dir(out: Path, hook: str) -> Path:
     """Folder of one hook's store inside a multi-hook harvest."""
     return Path(out) / hook.replace(":", "_").replace("/", "_")
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer),
-            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 class _ShardBuffer(NamedTuple):
@@ -179,9 +171,8 @@ def _write_job(sink: _Sink, buf: _ShardBuffer, n: int, entry: dict) -> Callable[
             sink.stats.update(up, torch.linalg.vector_norm(up, dim=1))
         update = {"stats": sink.stats.to_json(), "skipped_sequences": entry.pop("skipped"),
                   "excluded": entry.pop("excluded")}
-        data = st.encode_shard(*cols)
         try:
-            sink.manifest = st.append_shard(sink.path, sink.manifest, data, n, manifest_update=update, **entry)
+            sink.manifest = st.append_shard(sink.path, sink.manifest, *cols, manifest_update=update, **entry)
         except OSError as e:
             raise OSError(f"could not write shard {len(sink.manifest['shards'])} of {sink.path}: "
                           f"{e.strerror or e}. The store keeps its {len(sink.manifest['shards'])} complete "

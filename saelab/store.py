@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import queue
 import threading
 from pathlib import Path
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from saelab import atomic
 
@@ -152,28 +152,34 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def encode_shard(acts: torch.Tensor, tokens: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> bytes:
-    """Serialise one shard; the bytes depend only on the tensors (no timestamps), so reruns are identical."""
+def shard_columns(acts: torch.Tensor, tokens: torch.Tensor, seq: torch.Tensor,
+                  pos: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of one shard, checked and in their stored dtypes (no copy when they already are)."""
     n = acts.shape[0]
     if not (tokens.shape == seq.shape == pos.shape == (n,)):
         raise ValueError(f"shard columns disagree: acts {tuple(acts.shape)}, tokens {tuple(tokens.shape)}, "
                          f"seq {tuple(seq.shape)}, pos {tuple(pos.shape)}")
-    return st_save({"acts": acts.contiguous(), "tokens": tokens.to(torch.int32).contiguous(),
-                    "seq": seq.to(torch.int64).contiguous(), "pos": pos.to(torch.int32).contiguous()})
+    return {"acts": acts.contiguous(), "tokens": tokens.to(torch.int32).contiguous(),
+            "seq": seq.to(torch.int64).contiguous(), "pos": pos.to(torch.int32).contiguous()}
 
 
-def append_shard(path: Path, manifest: dict, data: bytes, rows: int, **extra) -> dict:
+def append_shard(path: Path, manifest: dict, acts: torch.Tensor, tokens: torch.Tensor, seq: torch.Tensor,
+                 pos: torch.Tensor, **extra) -> dict:
     """Write shard ``len(shards)`` atomically, then list it in the manifest (replaced atomically).
 
-    Returns the new manifest. ``extra`` keys are stored in the shard's manifest entry, except the
-    keys ``manifest_update`` (dict merged into the manifest's top level in the same atomic write).
+    safetensors writes straight from the tensors' memory (no serialised copy of the shard), and the
+    bytes depend only on the tensors (no timestamps), so reruns are identical. The checksum is taken
+    from the written file. Returns the new manifest. ``extra`` keys are stored in the shard's
+    manifest entry, except ``manifest_update`` (merged into the manifest's top level in the same
+    atomic write).
     """
     path = Path(path)
     update = extra.pop("manifest_update", {})
-    index = len(manifest["shards"])
-    name = shard_name(index)
-    atomic.write_bytes(path / name, data)
-    entry = {"file": name, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **extra}
+    name = shard_name(len(manifest["shards"]))
+    atomic.write_tensors(path / name, shard_columns(acts, tokens, seq, pos))
+    with open(path / name, "rb") as f:
+        digest, size = hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(f.fileno()).st_size
+    entry = {"file": name, "rows": acts.shape[0], "bytes": size, "sha256": digest, **extra}
     new = {**manifest, **update, "shards": [*manifest["shards"], entry]}
     new["n_rows"] = sum(s["rows"] for s in new["shards"])
     atomic.write_json(path / MANIFEST, new)

@@ -9,22 +9,20 @@ into the weights on save, so the saved SAE reads raw activations. Losses (per to
 - jumprelu:  ‖x − x̂‖² + λ(t) Σ_i H(pre_i − θ_i), straight-through pseudo-gradients (Rajamanoharan)
 
 TopK and BatchTopK keep a unit-norm decoder (gradient projected, rows renormalised after each
-step) and never build the dense ``(batch, d_sae)`` latents or a dense decoder product: the
-selected (token, latent) pairs form a CSR matrix; the decoder is an ``embedding_bag`` over it,
-∂L/∂z a sampled dense-dense product on it, and ∂W_dec, ∂W_enc are ``embedding_bag`` sums over the
-pairs sorted by latent. The only dense product is the encoder's forward, the floor.
+step) and never build the dense ``(batch, d_sae)`` latents: their gradients are written by hand in
+:mod:`saelab.sparse_topk`. The hyperparameters and schedules are :mod:`saelab.train_config`, data
+parallelism (torchrun) is :mod:`saelab.distributed`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -34,105 +32,14 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from saelab.atomic import atomic_dir, recover_dir, truncate_jsonl_log, write_json, write_tensors
-from saelab.sae import ARCHITECTURES, SAE, SAEConfig, jumprelu, step
+from saelab.distributed import World, default_device
+from saelab.sae import SAE, SAEConfig, jumprelu, step
+from saelab.sparse_topk import batchtopk_code, index_sum, sparse_grads, topk_code
+from saelab.train_config import RUN_ONLY_FIELDS, TrainConfig, lr_at, sparsity_coefficient_at
 
 CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
 CHECKPOINT_FORMAT = "saelab-train-checkpoint"
-RUN_ONLY_FIELDS = ("checkpoint_every", "log_every", "wandb_project", "device")
-"""Config fields that may change between a run and its resumption (they do not alter the math)."""
 UNIT_NORM = ("topk", "batchtopk", "jumprelu")
-
-
-@dataclass
-class TrainConfig:
-    """How an SAE is trained (what is needed to *run* it lives in SAEConfig)."""
-
-    architecture: str = "topk"
-    """relu | topk | batchtopk | jumprelu."""
-    d_sae: int | None = None
-    """Number of latents; None: expansion × d_in."""
-    expansion: int = 8
-    """Latents per input dimension when d_sae is None."""
-    k: int | None = 32
-    """Active latents per token (topk; batchtopk on average). Ignored by relu/jumprelu."""
-    l1_coefficient: float = 5.0
-    """relu: λ of the decoder-norm-weighted L1 penalty (Anthropic April 2024, with E‖x‖² = d_in)."""
-    l0_coefficient: float = 1.0
-    """jumprelu: λ of the L0 penalty."""
-    sparsity_warmup_fraction: float = 0.05
-    """relu/jumprelu: λ rises linearly from 0 over this fraction of the steps."""
-    bandwidth: float = 0.05
-    """jumprelu: width ε of the rectangle kernel of the straight-through estimator."""
-    threshold_init: float = 0.01
-    """jumprelu: initial θ of every latent."""
-    auxk_alpha: float = 1 / 32
-    """topk/batchtopk: weight α of the AuxK loss (Gao et al. §A.2)."""
-    k_aux: int | None = None
-    """topk/batchtopk: dead latents used by AuxK per token; None: d_in // 2."""
-    dead_tokens: int | None = None
-    """A latent is dead when it has not fired in this many tokens; None: tokens/10, at most 10M."""
-    resample_every: int | None = None
-    """relu: resample dead latents every this many steps (not in the last quarter); None: steps/4; 0: never."""
-    lr: float | None = None
-    """Adam learning rate; None: 2e-3 (topk, batchtopk; best of 4e-4/2e-3 on a 1.4M-token builtin run),
-    2e-4 (jumprelu), 1e-4 (relu)."""
-    lr_warmup_steps: int | None = None
-    """Linear warm-up steps; None: 5% of the steps, at most 1000."""
-    lr_decay: str = "linear"
-    """Shape of the decay to 0 over the last ``decay_fraction`` of the steps: linear | cosine."""
-    decay_fraction: float = 0.2
-    """Fraction of the steps over which the learning rate decays to 0."""
-    batch_size: int = 4096
-    """Tokens per optimiser step, over all ranks."""
-    tokens: int = 2_000_000
-    """Training tokens (steps = tokens // batch_size)."""
-    seed: int = 0
-    """Seeds the initialisation, the data order and resampling."""
-    init_b_dec: str = "geometric_median"
-    """b_dec initialisation on the first batch: geometric_median | mean | zeros."""
-    normalize_inputs: bool = True
-    """Scale inputs so that E‖x‖² = d_in (estimated on the first batch)."""
-    heldout_fraction: float = 0.05
-    """Fraction of the store's sequences held out for the final evaluation."""
-    eval_tokens: int = 262_144
-    """Held-out tokens for the final FVU/L0/dead and per-feature statistics."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints (also on SIGINT/SIGTERM); 0: only on signals."""
-    log_every: int = 10
-    """Steps between log records."""
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms during training (bitwise-reproducible resumes on CPU)."""
-    device: str | None = None
-    """cpu | cuda | cuda:N; None: cuda (LOCAL_RANK) when available, else cpu."""
-    wandb_project: str | None = None
-    """Also log to this Weights & Biases project (needs the ``wandb`` extra)."""
-
-    def resolved(self, d_in: int) -> "TrainConfig":
-        """A copy with every automatic value (None) made concrete for inputs of width ``d_in``."""
-        c = self
-        if c.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {c.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
-        if c.lr_decay not in ("linear", "cosine") or c.init_b_dec not in ("geometric_median", "mean", "zeros"):
-            raise ValueError(f"lr_decay must be linear|cosine and init_b_dec geometric_median|mean|zeros, "
-                             f"got {c.lr_decay!r}, {c.init_b_dec!r}")
-        if c.batch_size < 1 or c.tokens < c.batch_size:
-            raise ValueError(f"tokens ({c.tokens}) must be at least one batch ({c.batch_size})")
-        d_sae = c.d_sae or int(c.expansion * d_in)
-        steps = c.tokens // c.batch_size
-        sparse_k = c.architecture in ("topk", "batchtopk")
-        if sparse_k and not (c.k and 1 <= c.k <= d_sae):
-            raise ValueError(f"{c.architecture} needs 1 <= k <= d_sae ({d_sae}), got k={c.k}")
-        lr = c.lr or {"topk": 2e-3, "batchtopk": 2e-3, "jumprelu": 2e-4, "relu": 1e-4}[c.architecture]
-        return replace(c, d_sae=d_sae, k=c.k if sparse_k else None, lr=lr,
-                       k_aux=c.k_aux or max(1, d_in // 2),
-                       dead_tokens=c.dead_tokens or min(10_000_000, max(c.batch_size, c.tokens // 10)),
-                       resample_every=steps // 4 if c.resample_every is None else c.resample_every,
-                       lr_warmup_steps=min(1000, max(1, steps // 20)) if c.lr_warmup_steps is None
-                       else c.lr_warmup_steps)
-
-    @property
-    def steps(self) -> int:
-        return self.tokens // self.batch_size
 
 
 class NonFiniteLoss(ValueError):
@@ -156,25 +63,6 @@ class StepStats(NamedTuple):
     """batchtopk: smallest positive activation kept (scalar; +inf when none)."""
 
 
-# -- schedules -------------------------------------------------------------------------------------
-
-def lr_at(cfg: TrainConfig, step_: int) -> float:
-    """Warm-up, constant, then decay to 0 over the last ``decay_fraction`` of the steps."""
-    warm = min(1.0, (step_ + 1) / max(1, cfg.lr_warmup_steps))
-    decay_steps = max(1, int(cfg.decay_fraction * cfg.steps))
-    left = (cfg.steps - step_) / decay_steps
-    if left >= 1.0:
-        return cfg.lr * warm
-    frac = max(0.0, left)
-    shape = frac if cfg.lr_decay == "linear" else 0.5 * (1 - math.cos(math.pi * frac))
-    return cfg.lr * warm * shape
-
-
-def sparsity_coefficient_at(cfg: TrainConfig, step_: int) -> float:
-    base = cfg.l1_coefficient if cfg.architecture == "relu" else cfg.l0_coefficient
-    return base * min(1.0, (step_ + 1) / max(1.0, cfg.sparsity_warmup_fraction * cfg.steps))
-
-
 # -- initialisation --------------------------------------------------------------------------------
 
 def geometric_median(x: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.Tensor:
@@ -192,198 +80,6 @@ def input_scale(x: torch.Tensor) -> float:
     if not ms > 0:
         raise ValueError("the first batch of activations is all zeros; cannot normalise the inputs")
     return math.sqrt(x.shape[1] / ms)
-
-
-# -- the sparse TopK path --------------------------------------------------------------------------
-
-class SparseCode(NamedTuple):
-    """Selected (token, latent) pairs as CSR rows (tokens); within a row the latents are in any order."""
-
-    crow: torch.Tensor
-    """Row pointers [batch + 1]."""
-    col: torch.Tensor
-    """Latent of each pair [pairs]."""
-    val: torch.Tensor
-    """Activation of each pair, ≥ 0 [pairs]."""
-    pre: torch.Tensor
-    """Dense pre-activations [batch, d_sae] (for AuxK; no autograd)."""
-
-
-def topk_code(pre: torch.Tensor, k: int) -> SparseCode:
-    """The k largest pre-activations of each token (Gao et al.), ReLU'd."""
-    vals, idx = pre.topk(k, dim=1, sorted=False)                  # (B, k)
-    vals = vals.clamp_min(0)
-    crow = torch.arange(0, pre.shape[0] * k + 1, k, device=pre.device)
-    return SparseCode(crow, idx.reshape(-1), vals.reshape(-1), pre)
-
-
-def batchtopk_code(pre: torch.Tensor, k: int) -> SparseCode:
-    """The k·batch largest pre-activations over the whole batch (Bussmann et al.), ReLU'd."""
-    B, S = pre.shape
-    vals, flat = pre.reshape(-1).topk(min(B * k, pre.numel()), sorted=False)
-    flat, order = flat.sort()
-    rows = flat // S
-    crow = torch.zeros(B + 1, dtype=torch.long, device=pre.device)
-    crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
-    return SparseCode(crow, flat % S, vals[order].clamp_min(0), pre)
-
-
-def sparse_decode(code: SparseCode, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
-    """x̂ = Σ_pairs val · W_dec[col] + b_dec → ``[batch, d_in]``."""
-    return F.embedding_bag(code.col, W_dec, code.crow[:-1], mode="sum", per_sample_weights=code.val) + b_dec
-
-
-def _pair_dots(code: SparseCode, a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """For each pair (b, l): a[b] · W[l], as a sampled dense-dense product on the CSR pattern [pairs]."""
-    B, S = code.pre.shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)           # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(code.crow, code.col, torch.zeros_like(code.val), (B, S),
-                                          check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, a, W.t(), beta=0.0).values()
-
-
-def _count(index: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
-    """out[i] = Σ weights[index == i] → ``[n]`` (1-D index_add_: ~50x faster than bincount here)."""
-    return torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, index, weights)
-
-
-class _ByLatent(NamedTuple):
-    """The pairs grouped by latent: a permutation, the token of each, and each latent's first position."""
-
-    order: torch.Tensor
-    rows: torch.Tensor
-    offsets: torch.Tensor
-
-    @classmethod
-    def of(cls, code: SparseCode, rows: torch.Tensor) -> "_ByLatent":
-        order = torch.sort(code.col.int(), stable=True).indices     # int32 keys sort ~3x faster
-        counts = _count(code.col, torch.ones_like(code.val), code.pre.shape[1]).long()
-        return cls(order, rows[order], counts.cumsum(0) - counts)
-
-    def sum(self, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        """out[l] = Σ_{pairs (b, l)} weights · src[b] → ``[d_sae, d]`` (one embedding_bag)."""
-        return F.embedding_bag(self.rows, src, self.offsets, mode="sum", per_sample_weights=weights[self.order])
-
-
-class SparseGrads(NamedTuple):
-    grads: dict[str, torch.Tensor]
-    """∂loss/∂ W_enc [d_in, d_sae], b_enc, W_dec, b_dec."""
-    err_sq: torch.Tensor
-    """Σ_tokens ‖x − x̂‖²."""
-    aux: torch.Tensor
-    """AuxK loss ‖e − ê‖² (batch mean; 0 without dead latents)."""
-
-
-@torch.no_grad()
-def sparse_grads(sae: SAE, x: torch.Tensor, code: SparseCode, dead: torch.Tensor | None, k_aux: int,
-                 auxk_alpha: float) -> SparseGrads:
-    """Exact gradients of mean‖x − x̂‖² + α·AuxK for the pairs in ``code``, without dense latents."""
-    W_enc, W_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
-    B = x.shape[0]
-    xc = x - b_dec                                               # (B, d_in)
-    err = sparse_decode(code, W_dec, b_dec) - x                  # (B, d_in)
-    err_sq = err.pow(2).sum()
-    g = err * (2.0 / B)                                          # ∂L/∂x̂ (B, d_in)
-    rows = torch.repeat_interleave(torch.arange(B, device=x.device), code.crow.diff())   # (pairs,)
-    g_pre = _pair_dots(code, g, W_dec) * (code.val > 0)          # (pairs,)
-    by_latent = _ByLatent.of(code, rows)
-    g_W_dec = by_latent.sum(code.val, g)                         # (d_sae, d_in)
-    g_W_encT = by_latent.sum(g_pre, xc)                          # (d_sae, d_in)
-    g_b_enc = _count(code.col, g_pre, W_dec.shape[0])
-    g_b_dec = g.sum(0) - W_enc @ g_b_enc
-    aux = torch.zeros((), device=x.device)
-    if dead is not None and bool(dead.any()):
-        aux = _auxk(code.pre, err, xc, dead, k_aux, auxk_alpha, W_enc, W_dec,
-                    (g_W_encT, g_b_enc, g_W_dec, g_b_dec))
-    return SparseGrads({"W_enc": g_W_encT.t(), "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}, err_sq, aux)
-
-
-def _auxk(pre, err, xc, dead, k_aux, alpha, W_enc, W_dec, grads) -> torch.Tensor:
-    """Add α·∂‖e − ê‖² to ``grads`` (in place) and return the AuxK loss; dense on the dead columns only."""
-    g_W_encT, g_b_enc, g_W_dec, g_b_dec = grads
-    B = err.shape[0]
-    dead_idx = dead.nonzero().squeeze(1)                         # (n_dead,)
-    pre_d = pre.index_select(1, dead_idx)                        # (B, n_dead)
-    ka = min(k_aux, dead_idx.numel())
-    if ka < dead_idx.numel():
-        v, j = pre_d.topk(ka, dim=1, sorted=False)
-        z_aux = torch.zeros_like(pre_d).scatter_(1, j, v.clamp_min(0))
-    else:
-        z_aux = pre_d.clamp_min(0)                               # (B, n_dead)
-    W_d = W_dec.index_select(0, dead_idx)                        # (n_dead, d_in)
-    r = z_aux @ W_d + err                                        # ê − e, e = x − x̂ detached (B, d_in)
-    ga = r * (2.0 * alpha / B)
-    # index_put_ (rows are distinct): 2-D index_add_ on CPU scans the whole destination
-    g_W_dec.index_put_((dead_idx,), z_aux.t() @ ga, accumulate=True)
-    g_pre_d = (ga @ W_d.t()) * (z_aux > 0)                       # (B, n_dead)
-    s = g_pre_d.sum(0)
-    g_b_enc.index_add_(0, dead_idx, s)
-    g_W_encT.index_put_((dead_idx,), g_pre_d.t() @ xc, accumulate=True)
-    g_b_dec.sub_(W_enc.index_select(1, dead_idx) @ s)
-    return r.pow(2).sum(1).mean()
-
-
-# -- data parallelism ------------------------------------------------------------------------------
-
-class World:
-    """torchrun data parallelism: rank/size from the environment, gloo (CPU) or nccl (GPU)."""
-
-    def __init__(self, device: torch.device):
-        self.size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.owns_group = False
-        if self.size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.owns_group = True
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(t)
-        return t
-
-    def mean_grads_(self, params: list[torch.Tensor]) -> None:
-        """Average the gradients over ranks in one collective (manual DDP; our grads are hand-made)."""
-        if self.size == 1:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= self.size
-        offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
-
-    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's ``x [n, d]`` in rank order (= the rows of one global batch)."""
-        if self.size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.broadcast(t, 0)
-        return t
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.barrier()
-            dist.destroy_process_group()
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -464,7 +160,7 @@ class Trainer:
             p.grad = g if g.shape == p.shape else g.t()
         B = x.shape[0]
         on = code.val > 0
-        fired = _count(code.col, on.float(), cfg.d_sae)
+        fired = index_sum(code.col, on.float(), cfg.d_sae)
         min_kept = code.val[on].min() if bool(on.any()) else torch.tensor(float("inf"), device=x.device)
         loss = out.err_sq / B + cfg.auxk_alpha * out.aux
         return StepStats(out.err_sq, loss, out.aux, on.sum().float(), fired, min_kept)
@@ -648,12 +344,21 @@ def _source_info(source, d_in: int) -> dict:
 
 
 def store_provenance(store) -> dict:
-    """Provenance keys of saelab.json taken from an activation store's manifest."""
+    """Provenance keys of saelab.json taken from an activation store's manifest.
+
+    A store harvested with ``exclude_bos`` holds no BOS rows; that is recorded as SAELens'
+    ``exclude_special_tokens`` (the excluded token ids; False when BOS rows were kept), which also
+    goes into cfg.json's metadata, where a SAELens user and :func:`saelab.evaluate.evaluate` look.
+    """
     m = store.manifest
+    bos = m.get("bos") or {}
+    excluded = bos.get("excluded")
+    if excluded and bos.get("token_id") is not None:
+        excluded = [bos["token_id"]]
     prov = {"model_name": m.get("model_name"), "model_weights_sha256": m.get("model_weights_sha256"),
             "hook_name": m.get("hook_name"), "hf_hook_name": m.get("hf_hook_name"), "hook_io": m.get("hook_io"),
             "corpus": m.get("corpus"), "context_size": m.get("context"),
-            "prepend_bos": (m.get("bos") or {}).get("prepended_per_document")}
+            "prepend_bos": bos.get("prepended_per_document"), "exclude_special_tokens": excluded}
     return {k: v for k, v in prov.items() if v is not None}
 
 
@@ -794,7 +499,7 @@ def train(source, config: TrainConfig, out: str | Path | None = None, resume: bo
     record. ``provenance`` adds saelab.json keys (the store's manifest supplies model, hook, corpus).
     Returns the SAE for raw activations, with ``sae.provenance``.
     """
-    device = _device(config)
+    device = default_device(config.device)
     world = World(device)
     ok = False
     try:

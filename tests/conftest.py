@@ -8,6 +8,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+
+def pytest_configure(config):
+    # The token cache goes to a fresh folder per test run (inherited by subprocesses), never ~/.cache.
+    import tempfile
+    os.environ["SAELAB_CACHE"] = tempfile.mkdtemp(prefix="saelab-test-cache-")
+
 from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
 
 

@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -7,7 +6,6 @@ import torch
 from saelab.builtin import MODEL_DIR
 from saelab.builtin.make import BuiltinConfig, _Permutations, evaluate_bits_per_byte, lr_at, xz_bits_per_byte
 from saelab.models import load_model
-from tiny_models import tiny_tokenizer
 
 
 def test_bits_per_byte_scores_every_token_but_the_first_once(tmp_path, tiny_model_dirs):

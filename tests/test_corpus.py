@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from saelab.corpus import CorpusSpec, documents, is_validation, pack, sequences, token_stream
 from tiny_models import tiny_tokenizer

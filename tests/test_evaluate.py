@@ -7,6 +7,7 @@ import torch
 
 from saelab import evaluate
 from saelab.corpus import CorpusSpec, is_validation
+from saelab.eval_report import compare
 from saelab.hooks import HookError, intervene, run_to_hooks
 from saelab.models import load_model
 from saelab.sae import SAE, SAEConfig
@@ -143,13 +144,13 @@ def test_self_check_flags_a_splice_at_the_wrong_place(llama, monkeypatch):
     r = _run(_topk(32), llama)
     assert not r.self_check.ok and r.self_check.relative_diff > r.self_check.tolerance
     assert any(w.startswith("SELF-CHECK FAILED") for w in r.warnings)
-    assert "FAILED" in ev_mod.compare([r])
+    assert "FAILED" in compare([r])
 
 
 def test_compare_two_saes_side_by_side(llama):
     a = _run(_perfect(32), llama, name="perfect")
     b = _run(_zero(32), llama, name="zero")
-    table = ev_mod.compare([a, b])
+    table = compare([a, b])
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "perfect", "zero"]
     fvu = next(line for line in lines if line.startswith("FVU")).split()
@@ -159,7 +160,7 @@ def test_compare_two_saes_side_by_side(llama):
     dead = next(line for line in lines if line.startswith("dead")).split()
     assert dead[-4:] == ["0", "(0.0%)", "64", "(100.0%)"]
     with pytest.raises(ValueError, match="at least one"):
-        ev_mod.compare([])
+        compare([])
 
 
 def test_mismatched_d_in_names_both(llama):
@@ -194,7 +195,7 @@ def test_encoder_without_lm_head_reports_the_rest(tiny_model_dirs):
     assert "no LM head" in r.unavailable["kl"]
     assert 0 < r.reconstruction.fvu and r.sparsity.l0 == pytest.approx(4)
     assert r.self_check.ok and r.self_check.output == "last_hidden_state" and r.self_check.kl is None
-    table = ev_mod.compare([r])
+    table = compare([r])
     assert "unavailable: ce_clean" in table and "CE clean" in table and "n/a" in table
     assert json.loads(json.dumps(r.to_json()))["downstream"] is None
 

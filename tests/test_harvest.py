@@ -1,7 +1,6 @@
 """harvest: parity with direct capture, kill -9 + resume == uninterrupted, refusals, NaN, outliers, CLI."""
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -158,22 +157,22 @@ def test_bad_inputs(env, tmp_path):
 
 def test_disk_full_keeps_complete_shards_then_resumes(env, monkeypatch):
     out = env["root"] / "full"
-    real, calls = atomic.write_bytes, [0]
+    real, calls = atomic.write_tensors, [0]
 
-    def write_bytes(target, data):
+    def write_tensors(target, tensors):
         if Path(target).name.startswith("shard-"):
             calls[0] += 1
             if calls[0] == 3:
                 raise OSError(28, "No space left on device")
-        real(target, data)
+        real(target, tensors)
 
-    monkeypatch.setattr(atomic, "write_bytes", write_bytes)
+    monkeypatch.setattr(atomic, "write_tensors", write_tensors)
     with pytest.raises(OSError, match="could not write shard 2 .*No space left on device.*keeps its 2 complete"):
         harvest(env["lm"], HOOK, env["corpus"], out=out, **ARGS)
     partial = ActivationStore.open(out, allow_incomplete=True)
     assert len(partial.shards) == 2 and partial.verify() == []
     assert not any(p.name.startswith(".") for p in out.iterdir())
-    monkeypatch.setattr(atomic, "write_bytes", real)
+    monkeypatch.setattr(atomic, "write_tensors", real)
     harvest(env["lm"], HOOK, env["corpus"], out=out, resume=True, **ARGS)
     assert shard_bytes(out) == shard_bytes(env["ref"].path)
 

@@ -259,7 +259,7 @@ def sae_dir(tmp_path_factory, tiny_model_dirs):
 
 
 def test_parse_feature_specs():
-    from saelab.cli import _parse_edit
+    from saelab.cli.steering import _parse_edit
 
     assert _parse_edit("1234=10x", "clamp") == (1234, Clamp(10.0))
     assert _parse_edit("77=0", "clamp") == (77, Ablate())

@@ -25,9 +25,8 @@ def make_store(path, n_shards=5, seqs_per_shard=4, dtype="float32", complete=Tru
         acts = torch.randn(n, D, generator=gen)
         acts[:, 0] = torch.arange(row, row + n, dtype=torch.float32)
         row += n
-        data = st.encode_shard(acts.to(st.DTYPES[dtype]), torch.zeros(n, dtype=torch.long), seq,
-                               torch.arange(n) % CTX)
-        manifest = st.append_shard(path, manifest, data, n, seq_start=int(seq[0]), seq_end=int(seq[-1]) + 1)
+        manifest = st.append_shard(path, manifest, acts.to(st.DTYPES[dtype]), torch.zeros(n, dtype=torch.long), seq,
+                                   torch.arange(n) % CTX, seq_start=int(seq[0]), seq_end=int(seq[-1]) + 1)
     if complete:
         st.atomic.write_json(path / st.MANIFEST, {**manifest, "complete": True})
     return ActivationStore.open(path, allow_incomplete=not complete)

@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from saelab import store as st
+from saelab.distributed import World
 from saelab.sae import SAE, ARCHITECTURES
-from saelab.train import (CHECKPOINT, LOG, NonFiniteLoss, TrainConfig, Trainer, World, batchtopk_code, lr_at,
-                          sparse_grads, topk_code, train)
+from saelab.sparse_topk import batchtopk_code, sparse_grads, topk_code
+from saelab.train import CHECKPOINT, LOG, NonFiniteLoss, TrainConfig, Trainer, train
+from saelab.train_config import lr_at
 
 D_IN, N_FEATURES = 16, 48
 
@@ -45,8 +47,8 @@ def make_store(path: Path, rows: int = 16384, shards: int = 4, seed: int = 0) ->
     for i in range(shards):
         seq = torch.arange(i * per, (i + 1) * per) // 32
         pos = torch.arange(per) % 32
-        data = st.encode_shard(x[i * per:(i + 1) * per], torch.zeros(per, dtype=torch.int32), seq, pos)
-        manifest = st.append_shard(path, manifest, data, per, seq_start=int(seq[0]), seq_end=int(seq[-1]) + 1)
+        manifest = st.append_shard(path, manifest, x[i * per:(i + 1) * per], torch.zeros(per, dtype=torch.int32), seq,
+                                   pos, seq_start=int(seq[0]), seq_end=int(seq[-1]) + 1)
     st.atomic.write_json(path / st.MANIFEST, {**manifest, "complete": True})
     return st.ActivationStore.open(path)
 
@@ -234,3 +236,30 @@ def test_cli_train_on_store_reports_held_out(store, tmp_path):
     assert sae.cfg.architecture == "jumprelu" and sae.provenance["trained_architecture"] == "batchtopk"
     assert (sae.threshold > 0).all() and sae.provenance["held_out"]["tokens"] > 0
     assert main(["train", "--out", str(tmp_path / "x"), "--tokens", "100"]) == 2     # no data given
+
+
+@pytest.mark.parametrize("exclude_bos", [True, False])
+def test_saved_sae_records_bos_exclusion_of_its_store(tmp_path, exclude_bos):
+    from saelab.evaluate import trained_without_bos
+    from saelab.harvest import harvest
+    from saelab.models import load_model
+    from tiny_models import save_tiny_model
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {i * j}\n" for j in range(20)))
+    lm = load_model(str(save_tiny_model("llama", tmp_path / "llama")))
+    store = harvest(lm, "blocks.1.hook_resid_post", str(corpus), out=tmp_path / "acts", tokens=1024, context=32,
+                    batch_size=8, exclude_bos=exclude_bos, progress=False)
+    bos = store.manifest["bos"]["token_id"]
+    cfg = TrainConfig(architecture="topk", d_sae=64, k=4, batch_size=64, tokens=64 * 8, checkpoint_every=0,
+                      eval_tokens=256)
+    train(store, cfg, out=tmp_path / "sae", progress=False)
+    recorded = [bos] if exclude_bos else False
+    saved_cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert saved_cfg["metadata"]["exclude_special_tokens"] == recorded     # where a SAELens user looks
+    assert saved_cfg["metadata"]["prepend_bos"] is True
+    sae = SAE.load(tmp_path / "sae")
+    assert sae.provenance["exclude_special_tokens"] == recorded            # saelab.json
+    assert trained_without_bos(sae) is exclude_bos                        # evaluate leaves BOS out likewise

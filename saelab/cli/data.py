@@ -1,0 +1,179 @@
+"""Stages that make the data: the model and its hook points (hooks, builtin) and the activations
+recorded from it (harvest, store)."""
+
+from __future__ import annotations
+
+from saelab.cli.common import _print_json
+
+
+# -- hooks -----------------------------------------------------------------------------------------
+
+def _add_hooks(sub) -> None:
+    p = sub.add_parser("hooks", help="list a model's canonical hook points with their widths",
+                       description="List the canonical hook names of a model (builtin, hub id, or local HF folder), "
+                                   "the HF module each resolves to, and the activation width.")
+    p.add_argument("model", nargs="?", default="builtin", help="builtin | hub id | path to an HF model folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_hooks)
+
+
+def _run_hooks(args) -> None:
+    from saelab.hooks import hook_names, hook_shapes, resolve
+    from saelab.models import load_model
+
+    lm = load_model(args.model)
+    names = hook_names(lm)
+    shapes = hook_shapes(lm, names)
+    rows = [{"hook": n, "module": resolve(lm.model, n).hf_hook_name, "d": shapes[n]} for n in names]
+    if args.json:
+        _print_json({"model": args.model, "family": lm.family, "n_layers": lm.n_layers, "hooks": rows})
+        return
+    print(f"{args.model}: {lm.family}, {lm.n_layers} layers, "
+          f"{sum(p.numel() for p in lm.model.parameters()) / 1e6:.2f}M parameters")
+    width = max(len(r["hook"]) for r in rows)
+    for r in rows:
+        print(f"  {r['hook']:<{width}}  d={r['d']:<6} {r['module']}")
+
+
+# -- builtin ---------------------------------------------------------------------------------------
+
+def _add_builtin(sub) -> None:
+    p = sub.add_parser("builtin", help="train or evaluate the embedded default model",
+                       description="The builtin model: a tiny Llama trained on the Python standard library.")
+    bsub = p.add_subparsers(dest="builtin_cmd", required=True)
+    t = bsub.add_parser("train", help="reproduce the shipped builtin model from scratch (checkpoints; --resume)")
+    t.add_argument("--out", required=True, help="run folder; becomes an HF model folder when training ends")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--tokens", type=int, help="training tokens (default: the shipped model's budget)")
+    t.set_defaults(func=_run_builtin_train)
+    e = bsub.add_parser("eval", help="held-out bits/byte on the stdlib validation files, beside xz -9e")
+    e.add_argument("--model", default="builtin", help="model to score (default: the shipped builtin model)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=_run_builtin_eval)
+
+
+def _run_builtin_train(args) -> None:
+    from dataclasses import replace
+
+    from saelab.builtin.make import BuiltinConfig, train_builtin
+
+    config = BuiltinConfig()
+    if args.tokens:
+        config = replace(config, tokens=args.tokens)
+    train_builtin(args.out, config, resume=args.resume)
+
+
+def _run_builtin_eval(args) -> None:
+    from tqdm import tqdm
+
+    from saelab.builtin.make import evaluate_bits_per_byte
+    from saelab.models import load_model
+
+    lm = load_model(args.model)
+    with tqdm(desc="scoring validation windows", unit="win", disable=args.json, leave=False) as bar:
+        report = evaluate_bits_per_byte(lm.model, lm.tokenizer, progress=bar.update)
+    report = {"model": args.model, **report}
+    if args.json:
+        _print_json(report)
+        return
+    print(f"stdlib validation: {report['files']} files, {report['bytes']:,} bytes, {report['tokens']:,} tokens "
+          f"({report['bytes_per_token']:.2f} bytes/token)")
+    print(f"  {args.model:<10} {report['bits_per_byte']:.3f} bits/byte")
+    print(f"  {'xz -9e':<10} {report['xz_bits_per_byte']:.3f} bits/byte")
+
+
+# -- harvest / store -------------------------------------------------------------------------------
+
+def _add_harvest(sub) -> None:
+    p = sub.add_parser("harvest", help="record a model's activations at hook points into activation stores",
+                       description="Run a model over a corpus and store the activations at one or more hooks "
+                                   "(one forward pass). With several --hook, each store is OUT/<hook>/.")
+    p.add_argument("--model", default="builtin", help="builtin | hub id | path to an HF model folder")
+    p.add_argument("--hook", action="append", required=True, help="hook name (repeat for several, one pass)")
+    p.add_argument("--corpus", default="stdlib", help="stdlib | folder | text file | .jsonl | hf:NAME")
+    p.add_argument("--split", default="train", choices=["train", "validation", "all"], help="corpus split")
+    p.add_argument("--tokens", type=int, required=True, help="positions to harvest (rounded up to whole sequences)")
+    p.add_argument("--context", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--out", required=True, help="store folder (several hooks: one subfolder each)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted harvest in --out")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
+    p.add_argument("--seed", type=int, default=0, help="corpus shuffle seed")
+    p.add_argument("--exclude-bos", action="store_true", help="do not store BOS positions")
+    p.add_argument("--max-norm-factor", type=float, help="drop positions with norm > this × the batch median")
+    p.add_argument("--nan-policy", default="fail", choices=["fail", "skip"], help="on NaN/inf: stop, or drop the sequence")
+    p.add_argument("--shard-rows", type=int, help="rows per shard (default: ~64 MiB shards)")
+    p.add_argument("--device", default="cpu", help="torch device for the model")
+    p.set_defaults(func=_run_harvest)
+    s = sub.add_parser("store", help="inspect or verify an activation store")
+    ssub = s.add_subparsers(dest="store_cmd", required=True)
+    i = ssub.add_parser("info", help="model, hook, rows, shards, dtype, size on disk, norm summary")
+    i.add_argument("path", help="store folder (or a multi-hook harvest folder)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=_run_store_info)
+    v = ssub.add_parser("verify", help="re-check every shard's size, sha256 and shapes (exit 2 if any is bad)")
+    v.add_argument("path", help="store folder (or a multi-hook harvest folder)")
+    v.set_defaults(func=_run_store_verify)
+
+
+def _run_harvest(args) -> None:
+    from saelab.corpus import CorpusSpec
+    from saelab.harvest import harvest
+    from saelab.models import load_model
+
+    lm = load_model(args.model, device=args.device)
+    result = harvest(lm, args.hook, CorpusSpec(args.corpus, args.split), tokens=args.tokens, out=args.out,
+                     context=args.context, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
+                     resume=args.resume, exclude_bos=args.exclude_bos, max_norm_factor=args.max_norm_factor,
+                     nan_policy=args.nan_policy, shard_rows=args.shard_rows, progress=True)
+    for store in result.values() if isinstance(result, dict) else [result]:
+        print(f"{store.path}: {store.n_rows:,} rows of {store.hook_name} (d_in={store.d_in}), "
+              f"{len(store.shards)} shards")
+
+
+def _store_paths(path: str):
+    from pathlib import Path
+
+    from saelab.store import MANIFEST
+
+    root = Path(path).expanduser()
+    if (root / MANIFEST).exists() or not root.is_dir():
+        return [root]
+    subs = sorted(p for p in root.iterdir() if (p / MANIFEST).exists())
+    return subs or [root]
+
+
+def _run_store_info(args) -> None:
+    from saelab.store import ActivationStore, summary
+
+    infos = [summary(ActivationStore.open(p, allow_incomplete=True)) for p in _store_paths(args.path)]
+    if args.json:
+        _print_json(infos[0] if len(infos) == 1 else infos)
+        return
+    for s in infos:
+        n = s["norm"]
+        state = "complete" if s["complete"] else "UNFINISHED (resume with saelab harvest ... --resume)"
+        print(f"{s['path']}: {state}")
+        print(f"  model    {s['model']} (weights sha256 {str(s['model_weights_sha256'])[:12]})")
+        print(f"  hook     {s['hook']} -> {s['hf_hook']}, d_in={s['d_in']}, dtype {s['dtype']}")
+        print(f"  corpus   {s['corpus']}, context {s['context']}")
+        print(f"  rows     {s['rows']:,} from {s['sequences']:,} sequences; excluded {s['excluded']}, "
+              f"skipped sequences {s['skipped_sequences']}")
+        print(f"  shards   {s['shards']}, {s['bytes'] / 2**20:.1f} MiB on disk")
+        if n["mean"] is not None and s["rows"]:
+            print(f"  norm     mean {n['mean']:.3g} ± {n['std']:.3g}, median {n['median']:.3g}, p99 {n['p99']:.3g}, "
+                  f"max {n['max']:.3g} ({s['max_over_median']:.1f}× median)")
+
+
+def _run_store_verify(args) -> None:
+    from saelab.store import ActivationStore, StoreError
+
+    bad = []
+    for p in _store_paths(args.path):
+        store = ActivationStore.open(p, allow_incomplete=True)
+        problems = store.verify()
+        bad += problems
+        print(f"{p}: {len(store.shards) - len(problems)}/{len(store.shards)} shards OK, {store.n_rows:,} rows"
+              + ("" if store.manifest.get("complete") else " (harvest unfinished)"))
+    if bad:
+        raise StoreError(f"{len(bad)} bad shard(s):\n  " + "\n  ".join(bad))

@@ -1,0 +1,145 @@
+"""Stages that make and measure an SAE: train, eval."""
+
+from __future__ import annotations
+
+from saelab.cli.common import _print_json
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+def _add_train(sub) -> None:
+    from saelab.sae import ARCHITECTURES
+
+    p = sub.add_parser("train", help="train a sparse autoencoder on an activation store or a live model",
+                       description="Train an SAE (relu | topk | batchtopk | jumprelu) on a harvested activation "
+                                   "store (--acts) or on activations streamed from a model (--model/--hook/--corpus). "
+                                   "Checkpoints every --checkpoint-every steps and on Ctrl-C; --resume continues. "
+                                   "Data-parallel under torchrun.")
+    data = p.add_argument_group("data (one of)")
+    data.add_argument("--acts", help="activation store folder (from 'saelab harvest')")
+    data.add_argument("--model", help="model to stream from instead (builtin | hub id | HF folder)")
+    data.add_argument("--hook", help="hook point to stream (with --model), e.g. blocks.2.hook_resid_post")
+    data.add_argument("--corpus", default="stdlib", help="corpus to stream (with --model; default stdlib)")
+    data.add_argument("--context", type=int, default=256, help="tokens per sequence when streaming (default 256)")
+    p.add_argument("--out", required=True, help="run folder; becomes the SAE folder when training ends")
+    p.add_argument("--arch", default="topk", choices=ARCHITECTURES, help="architecture (default topk)")
+    p.add_argument("--latents", type=int, help="number of latents d_sae (default: --expansion x d_in)")
+    p.add_argument("--expansion", type=int, default=8, help="latents per input dimension (default 8)")
+    p.add_argument("--k", type=int, default=32, help="active latents per token, topk/batchtopk (default 32)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens (default 2M)")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step over all ranks (default 4096)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default per architecture)")
+    p.add_argument("--l1", type=float, default=5.0, help="relu: L1 coefficient (default 5)")
+    p.add_argument("--l0", type=float, default=1.0, help="jumprelu: L0 coefficient (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log records (default 10)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resumes)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--json", action="store_true", help="print the held-out summary as JSON")
+    p.set_defaults(func=_run_train)
+
+
+def _train_source(args, batch_size: int):
+    """The data of a train command and the provenance it implies."""
+    import os
+
+    if bool(args.acts) == bool(args.model):
+        raise ValueError("give either --acts STORE or --model MODEL --hook HOOK (not both)")
+    if args.acts:
+        from saelab.store import ActivationStore
+
+        return ActivationStore.open(args.acts), {}
+    if not args.hook:
+        raise ValueError("--model needs --hook (list them with 'saelab hooks MODEL')")
+    from saelab.corpus import CorpusSpec
+    from saelab.harvest import stream_activations
+    from saelab.hooks import resolve
+    from saelab.models import load_model
+
+    lm = load_model(args.model)
+    point = resolve(lm.model, args.hook)
+    spec = CorpusSpec(args.corpus)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    stream = stream_activations(lm, args.hook, spec, context=args.context, batch_size=batch_size // world,
+                                seed=args.seed + rank, passes=None)
+    prov = {"model_name": lm.name, "model_weights_sha256": lm.weights_hash, "hook_name": point.name,
+            "hf_hook_name": point.hf_hook_name, "hook_io": point.io, "corpus": {**spec.to_json(), "seed": args.seed},
+            "context_size": args.context}
+    return stream, prov
+
+
+def _run_train(args) -> None:
+    from saelab.train import TrainConfig, train
+
+    source, prov = _train_source(args, args.batch_size)
+    cfg = TrainConfig(architecture=args.arch, d_sae=args.latents, expansion=args.expansion, k=args.k,
+                      tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, l1_coefficient=args.l1,
+                      l0_coefficient=args.l0, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                      log_every=args.log_every, deterministic=args.deterministic, device=args.device,
+                      wandb_project=args.wandb)
+    sae = train(source, cfg, out=args.out, resume=args.resume, progress=not args.json, provenance=prov)
+    held = getattr(sae, "provenance", {}).get("held_out")
+    if int(__import__("os").environ.get("RANK", "0")) != 0:
+        return
+    if args.json:
+        _print_json({"out": args.out, "architecture": args.arch, "d_sae": sae.d_sae, "held_out": held})
+    elif held:
+        print(f"{args.out}: {args.arch} SAE, {sae.d_sae} latents; held-out FVU {held['fvu']:.4f}, "
+              f"L0 {held['l0']:.1f}, dead {held['dead_fraction']:.2%} ({held['tokens']:,} tokens)")
+    else:
+        print(f"{args.out}: {args.arch} SAE, {sae.d_sae} latents (no held-out data to evaluate on)")
+
+
+# -- eval ------------------------------------------------------------------------------------------
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate SAEs: reconstruction, sparsity, spliced CE/KL (one table)",
+                       description="Evaluate one or more SAE folders on held-out text: FVU, MSE, cosine, L0, "
+                                   "dead/dense features, CE clean/spliced/ablated, CE recovered, KL, and an "
+                                   "error-term self-check. Model, hook, context and corpus come from each SAE's "
+                                   "provenance unless given. Each report is saved as eval.json in its SAE folder.")
+    p.add_argument("sae", nargs="+", help="SAE folder(s); several are shown side by side")
+    p.add_argument("--model", help="builtin | hub id | HF folder (default: model_name in the SAE's provenance)")
+    p.add_argument("--corpus", help="corpus source (default: the SAE's training corpus, else stdlib)")
+    p.add_argument("--split", default="validation", choices=("train", "validation", "all"),
+                   help="corpus split (default: validation)")
+    p.add_argument("--tokens", type=int, default=200_000, help="tokens to evaluate on (default: 200000)")
+    p.add_argument("--context", type=int, help="sequence length (default: the SAE's context_size, else 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="document order of the corpus (default: 0)")
+    p.add_argument("--hook", help="hook to evaluate at (default: the SAE's hook_name)")
+    p.add_argument("--device", default="cpu", help="torch device for the model and SAEs (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON (a list when several SAEs are given)")
+    p.add_argument("--no-save", action="store_true", help="do not write eval.json into the SAE folders")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> None:
+    from saelab.corpus import CorpusSpec
+    from saelab.evaluate import compare, default_corpus, evaluate
+    from saelab.models import load_model
+    from saelab.sae import SAE
+
+    if args.tokens < 1 or args.batch_size < 1:
+        raise ValueError("--tokens and --batch-size must be positive")
+    models, reports = {}, []
+    for folder in args.sae:
+        sae = SAE.load(folder, device=args.device)
+        name = args.model or sae.provenance.get("model_name") or sae.cfg.metadata.get("model_name")
+        if not name:
+            raise ValueError(f"{folder}: the SAE does not record its model; pass --model")
+        if name not in models:
+            models[name] = load_model(name, device=args.device)
+        corpus = CorpusSpec(args.corpus, args.split) if args.corpus else default_corpus(sae, args.split)
+        report = evaluate(sae, models[name], corpus, tokens=args.tokens, context=args.context,
+                          batch_size=args.batch_size, seed=args.seed, hook=args.hook, name=folder)
+        if not args.no_save:
+            report.save(folder)
+        reports.append(report)
+    if args.json:
+        _print_json(reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports])
+        return
+    print(compare(reports))

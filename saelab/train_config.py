@@ -1,0 +1,126 @@
+"""What a training run is: :class:`TrainConfig` (every hyperparameter, its default, and how the
+automatic ``None`` values resolve for an input width) and the schedules it defines over the steps.
+
+The loop that follows them is :mod:`saelab.train`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from saelab.sae import ARCHITECTURES
+
+RUN_ONLY_FIELDS = ("checkpoint_every", "log_every", "wandb_project", "device")
+"""Config fields that may change between a run and its resumption (they do not alter the math)."""
+
+
+@dataclass
+class TrainConfig:
+    """How an SAE is trained (what is needed to *run* it lives in SAEConfig)."""
+
+    architecture: str = "topk"
+    """relu | topk | batchtopk | jumprelu."""
+    d_sae: int | None = None
+    """Number of latents; None: expansion × d_in."""
+    expansion: int = 8
+    """Latents per input dimension when d_sae is None."""
+    k: int | None = 32
+    """Active latents per token (topk; batchtopk on average). Ignored by relu/jumprelu."""
+    l1_coefficient: float = 5.0
+    """relu: λ of the decoder-norm-weighted L1 penalty (Anthropic April 2024, with E‖x‖² = d_in)."""
+    l0_coefficient: float = 1.0
+    """jumprelu: λ of the L0 penalty."""
+    sparsity_warmup_fraction: float = 0.05
+    """relu/jumprelu: λ rises linearly from 0 over this fraction of the steps."""
+    bandwidth: float = 0.05
+    """jumprelu: width ε of the rectangle kernel of the straight-through estimator."""
+    threshold_init: float = 0.01
+    """jumprelu: initial θ of every latent."""
+    auxk_alpha: float = 1 / 32
+    """topk/batchtopk: weight α of the AuxK loss (Gao et al. §A.2)."""
+    k_aux: int | None = None
+    """topk/batchtopk: dead latents used by AuxK per token; None: d_in // 2."""
+    dead_tokens: int | None = None
+    """A latent is dead when it has not fired in this many tokens; None: tokens/10, at most 10M."""
+    resample_every: int | None = None
+    """relu: resample dead latents every this many steps (not in the last quarter); None: steps/4; 0: never."""
+    lr: float | None = None
+    """Adam learning rate; None: 2e-3 (topk, batchtopk; best of 4e-4/2e-3 on a 1.4M-token builtin run),
+    2e-4 (jumprelu), 1e-4 (relu)."""
+    lr_warmup_steps: int | None = None
+    """Linear warm-up steps; None: 5% of the steps, at most 1000."""
+    lr_decay: str = "linear"
+    """Shape of the decay to 0 over the last ``decay_fraction`` of the steps: linear | cosine."""
+    decay_fraction: float = 0.2
+    """Fraction of the steps over which the learning rate decays to 0."""
+    batch_size: int = 4096
+    """Tokens per optimiser step, over all ranks."""
+    tokens: int = 2_000_000
+    """Training tokens (steps = tokens // batch_size)."""
+    seed: int = 0
+    """Seeds the initialisation, the data order and resampling."""
+    init_b_dec: str = "geometric_median"
+    """b_dec initialisation on the first batch: geometric_median | mean | zeros."""
+    normalize_inputs: bool = True
+    """Scale inputs so that E‖x‖² = d_in (estimated on the first batch)."""
+    heldout_fraction: float = 0.05
+    """Fraction of the store's sequences held out for the final evaluation."""
+    eval_tokens: int = 262_144
+    """Held-out tokens for the final FVU/L0/dead and per-feature statistics."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (also on SIGINT/SIGTERM); 0: only on signals."""
+    log_every: int = 10
+    """Steps between log records."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms during training (bitwise-reproducible resumes on CPU)."""
+    device: str | None = None
+    """cpu | cuda | cuda:N; None: cuda (LOCAL_RANK) when available, else cpu."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs the ``wandb`` extra)."""
+
+    def resolved(self, d_in: int) -> "TrainConfig":
+        """A copy with every automatic value (None) made concrete for inputs of width ``d_in``."""
+        c = self
+        if c.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {c.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if c.lr_decay not in ("linear", "cosine") or c.init_b_dec not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(f"lr_decay must be linear|cosine and init_b_dec geometric_median|mean|zeros, "
+                             f"got {c.lr_decay!r}, {c.init_b_dec!r}")
+        if c.batch_size < 1 or c.tokens < c.batch_size:
+            raise ValueError(f"tokens ({c.tokens}) must be at least one batch ({c.batch_size})")
+        d_sae = c.d_sae or int(c.expansion * d_in)
+        steps = c.tokens // c.batch_size
+        sparse_k = c.architecture in ("topk", "batchtopk")
+        if sparse_k and not (c.k and 1 <= c.k <= d_sae):
+            raise ValueError(f"{c.architecture} needs 1 <= k <= d_sae ({d_sae}), got k={c.k}")
+        lr = c.lr or {"topk": 2e-3, "batchtopk": 2e-3, "jumprelu": 2e-4, "relu": 1e-4}[c.architecture]
+        return replace(c, d_sae=d_sae, k=c.k if sparse_k else None, lr=lr,
+                       k_aux=c.k_aux or max(1, d_in // 2),
+                       dead_tokens=c.dead_tokens or min(10_000_000, max(c.batch_size, c.tokens // 10)),
+                       resample_every=steps // 4 if c.resample_every is None else c.resample_every,
+                       lr_warmup_steps=min(1000, max(1, steps // 20)) if c.lr_warmup_steps is None
+                       else c.lr_warmup_steps)
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+# -- schedules -------------------------------------------------------------------------------------
+
+def lr_at(cfg: TrainConfig, step_: int) -> float:
+    """Warm-up, constant, then decay to 0 over the last ``decay_fraction`` of the steps."""
+    warm = min(1.0, (step_ + 1) / max(1, cfg.lr_warmup_steps))
+    decay_steps = max(1, int(cfg.decay_fraction * cfg.steps))
+    left = (cfg.steps - step_) / decay_steps
+    if left >= 1.0:
+        return cfg.lr * warm
+    frac = max(0.0, left)
+    shape = frac if cfg.lr_decay == "linear" else 0.5 * (1 - math.cos(math.pi * frac))
+    return cfg.lr * warm * shape
+
+
+def sparsity_coefficient_at(cfg: TrainConfig, step_: int) -> float:
+    base = cfg.l1_coefficient if cfg.architecture == "relu" else cfg.l0_coefficient
+    return base * min(1.0, (step_ + 1) / max(1.0, cfg.sparsity_warmup_fraction * cfg.steps))
