@@ -10,6 +10,8 @@ B  ``saelab.harvest`` end to end into a temporary store, the corpus read from th
    writing, sha256, fsync.
 C  the same harvest tokenising on the fly (``SAELAB_TOKEN_CACHE=0``, as for ``hf:`` corpora).
 The one-time cost of building the token cache is measured first, in a fresh cache folder.
+Both sides run under the same malloc settings: ``saelab.runtime.tune_allocator`` is applied
+before anything is measured (``SAELAB_MALLOC_TUNING=0`` measures both without it).
 The three run in ``--repeats`` rounds (order rotating) because other jobs share the CPU; prints the
 best tokens/s of each, the ratios (target B/A >= 0.90) and the median per-round ratios.
 """
@@ -21,6 +23,8 @@ import itertools
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ from saelab.corpus import CorpusSpec, sequences
 from saelab.harvest import harvest
 from saelab.hooks import run_to_hooks
 from saelab.models import load_model
+from saelab.runtime import tune_allocator
 
 
 def bare_forward(lm, batches: list[torch.Tensor], hook: str) -> tuple[float, float]:
@@ -54,6 +59,22 @@ def full_harvest(lm, hook: str, corpus: CorpusSpec, tokens: int, context: int, b
         shutil.rmtree(out.parent)
 
 
+PEAK_RSS = """
+import resource, sys, tempfile
+from saelab.harvest import harvest
+with tempfile.TemporaryDirectory() as d:
+    harvest(sys.argv[1], sys.argv[2], sys.argv[3], tokens=int(sys.argv[4]), out=d + "/s", progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(model: str, hook: str, corpus: str, tokens: int) -> float:
+    """Peak resident memory of a fresh process that harvests ``tokens`` (token cache already built)."""
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, model, hook, corpus, str(tokens)], check=True,
+                         capture_output=True, text=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin")
@@ -64,8 +85,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=4, help="bare/harvest pairs, order alternating")
+    p.add_argument("--memory", default="", metavar="N,N,...",
+                   help="also print the peak resident memory of harvests of these token counts (fresh processes)")
     args = p.parse_args()
 
+    tuned = tune_allocator()   # harvest() would apply it anyway; do it before A is measured too
     lm = load_model(args.model)
     lm.weights_hash  # computed once per model (cached); not part of the per-token cost
     corpus = CorpusSpec(args.corpus)
@@ -87,12 +111,13 @@ def main() -> None:
             else:
                 (warm if which == 1 else fly).append(full_harvest(lm, args.hook, corpus, tokens, args.context,
                                                                   args.batch_size, args.dtype, cached=which == 1))
+    rss = {n: peak_rss_mb(args.model, args.hook, args.corpus, n) for n in map(int, filter(None, args.memory.split(",")))}
     shutil.rmtree(cache)
     runs_of = {"bare": bare, "warm": warm, "fly": fly}
     best = {name: tokens / min(t for t, _ in runs) for name, runs in runs_of.items()}
     print(f"model {args.model}, hook {args.hook}, {tokens:,} tokens, context {args.context}, "
           f"batch {args.batch_size} x {args.context}, store dtype {args.dtype}, "
-          f"torch threads {torch.get_num_threads()}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"torch threads {torch.get_num_threads()}, malloc tuning {'on' if tuned else 'off'}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"one-time token cache build: {cache_tokens:,} tokens of {args.corpus} in {build[0]:.1f}s "
           f"(CPU {build[1]:.1f}s)")
     rows = (("A bare forward, pre-tokenised batches", "bare", bare), ("B harvest, token cache", "warm", warm),
@@ -103,6 +128,8 @@ def main() -> None:
     for label, a, b in (("B / A (target >= 0.90)", "warm", "bare"), ("C / A (tokenising on the fly)", "fly", "bare")):
         pairs = sorted(x[0] / y[0] for x, y in zip(runs_of[b], runs_of[a]))
         print(f"ratio {label:<34}{best[a] / best[b]:10.3f} best of each; median pair {statistics.median(pairs):.3f}")
+    for n, mb in rss.items():
+        print(f"peak resident memory, harvest of {n:>10,} tokens: {mb:8.0f} MB")
 
 
 if __name__ == "__main__":

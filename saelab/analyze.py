@@ -27,6 +27,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
+from saelab.runtime import tune_allocator
 
 
 @dataclass
@@ -345,6 +346,7 @@ def analyze(sae, model=None, corpus=None, *, out: Path | str | None = None, hook
     ``<sae folder>/../features.db``. Any :class:`AnalyzeConfig` field can be given as a keyword
     (``tokens=``, ``context=``, ``batch_size=``, ``k_top=``, ``n_quantiles=``, ``seed=``, ``split=`` ...).
     """
+    tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
     names = {f.name for f in fields(AnalyzeConfig)}
     unknown = set(overrides) - names
     if unknown:

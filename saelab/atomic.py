@@ -25,17 +25,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(target: Path | str) -> Path:
+    """The temporary sibling a write of ``target`` goes to (hidden; named after this process)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+
+
+def discard_temp_files(folder: Path | str) -> None:
+    """Delete this process's temporary files in ``folder`` (writes abandoned after an error)."""
+    for tmp in Path(folder).glob(f".*.tmp-{os.getpid()}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def commit(tmp: Path, target: Path | str) -> None:
+    """Make the fully written ``tmp`` durable and move it over ``target``: fsync, rename, fsync the folder."""
+    target = Path(target)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
 @contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to ``target``."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temp_path(target)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        commit(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()

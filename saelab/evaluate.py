@@ -36,6 +36,7 @@ from saelab.corpus import CorpusSpec, bos_token_id, sequences
 from saelab.eval_report import Downstream, EvalReport, Reconstruction, SelfCheck, Sparsity, compare
 from saelab.hooks import HookError, capture, hook_shapes, intervene, resolve, run_to_hooks
 from saelab.models import LoadedModel, load_model
+from saelab.runtime import tune_allocator
 
 __all__ = ["compare", "default_corpus", "Downstream", "EvalReport", "evaluate", "provenance", "Reconstruction",
            "SelfCheck", "Sparsity", "trained_without_bos"]
@@ -339,6 +340,7 @@ def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | s
     ``batch_size`` sequences per forward: peak memory is a few ``[batch, context, vocab]`` logits.
     ``exclude_bos``: default from the SAE's provenance (see the module docstring).
     """
+    tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
     warnings: list[str] = []
     lm = _as_loaded(sae, model)
     hook = _hook(sae, hook, warnings)

@@ -24,12 +24,13 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
+from safetensors.torch import save_file
 
 from saelab import atomic
 
@@ -163,27 +164,81 @@ def shard_columns(acts: torch.Tensor, tokens: torch.Tensor, seq: torch.Tensor,
             "seq": seq.to(torch.int64).contiguous(), "pos": pos.to(torch.int32).contiguous()}
 
 
-def append_shard(path: Path, manifest: dict, acts: torch.Tensor, tokens: torch.Tensor, seq: torch.Tensor,
-                 pos: torch.Tensor, **extra) -> dict:
-    """Write shard ``len(shards)`` atomically, then list it in the manifest (replaced atomically).
+class PendingShard(NamedTuple):
+    """A shard written to its temporary file and checksummed, not yet durable nor listed."""
 
-    safetensors writes straight from the tensors' memory (no serialised copy of the shard), and the
-    bytes depend only on the tensors (no timestamps), so reruns are identical. The checksum is taken
-    from the written file. Returns the new manifest. ``extra`` keys are stored in the shard's
-    manifest entry, except ``manifest_update`` (merged into the manifest's top level in the same
-    atomic write).
+    tmp: Path
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def _drop_cached_pages(file: Path) -> None:
+    """Hand the page-cache pages of a written shard back, just before the next shard needs new ones.
+
+    Pages freed and reused at once are cheap; pages that have sat free for a couple of seconds are
+    returned to the hypervisor on our VMs and cost a fault each to get back. Dropping the previous
+    shard's (clean, fsynced) pages right before writing the next one made the write of a 64 MB shard
+    about 3x cheaper there; elsewhere it only keeps the store out of the page cache, which training
+    reads much later through its own prefetching. Dirty pages are not dropped.
     """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: Path, index: int, acts: torch.Tensor, tokens: torch.Tensor, seq: torch.Tensor,
+                pos: torch.Tensor) -> PendingShard:
+    """First half of :func:`append_shard`: the CPU work. safetensors writes straight from the
+    tensors' memory (no serialised copy of the shard) and the bytes depend only on the tensors (no
+    timestamps), so reruns are identical; the checksum is read back from the written file."""
+    name = shard_name(index)
+    tmp = atomic.temp_path(Path(path) / name)
+    if index:
+        _drop_cached_pages(Path(path) / shard_name(index - 1))
+    try:
+        save_file(shard_columns(acts, tokens, seq, pos), str(tmp))
+        with open(tmp, "rb") as f:
+            digest, size = hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(f.fileno()).st_size
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return PendingShard(tmp, name, acts.shape[0], size, digest)
+
+
+def commit_shard(path: Path, manifest: dict, shard: PendingShard, **extra) -> dict:
+    """Second half of :func:`append_shard`, mostly waiting on the disk: fsync and rename the shard,
+    then list it in the manifest (replaced atomically). Returns the new manifest. ``extra`` keys go
+    into the shard's manifest entry, except ``manifest_update`` (merged into the manifest's top
+    level in the same atomic write)."""
     path = Path(path)
+    if shard.file != shard_name(len(manifest["shards"])):
+        raise ValueError(f"shard {shard.file} committed out of order: the manifest lists {len(manifest['shards'])}")
     update = extra.pop("manifest_update", {})
-    name = shard_name(len(manifest["shards"]))
-    atomic.write_tensors(path / name, shard_columns(acts, tokens, seq, pos))
-    with open(path / name, "rb") as f:
-        digest, size = hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(f.fileno()).st_size
-    entry = {"file": name, "rows": acts.shape[0], "bytes": size, "sha256": digest, **extra}
+    try:
+        atomic.commit(shard.tmp, path / shard.file)
+    finally:
+        shard.tmp.unlink(missing_ok=True)
+    entry = {"file": shard.file, "rows": shard.rows, "bytes": shard.bytes, "sha256": shard.sha256, **extra}
     new = {**manifest, **update, "shards": [*manifest["shards"], entry]}
     new["n_rows"] = sum(s["rows"] for s in new["shards"])
     atomic.write_json(path / MANIFEST, new)
     return new
+
+
+def append_shard(path: Path, manifest: dict, acts: torch.Tensor, tokens: torch.Tensor, seq: torch.Tensor,
+                 pos: torch.Tensor, **extra) -> dict:
+    """Write shard ``len(shards)`` atomically and list it in the manifest; returns the new manifest."""
+    pending = write_shard(path, len(manifest["shards"]), acts, tokens, seq, pos)
+    return commit_shard(path, manifest, pending, **extra)
 
 
 # fields that must agree for a resumed harvest to continue the same store

@@ -36,6 +36,7 @@ from saelab.distributed import World, default_device
 from saelab.sae import SAE, SAEConfig, jumprelu, step
 from saelab.sparse_topk import batchtopk_code, index_sum, sparse_grads, topk_code
 from saelab.train_config import RUN_ONLY_FIELDS, TrainConfig, lr_at, sparsity_coefficient_at
+from saelab.runtime import tune_allocator
 
 CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
 CHECKPOINT_FORMAT = "saelab-train-checkpoint"
@@ -499,6 +500,7 @@ def train(source, config: TrainConfig, out: str | Path | None = None, resume: bo
     record. ``provenance`` adds saelab.json keys (the store's manifest supplies model, hook, corpus).
     Returns the SAE for raw activations, with ``sae.provenance``.
     """
+    tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
     device = default_device(config.device)
     world = World(device)
     ok = False

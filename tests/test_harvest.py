@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab import atomic
+from saelab import store as st
 from saelab.cli import main as cli_main
 from saelab.corpus import sequences
 from saelab.harvest import NonFiniteActivation, harvest, store_dir, stream_activations
@@ -155,24 +155,47 @@ def test_bad_inputs(env, tmp_path):
         harvest(env["lm"], HOOK, env["corpus"], out=blocker / "sub", **ARGS)
 
 
-def test_disk_full_keeps_complete_shards_then_resumes(env, monkeypatch):
-    out = env["root"] / "full"
-    real, calls = atomic.write_tensors, [0]
+@pytest.mark.parametrize("background", [False, True])
+def test_writer_thread_or_inline_give_identical_stores(env, monkeypatch, background):
+    monkeypatch.setattr(sys.modules["saelab.harvest"], "spare_core", lambda device: background)
+    stores = harvest(env["lm"], [HOOK, HOOK2], env["corpus"], out=env["root"] / f"writer-{background}", **ARGS)
+    assert shard_bytes(stores[HOOK].path) == shard_bytes(env["ref"].path)
+    assert stores[HOOK].manifest["stats"] == env["ref"].manifest["stats"]
 
-    def write_tensors(target, tensors):
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("phase", ["write", "commit"])
+def test_disk_full_keeps_complete_shards_then_resumes(env, monkeypatch, background, phase):
+    """A full disk while writing shard 2 (in the CPU half, or at its fsync/rename) loses nothing."""
+    monkeypatch.setattr(sys.modules["saelab.harvest"], "spare_core", lambda device: background)
+    out = env["root"] / f"full-{background}-{phase}"
+    real_save, real_commit, calls = st.save_file, st.atomic.commit, [0]
+
+    def save_file(tensors, filename):
+        calls[0] += 1
+        if calls[0] == 3:
+            Path(filename).write_bytes(b"partial")   # a torn write, as a full disk leaves it
+            raise OSError(28, "No space left on device")
+        real_save(tensors, filename)
+
+    def commit(tmp, target):
         if Path(target).name.startswith("shard-"):
             calls[0] += 1
             if calls[0] == 3:
                 raise OSError(28, "No space left on device")
-        real(target, tensors)
+        real_commit(tmp, target)
 
-    monkeypatch.setattr(atomic, "write_tensors", write_tensors)
+    if phase == "write":
+        monkeypatch.setattr(st, "save_file", save_file)
+    else:
+        monkeypatch.setattr(st.atomic, "commit", commit)
     with pytest.raises(OSError, match="could not write shard 2 .*No space left on device.*keeps its 2 complete"):
         harvest(env["lm"], HOOK, env["corpus"], out=out, **ARGS)
     partial = ActivationStore.open(out, allow_incomplete=True)
     assert len(partial.shards) == 2 and partial.verify() == []
     assert not any(p.name.startswith(".") for p in out.iterdir())
-    monkeypatch.setattr(atomic, "write_tensors", real)
+    monkeypatch.setattr(st, "save_file", real_save)
+    monkeypatch.setattr(st.atomic, "commit", real_commit)
     harvest(env["lm"], HOOK, env["corpus"], out=out, resume=True, **ARGS)
     assert shard_bytes(out) == shard_bytes(env["ref"].path)
 

@@ -17,6 +17,7 @@ from saelab.cli.data import _add_builtin, _add_harvest, _add_hooks
 from saelab.cli.features import _add_analyze, _add_explain
 from saelab.cli.steering import _add_steer
 from saelab.cli.train_eval import _add_eval, _add_train
+from saelab.runtime import tune_allocator
 
 
 STAGES = [_add_demo, _add_hooks, _add_builtin, _add_harvest, _add_train, _add_eval, _add_analyze, _add_explain, _add_steer, _add_serve]
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_allocator()
     try:
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError, OSError) as e:
