@@ -76,6 +76,10 @@ class _Sink:
         self.n = 0
 
     def _new_buffer(self, writer: "_Writer") -> _ShardBuffer:
+        try:
+            return self.free.get_nowait()      # written inline: the one buffer is always back
+        except queue.Empty:
+            pass
         if self.n_buffers < 2:
             self.n_buffers += 1
             c = self.capacity

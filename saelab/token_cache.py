@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -157,3 +158,30 @@ def tokenized(spec: CorpusSpec, tokenizer) -> TokenizedCorpus | None:
                       "on the fly. Set SAELAB_CACHE to a writable folder, or SAELAB_TOKEN_CACHE=0 to silence this")
         return None
     return _load(folder, key)
+
+
+def entries() -> list[dict]:
+    """What the cache holds: one dict per tokenised corpus (source, files, tokens, bytes, path)."""
+    root = cache_root() / "tokens"
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name.startswith("."):
+            continue                                   # a build in progress, or one that was interrupted
+        try:
+            key = json.loads((folder / "index.json").read_text(encoding="utf-8"))["key"]
+        except (OSError, ValueError, KeyError):
+            key = {}
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        tokens = (folder / "tokens.bin").stat().st_size // 4 if (folder / "tokens.bin").exists() else 0
+        found.append({"source": key.get("source", "?"), "root": key.get("root"), "files": key.get("files"),
+                      "tokenizer_sha256": key.get("tokenizer_sha256"), "tokens": tokens, "bytes": size,
+                      "path": str(folder)})
+    return found
+
+
+def clear() -> int:
+    """Delete every cached corpus; returns how many bytes were freed."""
+    root = cache_root() / "tokens"
+    freed = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    shutil.rmtree(root, ignore_errors=True)
+    return freed

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saelab import token_cache
-from saelab.corpus import CorpusSpec, sequences
+from saelab.corpus import CorpusSpec, documents, sequences
 from tiny_models import tiny_tokenizer
 
 
@@ -126,3 +126,19 @@ def test_switched_off_and_uncacheable(tmp_path, cache_dir, tok, monkeypatch):
     assert token_cache.tokenized(spec, tok) is None and not cache_dir.exists()
     with pytest.raises(FileNotFoundError, match="no such file"):
         sequences(str(tmp_path / "missing"), tok, 16)
+
+
+def test_cli_cache_info_and_clear(tmp_path, cache_dir, tok, capsys):
+    from saelab.cli import main
+
+    spec = CorpusSpec(str(_corpus(tmp_path / "c")), "all")
+    n_tokens = sum(len(tok.encode(d.text, add_special_tokens=False)) for d in documents(spec))
+    list(sequences(spec, tok, 16, 0))
+    assert main(["cache", "info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    (entry,) = info["corpora"]
+    assert info["enabled"] and entry["source"] == str(tmp_path / "c") and entry["files"] == 42
+    assert entry["tokens"] == n_tokens   # BOS is added when packing, not stored
+    assert main(["cache", "info"]) == 0 and "1 corpora" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0 and "MiB freed" in capsys.readouterr().out
+    assert token_cache.entries() == []

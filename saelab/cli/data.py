@@ -114,6 +114,15 @@ def _add_harvest(sub) -> None:
     v = ssub.add_parser("verify", help="re-check every shard's size, sha256 and shapes (exit 2 if any is bad)")
     v.add_argument("path", help="store folder (or a multi-hook harvest folder)")
     v.set_defaults(func=_run_store_verify)
+    c = sub.add_parser("cache", help="list or clear the token cache (corpora tokenised once, reused by every stage)",
+                       description="Local corpora are tokenised once per tokenizer and kept in $SAELAB_CACHE "
+                                   "(default ~/.cache/saelab); harvest, analyze and eval read them from there.")
+    csub = c.add_subparsers(dest="cache_cmd", required=True)
+    ci = csub.add_parser("info", help="where the cache is and what it holds")
+    ci.add_argument("--json", action="store_true", help="print JSON")
+    ci.set_defaults(func=_run_cache_info)
+    csub.add_parser("clear", help="delete every cached corpus (they are rebuilt on next use)").set_defaults(
+        func=_run_cache_clear)
 
 
 def _run_harvest(args) -> None:
@@ -177,3 +186,26 @@ def _run_store_verify(args) -> None:
               + ("" if store.manifest.get("complete") else " (harvest unfinished)"))
     if bad:
         raise StoreError(f"{len(bad)} bad shard(s):\n  " + "\n  ".join(bad))
+
+
+def _run_cache_info(args) -> None:
+    from saelab import token_cache
+
+    found = token_cache.entries()
+    if args.json:
+        _print_json({"cache": str(token_cache.cache_root()), "enabled": token_cache.enabled(), "corpora": found})
+        return
+    state = "" if token_cache.enabled() else " (switched off by SAELAB_TOKEN_CACHE)"
+    print(f"token cache {token_cache.cache_root() / 'tokens'}{state}: {len(found)} corpora, "
+          f"{sum(e['bytes'] for e in found) / 2**20:.1f} MiB")
+    for e in found:
+        print(f"  {e['source']:<24} {e['files'] or 0:>6} files {e['tokens']:>13,} tokens "
+              f"{e['bytes'] / 2**20:8.1f} MiB  tokenizer {str(e['tokenizer_sha256'])[:12]}  {e['path']}")
+
+
+def _run_cache_clear(args) -> None:
+    from saelab import token_cache
+
+    freed = token_cache.clear()
+    print(f"cleared {token_cache.cache_root() / 'tokens'}: {freed / 2**20:.1f} MiB freed")
+
