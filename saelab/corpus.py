@@ -15,6 +15,8 @@ A corpus is named by a *spec* string:
 Documents are tokenized and packed into sequences of ``context`` tokens: each document is preceded by
 BOS, documents are concatenated in an order shuffled by ``seed``, and the stream is cut into
 consecutive windows. The same spec, split, tokenizer and seed always give the same sequences.
+Local corpora are tokenised once, whole, into the token cache (:mod:`saelab.token_cache`) and packed
+from there; ``hf:`` datasets are tokenised as they stream.
 """
 
 from __future__ import annotations
