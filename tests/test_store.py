@@ -125,7 +125,8 @@ def test_start_batch_skips_without_reading(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "read_shard", lambda i, verify=None: reads.append(i) or real(i, verify))
     it = store.batches(10, split="all", shuffle=False, start_batch=10, prefetch=0, window_shards=1)
     next(it)
-    assert reads == [3]  # batch 10 is rows 100-109, in shard 3 (rows 96-127): shards 0-2 are never read
+    # batch 10 is rows 100-109, in shard 3 (rows 96-127): shards 0-2 are never read; 4 is read ahead
+    assert reads[0] == 3 and set(reads) <= {3, 4}
 
 
 def test_rank_slicing_matches_single_rank(tmp_path):
