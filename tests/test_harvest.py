@@ -169,7 +169,7 @@ def test_disk_full_keeps_complete_shards_then_resumes(env, monkeypatch, backgrou
     """A full disk while writing shard 2 (in the CPU half, or at its fsync/rename) loses nothing."""
     monkeypatch.setattr(sys.modules["saelab.harvest"], "spare_core", lambda device: background)
     out = env["root"] / f"full-{background}-{phase}"
-    real_save, real_commit, calls = st.save_file, st.atomic.commit, [0]
+    real_save, real_commit, calls = st.writing.save_file, st.atomic.commit, [0]
 
     def save_file(tensors, filename):
         calls[0] += 1
@@ -186,7 +186,7 @@ def test_disk_full_keeps_complete_shards_then_resumes(env, monkeypatch, backgrou
         real_commit(tmp, target)
 
     if phase == "write":
-        monkeypatch.setattr(st, "save_file", save_file)
+        monkeypatch.setattr(st.writing, "save_file", save_file)
     else:
         monkeypatch.setattr(st.atomic, "commit", commit)
     with pytest.raises(OSError, match="could not write shard 2 .*No space left on device.*keeps its 2 complete"):
@@ -194,7 +194,7 @@ def test_disk_full_keeps_complete_shards_then_resumes(env, monkeypatch, backgrou
     partial = ActivationStore.open(out, allow_incomplete=True)
     assert len(partial.shards) == 2 and partial.verify() == []
     assert not any(p.name.startswith(".") for p in out.iterdir())
-    monkeypatch.setattr(st, "save_file", real_save)
+    monkeypatch.setattr(st.writing, "save_file", real_save)
     monkeypatch.setattr(st.atomic, "commit", real_commit)
     harvest(env["lm"], HOOK, env["corpus"], out=out, resume=True, **ARGS)
     assert shard_bytes(out) == shard_bytes(env["ref"].path)
