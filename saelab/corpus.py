@@ -26,6 +26,7 @@ import json
 import os
 import random
 import sysconfig
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -236,9 +237,27 @@ def bos_token_id(tokenizer) -> int:
     raise ValueError("the tokenizer has no BOS, EOS or CLS token to separate documents with")
 
 
+_identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenizer_identity(tokenizer) -> dict:
-    """Name, vocabulary size and a hash of the full tokenizer definition (what makes token ids comparable)."""
+    """Name, vocabulary size and a hash of the full tokenizer definition (what makes token ids comparable).
+
+    Remembered per tokenizer object (serialising a large vocabulary takes a while, and a harvest asks
+    twice: for the token cache and for the manifest); recomputed if tokens were added since.
+    """
+    try:
+        size, known = _identities[tokenizer]
+        if size == len(tokenizer):
+            return dict(known)
+    except (KeyError, TypeError):   # TypeError: an object that cannot be weakly referenced
+        pass
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer),
-            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    identity = {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer),
+                "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    try:
+        _identities[tokenizer] = (len(tokenizer), identity)
+    except TypeError:
+        pass
+    return dict(identity)

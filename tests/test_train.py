@@ -19,7 +19,8 @@ from saelab import store as st
 from saelab.distributed import World
 from saelab.sae import SAE, ARCHITECTURES
 from saelab.sparse_topk import batchtopk_code, sparse_grads, topk_code
-from saelab.train import CHECKPOINT, LOG, NonFiniteLoss, TrainConfig, Trainer, train
+from saelab.train import CHECKPOINT, LOG, TrainConfig, train
+from saelab.trainer import NonFiniteLoss, Trainer
 from saelab.train_config import lr_at
 
 D_IN, N_FEATURES = 16, 48
