@@ -9,12 +9,18 @@ A corpus is named by a *spec* string:
   into train / validation by a stable hash of the relative path (sha256, 1 in 20 → validation).
 - a path to a directory (every ``.txt``/``.py``/``.md`` file under it, sorted), a single text file,
   or a ``.jsonl`` file whose lines carry a ``text`` field. Local files are split the same way.
+- ``english``: broad English prose built offline from Debian text packages (WordNet glosses,
+  fortunes, the Jargon File, The Devil's Dictionary; see :mod:`saelab.english`), read as a ``.jsonl``.
 - ``hf:NAME[:CONFIG]``: a Hugging Face dataset (needs the ``hf`` extra and the network). Its own
   ``train``/``validation`` splits are used.
 
 Documents are tokenized and packed into sequences of ``context`` tokens: each document is preceded by
-BOS, documents are concatenated in an order shuffled by ``seed``, and the stream is cut into
-consecutive windows. The same spec, split, tokenizer and seed always give the same sequences.
+BOS, documents are concatenated in an order shuffled by ``seed``, the stream is cut into consecutive
+pieces of ``context - 1`` tokens, and **every window starts with BOS** followed by one piece. Real
+models park attention on their first position (an "attention sink" whose residual norm is ~100× the
+rest: 25,000 vs ~180 at SmolLM2's layer 15), whatever token is there; starting each window with BOS
+puts that sink on a token that every stage excludes (:data:`WINDOW_START`), rather than on a word
+that happened to be cut first. The same spec, split, tokenizer and seed always give the same sequences.
 Local corpora are tokenised once, whole, into the token cache (:mod:`saelab.token_cache`) and packed
 from there; ``hf:`` datasets are tokenised as they stream.
 """
@@ -35,6 +41,8 @@ import numpy as np
 import torch
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
+WINDOW_START = "bos"
+"""How windows start (recorded in stores as ``bos.window_start``): a BOS token, then ``context - 1`` tokens."""
 SPLITS = ("train", "validation", "all")
 VALIDATION_ONE_IN = 20
 
@@ -107,6 +115,11 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
         return root, _stdlib_files(root)
     if spec.source.startswith("hf:"):
         return None
+    if spec.source == "english":
+        from saelab import english   # builds the corpus file on first use
+
+        path = english.corpus_path()
+        return path, [path]
     path = Path(spec.source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -174,16 +187,16 @@ def token_stream(docs: Iterable[Document], tokenizer, bos_id: int, seed: int | N
         yield from tokenizer.encode(doc.text, add_special_tokens=False, verbose=False)  # no "too long" warning: we pack
 
 
-def pack(stream: Iterable[int], context: int) -> Iterator[torch.Tensor]:
-    """Cut a token stream into consecutive ``[context]`` int64 windows; a short tail is dropped."""
+def pack(stream: Iterable[int], context: int, bos_id: int) -> Iterator[torch.Tensor]:
+    """``[context]`` int64 windows: BOS, then the next ``context - 1`` tokens of the stream; a short tail is dropped."""
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
-    buf: list[int] = []
+    buf: list[int] = [bos_id]
     for tok in stream:
         buf.append(tok)
         if len(buf) == context:
             yield torch.tensor(buf, dtype=torch.long)
-            buf = []
+            buf = [bos_id]
 
 
 def sequences(spec: CorpusSpec | str, tokenizer, context: int, seed: int = 0, *,
@@ -201,13 +214,14 @@ def sequences(spec: CorpusSpec | str, tokenizer, context: int, seed: int = 0, *,
         raise ValueError(f"context must be at least 2 tokens, got {context}")
     cached = token_cache.tokenized(spec, tokenizer) if cache else None
     if cached is None:
-        return pack(token_stream(documents(spec), tokenizer, bos, seed), context)
+        return pack(token_stream(documents(spec), tokenizer, bos, seed), context, bos)
     return _pack_cached(cached, spec.split, bos, context, seed)
 
 
 def _pack_cached(corpus, split: str, bos: int, context: int, seed: int | None,
                  chunk_windows: int = 64) -> Iterator[torch.Tensor]:
     """:func:`pack` of :func:`token_stream` over cached documents, cut a chunk of windows at a time."""
+    piece = context - 1                                                  # each window: BOS + piece tokens
     order = [i for i, name in enumerate(corpus.names) if _in_split(name, split)]
     if seed is not None:
         random.Random(seed).shuffle(order)   # the same permutation token_stream applies to the documents
@@ -218,14 +232,19 @@ def _pack_cached(corpus, split: str, bos: int, context: int, seed: int | None,
         doc = corpus.tokens[corpus.offsets[i]:corpus.offsets[i + 1]]
         pieces += [bos_piece, doc]
         have += 1 + len(doc)
-        if have >= chunk_windows * context:
+        if have >= chunk_windows * piece:
             flat = np.concatenate(pieces).astype(np.int64)             # (have,)
-            n = have // context
-            yield from torch.from_numpy(flat[:n * context]).view(n, context)
-            pieces, have = [flat[n * context:]], have - n * context
-    if have >= context:                                                  # the last whole windows; a short tail is dropped
-        n = have // context
-        yield from torch.from_numpy(np.concatenate(pieces).astype(np.int64)[:n * context]).view(n, context)
+            n = have // piece
+            yield from _bos_led(flat[:n * piece].reshape(n, piece), bos)
+            pieces, have = [flat[n * piece:]], have - n * piece
+    if have >= piece:                                                    # the last whole windows; a short tail is dropped
+        n = have // piece
+        yield from _bos_led(np.concatenate(pieces).astype(np.int64)[:n * piece].reshape(n, piece), bos)
+
+
+def _bos_led(pieces: np.ndarray, bos: int) -> torch.Tensor:
+    """``[n, context]`` windows from ``pieces [n, context - 1]``: a BOS column first."""
+    return torch.from_numpy(np.concatenate([np.full((len(pieces), 1), bos, dtype=np.int64), pieces], axis=1))
 
 
 def bos_token_id(tokenizer) -> int:

@@ -9,9 +9,13 @@ Determinism and resume: the corpus gives the same sequences for the same seed; m
 (``seqs_per_shard``), so a resumed run skips the sequences of the shards already stored and
 recomputes exactly the same batches: its shards are byte-identical to an uninterrupted run's.
 
-Outliers: every stored row's norm goes into the store's statistics. ``exclude_bos`` drops
-positions holding the BOS token; ``max_norm_factor`` drops positions whose norm exceeds that
-factor times the median norm of the model batch (attention sinks can be ~100× the median).
+Positions: every window starts with BOS (see :mod:`saelab.corpus`), where real models park their
+attention sink. ``exclude_bos`` (the default) drops positions holding the BOS token — the window start
+and the document separators — and the store records it (``bos.excluded``); evaluation, analysis,
+inspection and steering read that record and leave the same positions out (:mod:`saelab.positions`).
+``max_norm_factor`` additionally drops positions whose norm exceeds that factor times the median
+norm of the model batch (a safety net; recorded, but not reproducible by later stages).
+Every stored row's norm goes into the store's statistics.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from saelab import store as st
-from saelab.corpus import CorpusSpec, bos_token_id, sequences, tokenizer_identity
+from saelab.corpus import WINDOW_START, CorpusSpec, bos_token_id, sequences, tokenizer_identity
 from saelab.hooks import HookPoint, hook_shapes, resolve, run_to_hooks
 from saelab.models import LoadedModel, load_model
 from saelab.runtime import tune_allocator
@@ -297,7 +301,7 @@ def _check_multi_out(out: Path, points: list[HookPoint]) -> None:
 
 def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec | str, *, tokens: int,
             out: Path | str, context: int = 256, batch_size: int = 32, dtype: str = "float32", seed: int = 0,
-            resume: bool = False, exclude_bos: bool = False, max_norm_factor: float | None = None,
+            resume: bool = False, exclude_bos: bool = True, max_norm_factor: float | None = None,
             nan_policy: str = "fail", shard_rows: int | None = None, progress: bool = True):
     """Harvest ``tokens`` positions (rounded up to whole sequences) at ``hooks`` into stores.
 
@@ -320,7 +324,8 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
     common = {"format": st.FORMAT, "version": st.VERSION, "model_name": lm.name, "model_family": lm.family,
               "model_weights_sha256": lm.weights_hash, "tokenizer": tokenizer_identity(lm.tokenizer),
               "context": context, "dtype": dtype,
-              "bos": {"token_id": bos_id, "prepended_per_document": True, "excluded": exclude_bos},
+              "bos": {"token_id": bos_id, "prepended_per_document": True, "window_start": WINDOW_START,
+                      "excluded": exclude_bos},
               "corpus": {**spec.to_json(), "seed": seed},
               "harvest": {"tokens": tokens, "batch_size": batch_size, "seqs_per_shard": seqs_per_shard,
                           "max_norm_factor": max_norm_factor, "nan_policy": nan_policy}}
@@ -397,7 +402,7 @@ def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], 
 
 def stream_activations(model: LoadedModel | str, hook: str, corpus: CorpusSpec | str, *, context: int,
                        batch_size: int, seed: int = 0, model_batch_size: int = 8, buffer_rows: int | None = None,
-                       exclude_bos: bool = False, passes: int | None = 1) -> Iterator[torch.Tensor]:
+                       exclude_bos: bool = True, passes: int | None = 1) -> Iterator[torch.Tensor]:
     """float32 ``[batch_size, d_in]`` batches straight from the model, mixed in a shuffle buffer.
 
     The buffer (``buffer_rows``, default 32 batches) is filled with activations of

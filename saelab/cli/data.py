@@ -3,6 +3,8 @@ recorded from it (harvest, store)."""
 
 from __future__ import annotations
 
+import argparse
+
 from saelab.cli.common import _print_json
 
 
@@ -99,7 +101,9 @@ def _add_harvest(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted harvest in --out")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
     p.add_argument("--seed", type=int, default=0, help="corpus shuffle seed")
-    p.add_argument("--exclude-bos", action="store_true", help="do not store BOS positions")
+    p.add_argument("--exclude-bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave out BOS positions: window starts (attention sinks on real models) and document "
+                        "separators; later stages exclude the same positions (default: on)")
     p.add_argument("--max-norm-factor", type=float, help="drop positions with norm > this × the batch median")
     p.add_argument("--nan-policy", default="fail", choices=["fail", "skip"], help="on NaN/inf: stop, or drop the sequence")
     p.add_argument("--shard-rows", type=int, help="rows per shard (default: ~64 MiB shards)")
