@@ -27,6 +27,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
+from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
 
 
@@ -37,7 +38,7 @@ class AnalyzeConfig:
     tokens: int = 1_000_000
     """Tokens to analyse (rounded up to whole sequences)."""
     context: int | None = None
-    """Sequence length; default the SAE's training context_size (else 128)."""
+    """Sequence length; default the SAE's training context_size (else saelab.provenance.DEFAULT_CONTEXT)."""
     batch_size: int = 32
     """Sequences per forward pass."""
     split: str = "auto"
@@ -98,18 +99,10 @@ def resolve_inputs(sae, model=None, corpus=None, hook: str | None = None) -> Set
 
         sae_path = Path(sae).resolve()
         sae = load_sae(sae_path)
-    prov = {**sae.cfg.metadata, **getattr(sae, "provenance", {})}
-    if model is None:
-        if not prov.get("model_name"):
-            raise ValueError("the SAE does not record its model (provenance model_name); pass the model explicitly")
-        model = prov["model_name"]
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
-    hook = hook or prov.get("hook_name")
-    if not hook:
-        raise ValueError("the SAE does not record its hook (provenance hook_name); pass hook=... explicitly")
-    if corpus is None:
-        corpus = (prov.get("corpus") or {}).get("source", "stdlib")
-    return Setup(sae.eval(), lm, hook, corpus, sae_path)
+    given = model.name if isinstance(model, LoadedModel) else model
+    run = stage_inputs(sae, model=given, hook=hook, corpus=corpus)
+    lm = model if isinstance(model, LoadedModel) else load_model(run.model_name)
+    return Setup(sae.eval(), lm, run.hook, run.corpus.source, sae_path)
 
 
 def token_batches(lm, corpus: str, cfg: AnalyzeConfig, context: int) -> Iterator[tuple[torch.Tensor, str]]:
@@ -136,8 +129,7 @@ def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = Tr
 
     sae, lm = setup.sae, setup.lm
     device = sae.W_dec.device
-    prov = getattr(sae, "provenance", {})
-    hint = prov.get("feature_max_act")
+    hint = Provenance.of(sae).feature_max_act
     hint = torch.tensor(hint, dtype=torch.float32) if hint is not None and len(hint) == sae.d_sae else None
     stats = Stats(sae.d_sae, cfg, hint, device, cfg.seed)
     bos = bos_token_id(lm.tokenizer)
@@ -310,8 +302,8 @@ def write_db(out: Path, setup: Setup, cfg: AnalyzeConfig, context: int, stats: S
 
 def _meta(setup: Setup, cfg: AnalyzeConfig, context: int, info: dict, logits: bool, fmap) -> dict:
     sae, lm = setup.sae, setup.lm
-    prov = getattr(sae, "provenance", {})
-    return {"model_name": lm.name, "model_weights_sha256": prov.get("model_weights_sha256"),
+    prov = Provenance.of(sae)
+    return {"model_name": lm.name, "model_weights_sha256": prov.model_weights_sha256,
             "hook_name": setup.hook, "sae_path": str(setup.sae_path) if setup.sae_path else None,
             "d_sae": sae.d_sae, "d_in": sae.d_in, "architecture": sae.cfg.architecture, "k": sae.cfg.k,
             "corpus": setup.corpus, "context": context, "config": asdict(cfg), **info,
@@ -357,8 +349,8 @@ def analyze(sae, model=None, corpus=None, *, out: Path | str | None = None, hook
         if setup.sae_path is None:
             raise ValueError("give out=... for an in-memory SAE (there is no SAE folder to put features.db beside)")
         out = setup.sae_path.parent / "features.db"
-    prov = {**setup.sae.cfg.metadata, **getattr(setup.sae, "provenance", {})}
-    context = int(cfg.context or prov.get("context_size") or 128)
+    context = stage_inputs(setup.sae, model=setup.lm.name, hook=setup.hook, corpus=setup.corpus,
+                           context=cfg.context, max_positions=setup.lm.max_positions).context
     stats, info = run_pass(setup, cfg, context, progress)
     write_db(Path(out), setup, cfg, context, stats, info, progress)
     return Path(out)

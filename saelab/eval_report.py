@@ -66,7 +66,8 @@ class Downstream:
     ce_clean: float
     ce_spliced: float
     ce_zero_ablated: float
-    ce_mean_ablated: float
+    ce_mean_ablated: float | None
+    """None unless mean-ablation was asked for (``ablations=("zero", "mean")``, CLI ``--mean-ablation``)."""
     ce_recovered_zero: float | None
     """None when zero-ablation does not change CE (the ratio is undefined)."""
     ce_recovered_mean: float | None

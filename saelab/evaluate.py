@@ -3,9 +3,16 @@
 One streaming pass over held-out text (the SAE's training corpus, validation split). Per batch of
 sequences the model runs clean (capturing ``x`` at the SAE's hook), then with the hook replaced by
 
-- the reconstruction ``x̂`` (spliced), zeros (zero-ablated), the mean activation (mean-ablated), and
-- ``x̂ + (x − x̂)`` (the error term kept): equal to clean up to float error. This is a self-check
-  that the splice replaces the very activation the SAE read (hook path, input vs output, dtype).
+- the reconstruction ``x̂`` (spliced), zeros (zero-ablated), and — when asked, ``ablations=("zero",
+  "mean")`` — the mean activation (mean-ablated, which needs an extra pass to the hook first), and
+- on the first batch, ``x̂ + (x − x̂)`` (the error term kept): equal to clean up to float error. This
+  is a self-check that the splice replaces the very activation the SAE read (hook path, input vs
+  output, dtype, and the replay below); a wrong hook is wrong on every batch, so one batch tells.
+
+The blocks below the hook run once per batch: the clean forward records their outputs and the other
+forwards replay them (:class:`saelab.hooks.PrefixReplay`), so each extra forward costs only the
+layers after the hook. On SmolLM2 at layer 15 of 30 that makes the pass ~2.2 full forwards per batch
+instead of 5.
 
 Definitions (also written into every report, see :data:`saelab.eval_report.DEFINITIONS`, where the
 report's dataclasses and :func:`compare`'s table live):
@@ -17,13 +24,17 @@ report's dataclasses and :func:`compare`'s table live):
 - CE recovered = (CE_ablate − CE_spliced) / (CE_ablate − CE_clean) (Anthropic; SAEBench "core").
 - Only the latents and statistics of one batch are in memory at a time; features' firing counts
   and the L0 histogram are accumulated as integer counts.
-- An SAE whose provenance says it was trained without BOS positions (``exclude_bos``) is evaluated
-  without them: they count in no reconstruction or sparsity metric and every splice and ablation
-  leaves them clean (the SAE never claimed to model them).
+- Windows start with BOS (:mod:`saelab.corpus`). An SAE whose provenance says it was trained without
+  BOS positions (``exclude_bos``, the default since windows start with BOS) is evaluated without them:
+  they count in no reconstruction or sparsity metric and every splice and ablation leaves them clean
+  (the SAE never claimed to model them, and on real models the window start is an attention sink
+  whose norm is ~100× the rest: splicing a reconstruction there wrecks every later position).
+  CE and KL average over every next-token prediction of the window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from itertools import islice
@@ -34,14 +45,14 @@ from tqdm import tqdm
 
 from saelab.corpus import CorpusSpec, bos_token_id, sequences
 from saelab.eval_report import Downstream, EvalReport, Reconstruction, SelfCheck, Sparsity, compare
-from saelab.hooks import HookError, capture, hook_shapes, intervene, resolve, run_to_hooks
+from saelab.hooks import HookError, PrefixReplay, capture, hook_shapes, intervene, resolve, run_to_hooks
 from saelab.models import LoadedModel, load_model
+from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
 
-__all__ = ["compare", "default_corpus", "Downstream", "EvalReport", "evaluate", "provenance", "Reconstruction",
-           "SelfCheck", "Sparsity", "trained_without_bos"]
+__all__ = ["compare", "Downstream", "EvalReport", "evaluate", "Reconstruction", "SelfCheck", "Sparsity",
+           "trained_without_bos"]
 
-DEFAULT_CONTEXT = 256
 DENSE_DENSITY = 0.1
 """A feature firing on more than this fraction of tokens counts as dense."""
 LOG10_DENSITY_EDGES = [x / 2 for x in range(-16, 1)]  # -8.0, -7.5, ..., 0.0
@@ -126,9 +137,11 @@ def _model_output(out) -> torch.Tensor:
 class _Evaluator:
     """Runs the clean, spliced, ablated and error-term forwards of each batch; owns the accumulators."""
 
-    def __init__(self, sae, lm: LoadedModel, hook: str):
+    def __init__(self, sae, lm: LoadedModel, hook: str, ablations: tuple[str, ...] = ("zero",)):
         self.sae, self.lm, self.hook, self.model = sae, lm, hook, lm.model
         self.causal = lm.is_causal
+        self.ablations = ablations
+        self.prefix = PrefixReplay(lm.model, hook)
         self.recon, self.sparsity = _ReconStats(sae.d_in), _SparsityStats(sae.d_sae)
         self.sums: defaultdict[str, float] = defaultdict(float)  # float64 running sums of CE, KL, counts
         self.mean: torch.Tensor | None = None  # (d_in,) x̄ over the evaluated positions, for mean-ablation
@@ -159,30 +172,38 @@ class _Evaluator:
             outs.append(x_hat)
         return torch.cat(outs).to(x.device)
 
-    def forward_with(self, b: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Model output with the hook's activation at the kept positions replaced by ``values [n_keep, d]``."""
+    def forward_with(self, b: torch.Tensor, keep: torch.Tensor, values: torch.Tensor,
+                     replay: bool = True) -> torch.Tensor:
+        """Model output with the hook's activation at the kept positions replaced by ``values [n_keep, d]``
+        (the blocks below the hook replayed from the clean forward of this batch unless ``replay=False``)."""
         def put(act: torch.Tensor) -> torch.Tensor:  # (B, T, d_in)
             out = act.clone()
             out[keep] = values.to(act.dtype)
             return out
 
-        with intervene(self.model, {self.hook: put}):
+        with self.prefix.replay() if replay else contextlib.nullcontext(), intervene(self.model, {self.hook: put}):
             return _model_output(self.model(input_ids=b, use_cache=False))
 
     def step(self, b: torch.Tensor, keep: torch.Tensor) -> None:
         b, keep = b.to(self.lm.device), keep.to(self.lm.device)
-        with capture(self.model, [self.hook]) as acts:
+        with capture(self.model, [self.hook]) as acts, self.prefix.record():
             clean = _model_output(self.model(input_ids=b, use_cache=False))
         x = acts[self.hook][keep].float()  # (n_keep, d_in)
         if not torch.isfinite(x).all():
             raise ValueError(f"the model's activations at {self.hook!r} contain NaN or inf (on tokens "
                              f"{b[0, :8].tolist()}...): check the model's dtype and weights")
         x_hat = self.reconstruct(x)
-        # The captured x, not the value the intervention sees: if the two hook paths disagreed,
-        # this splice would put a foreign activation in and the outputs would differ.
-        kept_error = self.forward_with(b, keep, x_hat + (x - x_hat))
-        self.max_diff = max(self.max_diff, (kept_error.float() - clean.float()).abs().max().item())
-        self.max_out = max(self.max_out, clean.float().abs().max().item())
+        kept_error = None
+        if not self.sums["checked"]:
+            # The captured x, not the value the intervention sees: if the two hook paths disagreed,
+            # this splice would put a foreign activation in and the outputs would differ. Once with the
+            # whole model running (a splice inside the replayed blocks would go unseen otherwise) and
+            # once replayed (the replay must change nothing).
+            for replay in (False, True):
+                kept_error = self.forward_with(b, keep, x_hat + (x - x_hat), replay=replay)
+                self.max_diff = max(self.max_diff, (kept_error.float() - clean.float()).abs().max().item())
+            self.max_out = max(self.max_out, clean.float().abs().max().item())
+            self.sums["checked"] += float(b.shape[0] * (b.shape[1] - 1))
         if not self.causal:
             return
         targets = b[:, 1:]  # (B, T-1)
@@ -190,8 +211,11 @@ class _Evaluator:
         p_clean = lp_clean.exp()
         self.sums["predictions"] += float(targets.numel())
         self._score("clean", lp_clean, targets)
-        self._score("error", kept_error[:, :-1].float().log_softmax(-1), targets, lp_clean, p_clean)
-        splices = {"spliced": x_hat, "zero": torch.zeros_like(x_hat), "mean": self.mean.to(x).expand_as(x)}
+        if kept_error is not None:
+            self._score("error", kept_error[:, :-1].float().log_softmax(-1), targets, lp_clean, p_clean)
+        splices = {"spliced": x_hat, "zero": torch.zeros_like(x_hat)}
+        if "mean" in self.ablations:
+            splices["mean"] = self.mean.to(x).expand_as(x)
         for name, values in splices.items():
             out = self.forward_with(b, keep, values)
             self._score(name, out[:, :-1].float().log_softmax(-1), targets, lp_clean, p_clean)
@@ -208,9 +232,12 @@ class _Evaluator:
     def downstream(self) -> Downstream:
         s = self.sums
         n = s["predictions"]
-        ce = {k: s[f"ce_{k}"] / n for k in ("clean", "spliced", "zero", "mean")}
+        ce = {k: s[f"ce_{k}"] / n if k != "mean" or "mean" in self.ablations else None
+              for k in ("clean", "spliced", "zero", "mean")}
 
         def recovered(ablated: str) -> float | None:
+            if ce[ablated] is None:
+                return None
             gap = ce[ablated] - ce["clean"]
             return (ce[ablated] - ce["spliced"]) / gap if abs(gap) > 1e-6 else None
 
@@ -223,60 +250,22 @@ class _Evaluator:
         half = next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16)
         tolerance = 2e-2 if half else 1e-4  # relative to the largest output; a wrong hook is O(1) off
         rel = self.max_diff / max(self.max_out, 1e-12)
-        kl = self.sums["kl_error"] / self.sums["predictions"] if self.causal else None
+        kl = self.sums["kl_error"] / self.sums["checked"] if self.causal and self.sums["checked"] else None
         return SelfCheck(output="logits" if self.causal else "last_hidden_state", max_abs_diff=self.max_diff,
                          relative_diff=rel, kl=kl, tolerance=tolerance, ok=rel <= tolerance)
 
 
 # -- setup: what to evaluate on --------------------------------------------------------------------
 
-def provenance(sae) -> dict:
-    """The SAE's saelab.json provenance (``{}`` for an SAE built in memory)."""
-    return dict(getattr(sae, "provenance", None) or {})
-
-
-def _recorded(sae, key: str):
-    """A provenance value: saelab.json first, then cfg.json metadata (SAELens SAEs have only the latter)."""
-    value = provenance(sae).get(key)
-    return value if value is not None else sae.cfg.metadata.get(key)
-
-
-def default_corpus(sae, split: str = "validation") -> CorpusSpec:
-    """The corpus the SAE was trained on (its provenance), held-out split; else the stdlib's."""
-    corpus = provenance(sae).get("corpus")
-    source = corpus.get("source") if isinstance(corpus, dict) else corpus
-    return CorpusSpec(source if isinstance(source, str) and source else "stdlib", split)
-
-
 def trained_without_bos(sae) -> bool:
-    """Whether provenance says BOS positions were left out of training: ``exclude_bos`` (top level or in
-    ``train_config``), ``bos.excluded`` (the store manifest's block), SAELens' ``exclude_special_tokens``."""
-    prov = provenance(sae)
-    bos = prov.get("bos") if isinstance(prov.get("bos"), dict) else {}
-    if bos.get("excluded") is not None:
-        return bool(bos["excluded"])
-    for where in (prov, prov.get("train_config") or {}, sae.cfg.metadata):
-        for key in ("exclude_bos", "exclude_special_tokens"):
-            if where.get(key) is not None:
-                return bool(where[key])
-    return False
+    """Whether the SAE's provenance says BOS positions were left out of training (see
+    :class:`saelab.provenance.Provenance`: the store's ``bos.excluded``, ``exclude_bos``, SAELens'
+    ``exclude_special_tokens``)."""
+    return Provenance.of(sae).exclude_bos
 
 
-def _hook(sae, hook: str | None, warnings: list[str]) -> str:
-    recorded = _recorded(sae, "hook_name") or _recorded(sae, "hf_hook_name")
-    if hook is None:
-        if not recorded:
-            raise ValueError("the SAE does not record the hook it was trained on (no hook_name in saelab.json "
-                             "or cfg.json metadata); pass the hook (hook=..., CLI: --hook)")
-        return recorded
-    if recorded and hook != recorded:
-        warnings.append(f"evaluated at hook {hook!r}, but the SAE was trained on {recorded!r}")
-    return hook
-
-
-def _check_fits(sae, lm: LoadedModel, hook: str) -> None:
+def _check_fits(sae, lm: LoadedModel, hook: str, trained_on: str | None) -> None:
     """The hook must exist in the model and be as wide as the SAE's input."""
-    trained_on = _recorded(sae, "model_name")
     origin = f" (the SAE was trained on {trained_on!r})" if trained_on else ""
     try:
         resolve(lm.model, hook)
@@ -288,40 +277,14 @@ def _check_fits(sae, lm: LoadedModel, hook: str) -> None:
                          f"{origin}; evaluate it on the model and hook it was trained on")
 
 
-def _context(sae, context: int | None, lm: LoadedModel, warnings: list[str]) -> int:
-    context = int(context or _recorded(sae, "context_size") or DEFAULT_CONTEXT)
-    cfg = lm.config
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if limit and context > limit:
-        warnings.append(f"context {context} exceeds the model's {limit} positions; using {limit}")
-        context = int(limit)
-    return context
-
-
-def _token_ids(sae, corpus, lm: LoadedModel, context: int, tokens: int, seed: int) -> tuple[torch.Tensor, dict]:
-    """``[n_seq, context]`` token ids (a few MB at most: the only thing held for the whole pass)."""
+def _token_ids(spec: CorpusSpec, lm: LoadedModel, context: int, tokens: int, seed: int) -> torch.Tensor:
+    """``[n_seq, context]`` BOS-led token ids (a few MB at most: the only thing held for the whole pass)."""
     n_seq = max(1, math.ceil(tokens / context))
-    if isinstance(corpus, torch.Tensor):
-        if corpus.dim() != 2 or corpus.shape[1] < 2:
-            raise ValueError(f"token ids must be [n_seq, context >= 2], got shape {tuple(corpus.shape)}")
-        return corpus[:n_seq].long(), {"source": "token ids", "split": "given"}
-    if isinstance(corpus, str):
-        corpus = CorpusSpec(corpus, "validation")
-    spec = corpus or default_corpus(sae)
     ids = list(islice(sequences(spec, lm.tokenizer, context, seed), n_seq))
     if not ids:
         raise ValueError(f"corpus {spec.source!r} (split {spec.split!r}) has fewer than {context} tokens: "
                          "nothing to evaluate on; use a larger corpus or a smaller context")
-    return torch.stack(ids), {**spec.to_json(), "seed": seed}
-
-
-def _as_loaded(sae, model) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    name = model or _recorded(sae, "model_name")
-    if not name:
-        raise ValueError("the SAE does not record its model (no model_name in its provenance); pass the model")
-    return load_model(name)
+    return torch.stack(ids)
 
 
 # -- the public functions --------------------------------------------------------------------------
@@ -330,7 +293,7 @@ def _as_loaded(sae, model) -> LoadedModel:
 def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | str | torch.Tensor | None = None, *,
              tokens: int = 200_000, context: int | None = None, batch_size: int = 8, seed: int = 0,
              hook: str | None = None, exclude_bos: bool | None = None, progress: bool = True,
-             name: str | None = None) -> EvalReport:
+             name: str | None = None, ablations: tuple[str, ...] = ("zero",)) -> EvalReport:
     """Reconstruction, sparsity and downstream metrics of ``sae`` at its hook in ``model``.
 
     ``model``: a LoadedModel or a name for :func:`load_model` (default: the SAE's ``model_name``).
@@ -339,29 +302,51 @@ def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | s
     of ``context`` (default: the SAE's ``context_size``, else 256, capped at the model's positions).
     ``batch_size`` sequences per forward: peak memory is a few ``[batch, context, vocab]`` logits.
     ``exclude_bos``: default from the SAE's provenance (see the module docstring).
+    ``ablations``: the baselines for CE recovered: ``"zero"`` always, ``"mean"`` on request (one more
+    pass to the hook, and one more forward per batch).
     """
+    unknown = set(ablations) - {"zero", "mean"}
+    if unknown or "zero" not in ablations:
+        raise ValueError(f"ablations must be ('zero',) or ('zero', 'mean'), got {ablations}")
     tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
     warnings: list[str] = []
-    lm = _as_loaded(sae, model)
-    hook = _hook(sae, hook, warnings)
-    _check_fits(sae, lm, hook)
-    if isinstance(corpus, torch.Tensor):
-        context = corpus.shape[-1]  # given token ids set the context
-    ids, corpus_json = _token_ids(sae, corpus, lm, _context(sae, context, lm, warnings), tokens, seed)
+    given_ids = corpus if isinstance(corpus, torch.Tensor) else None
+    if given_ids is not None:
+        if given_ids.dim() != 2 or given_ids.shape[1] < 2:
+            raise ValueError(f"token ids must be [n_seq, context >= 2], got shape {tuple(given_ids.shape)}")
+        context, corpus = given_ids.shape[-1], None  # given token ids set the context
+    model_name = None if isinstance(model, LoadedModel) else model
+    run = stage_inputs(sae, model=model_name or (model.name if isinstance(model, LoadedModel) else None),
+                       hook=hook, corpus=corpus, context=context, exclude_bos=exclude_bos)
+    prov = run.provenance
+    if hook and prov.hook_read and hook != prov.hook_read:
+        warnings.append(f"evaluated at hook {hook!r}, but the SAE was trained on {prov.hook_read!r}")
+    lm = model if isinstance(model, LoadedModel) else load_model(run.model_name)
+    hook = run.hook
+    _check_fits(sae, lm, hook, prov.model_name)
+    context = run.context
+    if lm.max_positions and context > lm.max_positions and given_ids is None:
+        warnings.append(f"context {context} exceeds the model's {lm.max_positions} positions; using {lm.max_positions}")
+        context = lm.max_positions
+    if given_ids is not None:
+        ids, corpus_json = given_ids[:max(1, math.ceil(tokens / context))].long(), {"source": "token ids",
+                                                                                     "split": "given"}
+    else:
+        ids, corpus_json = _token_ids(run.corpus, lm, context, tokens, seed), {**run.corpus.to_json(), "seed": seed}
     if ids.numel() < tokens:
         warnings.append(f"the corpus gave only {ids.numel():,} of the {tokens:,} tokens asked for")
-    exclude_bos = trained_without_bos(sae) if exclude_bos is None else exclude_bos
+    exclude_bos = run.exclude_bos
     keep = ids != bos_token_id(lm.tokenizer) if exclude_bos else torch.ones_like(ids, dtype=torch.bool)
-    recorded_hash = provenance(sae).get("model_weights_sha256")
+    recorded_hash = prov.model_weights_sha256
     if recorded_hash and recorded_hash != lm.weights_hash:
         warnings.append(f"model {lm.name!r} has other weights than the SAE was trained on "
                         f"(sha256 {lm.weights_hash[:12]}…, provenance says {recorded_hash[:12]}…)")
-    ev = _Evaluator(sae, lm, hook)
+    ev = _Evaluator(sae, lm, hook, tuple(ablations))
     was_training = sae.training
     sae.eval()  # batchtopk uses its learned threshold at inference
     try:
         label = name or "sae"
-        if ev.causal:
+        if ev.causal and "mean" in ev.ablations:
             with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: mean activation", disable=not progress,
                       leave=False) as bar:
                 ev.mean_activation(ids, keep, batch_size, bar)
@@ -387,6 +372,8 @@ def _report(ev: _Evaluator, name, lm, hook, corpus_json, ids, seed, exclude_bos,
         why = f"model {lm.name!r} has no LM head (loaded without one): no next-token distribution"
         unavailable = {m: why for m in ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated",
                                         "ce_recovered", "delta_loss", "kl")}
+    elif "mean" not in ev.ablations:
+        unavailable = {m: "not asked for (--mean-ablation)" for m in ("ce_mean_ablated", "ce_recovered_mean")}
     return EvalReport(sae=name, model=lm.name, hook=hook, corpus=corpus_json, context=int(ids.shape[1]),
                       tokens=ids.numel(), seed=seed, exclude_bos=exclude_bos, reconstruction=ev.recon.result(),
                       sparsity=sparsity, downstream=ev.downstream() if ev.causal else None, self_check=check,

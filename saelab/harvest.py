@@ -322,7 +322,8 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
     seqs_per_shard = batch_size * max(1, round(target / (batch_size * context)))
     bos_id = bos_token_id(lm.tokenizer)
     common = {"format": st.FORMAT, "version": st.VERSION, "model_name": lm.name, "model_family": lm.family,
-              "model_weights_sha256": lm.weights_hash, "tokenizer": tokenizer_identity(lm.tokenizer),
+              "model_weights_sha256": lm.weights_hash, "gguf_sha256": lm.gguf_sha256,
+              "tokenizer": tokenizer_identity(lm.tokenizer),
               "context": context, "dtype": dtype,
               "bos": {"token_id": bos_id, "prepended_per_document": True, "window_start": WINDOW_START,
                       "excluded": exclude_bos},

@@ -282,3 +282,51 @@ def hook_shapes(model: nn.Module, names: list[str] | None = None) -> dict[str, i
     with capture(model, names) as acts:
         model(input_ids=ids)
     return {n: int(acts[n].shape[-1]) for n in names}
+
+
+class PrefixReplay:
+    """Run the blocks below a hook once per batch, then replay their outputs in later forwards.
+
+    Evaluation runs the same batch several times (clean, spliced, ablated) and only what comes
+    after the hook differs. ``record()`` stores the outputs of every block that lies wholly before
+    the hook during the first forward; inside ``replay()`` those blocks return their stored outputs
+    without computing anything (their forward hooks still run). For ``blocks.L.hook_resid_post``
+    block L itself is replayed too: the hook edits its output after the replayed forward. Raw module
+    paths replay nothing. The stored outputs belong to one batch: record again for the next.
+    """
+
+    def __init__(self, model: nn.Module, hook: str):
+        model = _module(model)
+        point = resolve(model, hook)
+        n = 0
+        if point.layer is not None:
+            block_path = f"{layer_list_path(model)}.{point.layer}"
+            n = point.layer + (1 if point.module_path == block_path and point.io == "output" else 0)
+        self.blocks = list(model.get_submodule(layer_list_path(model)))[:n] if n else []
+        self.outputs: list = []
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        self.outputs = [None] * len(self.blocks)
+
+        def keep(i: int, out) -> None:
+            self.outputs[i] = out
+
+        handles = [b.register_forward_hook(lambda m, a, out, i=i: keep(i, out)) for i, b in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        if any(out is None for out in self.outputs):
+            raise RuntimeError("PrefixReplay.replay() before a complete record() of this batch")
+        for block, out in zip(self.blocks, self.outputs):
+            block.forward = lambda *args, _out=out, **kwargs: _out   # an instance attribute shadows the method
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                del block.forward

@@ -17,7 +17,10 @@ side by side; :func:`dial` measures how a feature's concept and the text's loss 
 
 from __future__ import annotations
 
+import copy
 import math
+import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, NamedTuple, Sequence, Union
@@ -25,6 +28,7 @@ from typing import Iterator, Mapping, NamedTuple, Sequence, Union
 import torch
 from torch.nn import functional as F
 
+from saelab.corpus import bos_token_id
 from saelab.hooks import _module, capture, intervene, resolve, run_to_hooks
 
 DIAL_VALUES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
@@ -168,6 +172,12 @@ class SteeringHook:
         check_width(x, self.d_in, self.hook)
         flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
         coef = self.target.expand(flat.shape[0], -1)  # (positions, n_edits)
+        if x.shape[1] > 1:
+            # A forward from the start of the text (a prompt, or a whole text measured without cache):
+            # position 0 holds BOS, the attention sink, which the SAE never saw in training and the
+            # edit must not touch (a clamp there moves every later position). KV-cached decoding steps
+            # (seq 1) are never position 0.
+            coef = coef * (torch.arange(x.shape[1], device=x.device) > 0).repeat(x.shape[0])[:, None]
         if self.encoder is not None:
             z = self.encoder(flat)  # (positions, n_needed)
             if self.any_clamp:
@@ -235,19 +245,74 @@ def model_context(module) -> int | None:
     return None
 
 
-def prompt_ids(model, prompt: str, max_new_tokens: int = 0, prepend_bos: bool = True) -> torch.Tensor:
-    """``[1, n]`` token ids of the prompt (BOS first, as the SAE saw documents in training)."""
-    from saelab.corpus import bos_token_id
+def prompt_ids(model, prompt: str, max_new_tokens: int = 0, prepend_bos: bool = True,
+               chat: bool = False) -> torch.Tensor:
+    """``[1, n]`` token ids of the prompt, BOS first (as every window the SAE saw in training).
 
+    ``chat``: the prompt is a user message, wrapped in the tokenizer's chat template with the
+    assistant's turn opened (``add_generation_prompt``). Templates that begin with the BOS token
+    (SmolLM2's ``<|im_start|>``, Llama 3's ``<|begin_of_text|>``) are not given a second one.
+    """
     tok = model.tokenizer
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    if prepend_bos:
-        ids = [bos_token_id(tok)] + ids
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"model {model.name!r} has no chat template (its tokenizer defines none): "
+                             "drop --chat and give the prompt as plain text")
+        ids = list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"])
+    else:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    bos = bos_token_id(tok)
+    if prepend_bos and (not ids or ids[0] != bos):
+        ids = [bos] + ids
     ctx = model_context(model.model)
     if ctx is not None and len(ids) + max_new_tokens > ctx:
         raise ValueError(f"the prompt is {len(ids)} tokens; with {max_new_tokens} new tokens that is beyond the "
                          f"model's context of {ctx} tokens: shorten the prompt or generate fewer tokens")
     return torch.tensor([ids], device=model.device)
+
+
+_thread_choice: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def generation_threads(model) -> int:
+    """The faster torch thread count for this model's decoding steps on CPU: 1 or all, measured once.
+
+    A KV-cached decoding step is a chain of small matmuls; on a busy 2-core machine the second
+    thread's synchronisation often costs more than it brings (SmolLM2: 3-15× slower with 2 threads
+    while other jobs ran), on an idle one it helps. So: time a few one-token steps each way.
+    """
+    module, most = model.model, torch.get_num_threads()
+    if model.device.type != "cpu" or most == 1:
+        return most
+    if module in _thread_choice:
+        return _thread_choice[module]
+    ids = torch.ones(1, 8, dtype=torch.long, device=model.device)
+    past = module(input_ids=ids, use_cache=True).past_key_values
+    step = torch.ones(1, 1, dtype=torch.long, device=model.device)
+    timings = {}
+    try:
+        for n in (1, most, 1, most):
+            torch.set_num_threads(n)
+            start = time.perf_counter()
+            for _ in range(3):
+                module(input_ids=step, past_key_values=copy.deepcopy(past), use_cache=True)
+            timings[n] = min(timings.get(n, math.inf), time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(most)
+    _thread_choice[module] = min(timings, key=timings.get)
+    return _thread_choice[module]
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def generate_ids(model, ids: torch.Tensor, *, max_new_tokens: int = 40, temperature: float = 1.0, seed: int = 0,
@@ -261,7 +326,7 @@ def generate_ids(model, ids: torch.Tensor, *, max_new_tokens: int = 40, temperat
     sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
         else dict(do_sample=False)
     devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), threads(generation_threads(model)):
         torch.manual_seed(seed)
         return model.model.generate(
             ids.expand(samples, -1), attention_mask=torch.ones_like(ids).expand(samples, -1),

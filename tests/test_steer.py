@@ -54,6 +54,7 @@ def expected(sae, x, edits):
     for f, e in edits.items():
         if isinstance(e, Add):
             out = out + e.value * max_act[f] * sae.W_dec[f]
+    out[0] = x[0]  # position 0 is BOS, the attention sink: never edited
     return out
 
 

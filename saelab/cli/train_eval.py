@@ -111,6 +111,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="document order of the corpus (default: 0)")
     p.add_argument("--hook", help="hook to evaluate at (default: the SAE's hook_name)")
+    p.add_argument("--mean-ablation", action="store_true",
+                   help="also report CE with the hook mean-ablated (one more pass and forward per batch)")
     p.add_argument("--device", default="cpu", help="torch device for the model and SAEs (default: cpu)")
     p.add_argument("--json", action="store_true", help="print JSON (a list when several SAEs are given)")
     p.add_argument("--no-save", action="store_true", help="do not write eval.json into the SAE folders")
@@ -118,9 +120,9 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> None:
-    from saelab.corpus import CorpusSpec
-    from saelab.evaluate import compare, default_corpus, evaluate
+    from saelab.evaluate import compare, evaluate
     from saelab.models import load_model
+    from saelab.provenance import stage_inputs
     from saelab.sae import SAE
 
     if args.tokens < 1 or args.batch_size < 1:
@@ -128,14 +130,15 @@ def _run_eval(args) -> None:
     models, reports = {}, []
     for folder in args.sae:
         sae = SAE.load(folder, device=args.device)
-        name = args.model or sae.provenance.get("model_name") or sae.cfg.metadata.get("model_name")
-        if not name:
-            raise ValueError(f"{folder}: the SAE does not record its model; pass --model")
-        if name not in models:
-            models[name] = load_model(name, device=args.device)
-        corpus = CorpusSpec(args.corpus, args.split) if args.corpus else default_corpus(sae, args.split)
-        report = evaluate(sae, models[name], corpus, tokens=args.tokens, context=args.context,
-                          batch_size=args.batch_size, seed=args.seed, hook=args.hook, name=folder)
+        try:
+            run = stage_inputs(sae, model=args.model, hook=args.hook, corpus=args.corpus, split=args.split)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
+        if run.model_name not in models:
+            models[run.model_name] = load_model(run.model_name, device=args.device)
+        report = evaluate(sae, models[run.model_name], run.corpus, tokens=args.tokens, context=args.context,
+                          batch_size=args.batch_size, seed=args.seed, hook=args.hook, name=folder,
+                          ablations=("zero", "mean") if args.mean_ablation else ("zero",))
         if not args.no_save:
             report.save(folder)
         reports.append(report)
