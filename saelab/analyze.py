@@ -27,6 +27,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
+from saelab.positions import PositionRule
 from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
 
@@ -61,7 +62,8 @@ class AnalyzeConfig:
     window_right: int = 4
     """Tokens kept after it."""
     skip_bos: bool = True
-    """Leave BOS tokens out of stats and examples."""
+    """Leave BOS tokens out of stats and examples (attention sinks above the SAE's recorded sink_factor
+    × their window's median norm are left out too: :mod:`saelab.positions`)."""
     coact_top: int = 8
     """Strongest latents per token counted for co-activation."""
     coact_max_pairs: int = 4_000_000
@@ -129,22 +131,23 @@ def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = Tr
 
     sae, lm = setup.sae, setup.lm
     device = sae.W_dec.device
-    hint = Provenance.of(sae).feature_max_act
+    prov = Provenance.of(sae)
+    hint = prov.feature_max_act
     hint = torch.tensor(hint, dtype=torch.float32) if hint is not None and len(hint) == sae.d_sae else None
     stats = Stats(sae.d_sae, cfg, hint, device, cfg.seed)
-    bos = bos_token_id(lm.tokenizer)
+    rule = PositionRule(bos_token_id(lm.tokenizer) if cfg.skip_bos else None, prov.sink_factor)
     warmup = max(1, math.ceil(cfg.tokens / context / cfg.batch_size) // 20)
     by_split: dict[str, int] = {}
     start, n_batches = time.perf_counter(), 0
     with tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="analysing", disable=not progress) as bar:
         for ids, split in token_batches(lm, setup.corpus, cfg, context):
             x = run_to_hooks(lm.model, ids.to(lm.device), setup.hook)[setup.hook]  # (B, T, d_in)
+            keep = rule.keep(ids.to(x.device), torch.linalg.vector_norm(x.float(), dim=-1)).reshape(-1).to(device)
             x = x.reshape(-1, x.shape[-1]).to(device, torch.float32)  # (B·T, d_in)
             if not torch.isfinite(x).all():
                 raise ValueError(f"non-finite activations at hook {setup.hook} (batch {n_batches}); "
                                  "check the model weights and dtype")
             flat = ids.reshape(-1).to(device)
-            keep = flat != bos if cfg.skip_bos else torch.ones_like(flat, dtype=torch.bool)
             tok, feat, val, top_m = sparse_latents(sae, x, keep, cfg.coact_top)
             b = Batch(tok, feat, val, flat, context, n_batches * cfg.batch_size, sae.d_sae, cfg.window_left,
                       cfg.window_right, tok * sae.d_sae + feat, val)  # entries are already sorted by key

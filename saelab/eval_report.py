@@ -104,6 +104,8 @@ class EvalReport:
     """Tokens run through the model."""
     seed: int
     exclude_bos: bool
+    positions: dict
+    """The positions left out (:class:`saelab.positions.PositionRule` and counts of BOS and sink positions)."""
     reconstruction: Reconstruction
     sparsity: Sparsity
     downstream: Downstream | None
@@ -154,6 +156,7 @@ _ROWS: list[tuple[str, Callable[[EvalReport], str]]] = [
     ("hook", lambda r: r.hook),
     ("d_sae", lambda r: f"{r.sparsity.d_sae:,}"),
     ("tokens (recon./sparsity)", lambda r: f"{r.reconstruction.tokens:,}"),
+    ("left out: BOS / sinks", lambda r: f"{r.positions.get('excluded_bos', 0):,} / {r.positions.get('excluded_sinks', 0):,}"),
     ("FVU", lambda r: _fmt(r.reconstruction.fvu, ".4f")),
     ("MSE (per element)", lambda r: _fmt(r.reconstruction.mse, ".4g")),
     ("cosine(x, x_hat)", lambda r: _fmt(r.reconstruction.cosine, ".4f")),

@@ -47,6 +47,7 @@ from saelab.corpus import CorpusSpec, bos_token_id, sequences
 from saelab.eval_report import Downstream, EvalReport, Reconstruction, SelfCheck, Sparsity, compare
 from saelab.hooks import HookError, PrefixReplay, capture, hook_shapes, intervene, resolve, run_to_hooks
 from saelab.models import LoadedModel, load_model
+from saelab.positions import PositionRule
 from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
 
@@ -137,8 +138,8 @@ def _model_output(out) -> torch.Tensor:
 class _Evaluator:
     """Runs the clean, spliced, ablated and error-term forwards of each batch; owns the accumulators."""
 
-    def __init__(self, sae, lm: LoadedModel, hook: str, ablations: tuple[str, ...] = ("zero",)):
-        self.sae, self.lm, self.hook, self.model = sae, lm, hook, lm.model
+    def __init__(self, sae, lm: LoadedModel, hook: str, rule: PositionRule, ablations: tuple[str, ...] = ("zero",)):
+        self.sae, self.lm, self.hook, self.model, self.rule = sae, lm, hook, lm.model, rule
         self.causal = lm.is_causal
         self.ablations = ablations
         self.prefix = PrefixReplay(lm.model, hook)
@@ -147,12 +148,19 @@ class _Evaluator:
         self.mean: torch.Tensor | None = None  # (d_in,) x̄ over the evaluated positions, for mean-ablation
         self.max_diff = self.max_out = 0.0
 
-    def mean_activation(self, ids: torch.Tensor, keep: torch.Tensor, batch_size: int, bar) -> None:
+    def kept(self, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` positions that count (:class:`saelab.positions.PositionRule`) of ids ``b`` with hook
+        activations ``x [B, T, d_in]``."""
+        return self.rule.keep(b, torch.linalg.vector_norm(x.float(), dim=-1))
+
+    def mean_activation(self, ids: torch.Tensor, batch_size: int, bar) -> None:
         """First pass, forward only as far as the hook: x̄ over the kept positions (float64 sum)."""
         total, n = torch.zeros(self.sae.d_in, dtype=torch.float64), 0
-        for b, k in zip(ids.split(batch_size), keep.split(batch_size)):
-            x = run_to_hooks(self.model, b.to(self.lm.device), [self.hook])[self.hook]  # (B, T, d_in)
-            total += x[k.to(x.device)].double().sum(0).cpu()
+        for b in ids.split(batch_size):
+            b = b.to(self.lm.device)
+            x = run_to_hooks(self.model, b, [self.hook])[self.hook]  # (B, T, d_in)
+            k = self.kept(b, x)
+            total += x[k].double().sum(0).cpu()
             n += int(k.sum())
             bar.update(b.numel())
         self.mean = (total / max(n, 1)).float()
@@ -184,10 +192,15 @@ class _Evaluator:
         with self.prefix.replay() if replay else contextlib.nullcontext(), intervene(self.model, {self.hook: put}):
             return _model_output(self.model(input_ids=b, use_cache=False))
 
-    def step(self, b: torch.Tensor, keep: torch.Tensor) -> None:
-        b, keep = b.to(self.lm.device), keep.to(self.lm.device)
+    def step(self, b: torch.Tensor) -> None:
+        b = b.to(self.lm.device)
         with capture(self.model, [self.hook]) as acts, self.prefix.record():
             clean = _model_output(self.model(input_ids=b, use_cache=False))
+        keep = self.kept(b, acts[self.hook])                      # (B, T)
+        if self.rule.bos_id is not None:
+            self.sums["excluded_bos"] += float((b == self.rule.bos_id).sum())
+        self.sums["excluded_sink"] += float(self.rule.sinks(b, torch.linalg.vector_norm(
+            acts[self.hook].float(), dim=-1)).sum())
         x = acts[self.hook][keep].float()  # (n_keep, d_in)
         if not torch.isfinite(x).all():
             raise ValueError(f"the model's activations at {self.hook!r} contain NaN or inf (on tokens "
@@ -336,12 +349,12 @@ def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | s
     if ids.numel() < tokens:
         warnings.append(f"the corpus gave only {ids.numel():,} of the {tokens:,} tokens asked for")
     exclude_bos = run.exclude_bos
-    keep = ids != bos_token_id(lm.tokenizer) if exclude_bos else torch.ones_like(ids, dtype=torch.bool)
+    rule = PositionRule(bos_token_id(lm.tokenizer) if exclude_bos else None, prov.sink_factor)
     recorded_hash = prov.model_weights_sha256
     if recorded_hash and recorded_hash != lm.weights_hash:
         warnings.append(f"model {lm.name!r} has other weights than the SAE was trained on "
                         f"(sha256 {lm.weights_hash[:12]}…, provenance says {recorded_hash[:12]}…)")
-    ev = _Evaluator(sae, lm, hook, tuple(ablations))
+    ev = _Evaluator(sae, lm, hook, rule, tuple(ablations))
     was_training = sae.training
     sae.eval()  # batchtopk uses its learned threshold at inference
     try:
@@ -349,11 +362,11 @@ def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | s
         if ev.causal and "mean" in ev.ablations:
             with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: mean activation", disable=not progress,
                       leave=False) as bar:
-                ev.mean_activation(ids, keep, batch_size, bar)
+                ev.mean_activation(ids, batch_size, bar)
         with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: evaluating", disable=not progress,
                   leave=False) as bar:
-            for b, k in zip(ids.split(batch_size), keep.split(batch_size)):
-                ev.step(b, k)
+            for b in ids.split(batch_size):
+                ev.step(b)
                 bar.update(b.numel())
     finally:
         sae.train(was_training)
@@ -374,7 +387,10 @@ def _report(ev: _Evaluator, name, lm, hook, corpus_json, ids, seed, exclude_bos,
                                         "ce_recovered", "delta_loss", "kl")}
     elif "mean" not in ev.ablations:
         unavailable = {m: "not asked for (--mean-ablation)" for m in ("ce_mean_ablated", "ce_recovered_mean")}
+    positions = {**ev.rule.to_json(), "excluded_bos": int(ev.sums["excluded_bos"]),
+                 "excluded_sinks": int(ev.sums["excluded_sink"])}
     return EvalReport(sae=name, model=lm.name, hook=hook, corpus=corpus_json, context=int(ids.shape[1]),
-                      tokens=ids.numel(), seed=seed, exclude_bos=exclude_bos, reconstruction=ev.recon.result(),
+                      tokens=ids.numel(), seed=seed, exclude_bos=exclude_bos, positions=positions,
+                      reconstruction=ev.recon.result(),
                       sparsity=sparsity, downstream=ev.downstream() if ev.causal else None, self_check=check,
                       unavailable=unavailable, warnings=warnings, feature_density=density)

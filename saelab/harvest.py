@@ -10,11 +10,10 @@ Determinism and resume: the corpus gives the same sequences for the same seed; m
 recomputes exactly the same batches: its shards are byte-identical to an uninterrupted run's.
 
 Positions: every window starts with BOS (see :mod:`saelab.corpus`), where real models park their
-attention sink. ``exclude_bos`` (the default) drops positions holding the BOS token — the window start
-and the document separators — and the store records it (``bos.excluded``); evaluation, analysis,
-inspection and steering read that record and leave the same positions out (:mod:`saelab.positions`).
-``max_norm_factor`` additionally drops positions whose norm exceeds that factor times the median
-norm of the model batch (a safety net; recorded, but not reproducible by later stages).
+attention sink. :class:`saelab.positions.PositionRule` decides which positions are left out —
+BOS positions (``exclude_bos``, default on) and sinks (norm above ``sink_factor`` × the window's
+median, default 5) — and the store records the rule (``positions``) and the counts (``excluded``);
+evaluation, analysis and steering rebuild the same rule from the SAE's provenance.
 Every stored row's norm goes into the store's statistics.
 """
 
@@ -35,6 +34,7 @@ from saelab import store as st
 from saelab.corpus import WINDOW_START, CorpusSpec, bos_token_id, sequences, tokenizer_identity
 from saelab.hooks import HookPoint, hook_shapes, resolve, run_to_hooks
 from saelab.models import LoadedModel, load_model
+from saelab.positions import SINK_FACTOR, PositionRule
 from saelab.runtime import tune_allocator
 
 NAN_POLICIES = ("fail", "skip")
@@ -71,7 +71,7 @@ class _Sink:
         stats = manifest.get("stats")
         self.stats = st.RunningStats.from_json(stats) if stats else st.RunningStats(manifest["d_in"])
         self.skipped = list(manifest.get("skipped_sequences", []))
-        self.excluded = dict(manifest.get("excluded", {"bos": 0, "norm": 0}))
+        self.excluded = dict(manifest.get("excluded", {"bos": 0, "sink": 0}))
         self.capacity = manifest["harvest"]["seqs_per_shard"] * manifest["context"]
         # Two buffers: one filling while the writer thread writes the other; bounds memory to 2 shards.
         self.free: queue.Queue = queue.Queue()
@@ -103,16 +103,13 @@ class _Sink:
         if shard < self.first_new_shard:
             return
         b, ctx, d = act.shape
-        keep = keep.clone()
-        if opts["exclude_bos"]:
-            is_bos = ids == opts["bos_id"]
-            self.excluded["bos"] += int((is_bos & keep).sum())
-            keep &= ~is_bos
+        rule: PositionRule = opts["rule"]
+        counted = rule.keep(ids, norms)
+        if rule.bos_id is not None:
+            self.excluded["bos"] += int((keep & (ids == rule.bos_id)).sum())
+        self.excluded["sink"] += int((keep & rule.sinks(ids, norms)).sum())
+        keep = keep & counted
         x = act.reshape(b * ctx, d)                                         # (b*ctx, d)
-        if opts["max_norm_factor"] is not None and keep.any():
-            over = keep & (norms > opts["max_norm_factor"] * norms[keep].median())
-            self.excluded["norm"] += int(over.sum())
-            keep &= ~over
         seq = (torch.arange(b).unsqueeze(1) + seq0).expand(b, ctx).reshape(-1)
         pos = torch.arange(ctx).expand(b, ctx).reshape(-1)
         cols = (x, ids.reshape(-1), seq, pos, norms.reshape(-1))            # (b*ctx, d), (b*ctx,) x4
@@ -273,7 +270,7 @@ def _batched(it: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
         yield torch.stack(chunk)                                            # (b, ctx)
 
 
-def _check_args(tokens, context, batch_size, dtype, nan_policy, max_norm_factor, lm) -> None:
+def _check_args(tokens, context, batch_size, dtype, nan_policy, sink_factor, lm) -> None:
     if tokens < 1 or context < 2 or batch_size < 1:
         raise ValueError(f"tokens, batch_size must be positive and context >= 2 (got {tokens}, {batch_size}, "
                          f"{context})")
@@ -281,8 +278,8 @@ def _check_args(tokens, context, batch_size, dtype, nan_policy, max_norm_factor,
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(st.DTYPES)}")
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"unknown nan_policy {nan_policy!r}; choose fail or skip")
-    if max_norm_factor is not None and not max_norm_factor > 1:
-        raise ValueError(f"max_norm_factor must be > 1 (a multiple of the median norm), got {max_norm_factor}")
+    if sink_factor is not None and not sink_factor > 1:
+        raise ValueError(f"sink_factor must be > 1 (a multiple of the window's median norm), got {sink_factor}")
     limit = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
     if limit and context > limit:
         raise ValueError(f"context {context} is longer than the model's {limit} positions")
@@ -301,7 +298,7 @@ def _check_multi_out(out: Path, points: list[HookPoint]) -> None:
 
 def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec | str, *, tokens: int,
             out: Path | str, context: int = 256, batch_size: int = 32, dtype: str = "float32", seed: int = 0,
-            resume: bool = False, exclude_bos: bool = True, max_norm_factor: float | None = None,
+            resume: bool = False, exclude_bos: bool = True, sink_factor: float | None = SINK_FACTOR,
             nan_policy: str = "fail", shard_rows: int | None = None, progress: bool = True):
     """Harvest ``tokens`` positions (rounded up to whole sequences) at ``hooks`` into stores.
 
@@ -314,22 +311,24 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
         raise ValueError(f"give one or more distinct hooks, got {names}")
     points = [resolve(lm.model, n) for n in names]
     spec = CorpusSpec(corpus) if isinstance(corpus, str) else corpus
-    _check_args(tokens, context, batch_size, dtype, nan_policy, max_norm_factor, lm)
+    _check_args(tokens, context, batch_size, dtype, nan_policy, sink_factor, lm)
     seq_iter = sequences(spec, lm.tokenizer, context, seed)   # a missing corpus path fails here
     widths = hook_shapes(lm.model, names)
     itemsize = st.DTYPES[dtype].itemsize
     target = shard_rows or max(1, SHARD_BYTES // (max(widths.values()) * itemsize))
     seqs_per_shard = batch_size * max(1, round(target / (batch_size * context)))
     bos_id = bos_token_id(lm.tokenizer)
+    rule = PositionRule(bos_id if exclude_bos else None, sink_factor)
     common = {"format": st.FORMAT, "version": st.VERSION, "model_name": lm.name, "model_family": lm.family,
               "model_weights_sha256": lm.weights_hash, "gguf_sha256": lm.gguf_sha256,
               "tokenizer": tokenizer_identity(lm.tokenizer),
               "context": context, "dtype": dtype,
               "bos": {"token_id": bos_id, "prepended_per_document": True, "window_start": WINDOW_START,
                       "excluded": exclude_bos},
+              "positions": rule.to_json(),
               "corpus": {**spec.to_json(), "seed": seed},
               "harvest": {"tokens": tokens, "batch_size": batch_size, "seqs_per_shard": seqs_per_shard,
-                          "max_norm_factor": max_norm_factor, "nan_policy": nan_policy}}
+                          "nan_policy": nan_policy}}
     out = Path(out).expanduser()
     if len(points) > 1:
         _check_multi_out(out, points)
@@ -340,15 +339,13 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
                   "hook_io": p.io, "d_in": widths[p.name]}
         sinks.append(_Sink(p, path, st.prepare(path, header, resume), st.DTYPES[dtype]))
     _run(lm, sinks, seq_iter, n_seqs=math.ceil(tokens / context), seqs_per_shard=seqs_per_shard,
-         batch_size=batch_size, bos_id=bos_id, exclude_bos=exclude_bos, max_norm_factor=max_norm_factor,
-         nan_policy=nan_policy, progress=progress)
+         batch_size=batch_size, rule=rule, nan_policy=nan_policy, progress=progress)
     stores = {s.point.name: st.ActivationStore.open(s.path) for s in sinks}
     return stores[names[0]] if len(names) == 1 else stores
 
 
 def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], *, n_seqs: int,
-         seqs_per_shard: int, batch_size: int, bos_id: int, exclude_bos: bool, max_norm_factor: float | None,
-         nan_policy: str, progress: bool) -> None:
+         seqs_per_shard: int, batch_size: int, rule: PositionRule, nan_policy: str, progress: bool) -> None:
     from tqdm import tqdm
 
     # Resume from the store that is furthest behind (a kill can fall between two hooks' writes).
@@ -362,7 +359,7 @@ def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], 
     writer = _Writer(background)
     bar = tqdm(total=n_seqs * context, initial=min(seq0, n_seqs) * context, unit="tok", unit_scale=True,
                disable=not progress, desc="harvest")
-    opts = {"bos_id": bos_id, "exclude_bos": exclude_bos, "max_norm_factor": max_norm_factor}
+    opts = {"rule": rule}
     # Packing (and tokenising, for uncached corpora) runs in its own thread when a core is spare.
     batches = _batched(itertools.islice(seq_iter, seq0, n_seqs), batch_size)
     if PREFETCH_BATCHES and background:
@@ -403,7 +400,8 @@ def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], 
 
 def stream_activations(model: LoadedModel | str, hook: str, corpus: CorpusSpec | str, *, context: int,
                        batch_size: int, seed: int = 0, model_batch_size: int = 8, buffer_rows: int | None = None,
-                       exclude_bos: bool = True, passes: int | None = 1) -> Iterator[torch.Tensor]:
+                       exclude_bos: bool = True, sink_factor: float | None = SINK_FACTOR,
+                       passes: int | None = 1) -> Iterator[torch.Tensor]:
     """float32 ``[batch_size, d_in]`` batches straight from the model, mixed in a shuffle buffer.
 
     The buffer (``buffer_rows``, default 32 batches) is filled with activations of
@@ -414,7 +412,7 @@ def stream_activations(model: LoadedModel | str, hook: str, corpus: CorpusSpec |
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     spec = CorpusSpec(corpus) if isinstance(corpus, str) else corpus
     resolve(lm.model, hook)
-    bos_id = bos_token_id(lm.tokenizer)
+    rule = PositionRule(bos_token_id(lm.tokenizer) if exclude_bos else None, sink_factor)
     capacity = max(buffer_rows or 32 * batch_size, 2 * batch_size)
     gen = torch.Generator().manual_seed(seed)
     buf: list[torch.Tensor] = []
@@ -423,8 +421,7 @@ def stream_activations(model: LoadedModel | str, hook: str, corpus: CorpusSpec |
         for ids in _batched(sequences(spec, lm.tokenizer, context, seed + p), model_batch_size):
             act = run_to_hooks(lm.model, ids.to(lm.device), [hook])[hook]
             x = act.reshape(-1, act.shape[-1]).float().cpu()                # (b*ctx, d)
-            if exclude_bos:
-                x = x[(ids != bos_id).reshape(-1)]
+            x = x[rule.keep(ids, _row_norms(act).cpu()).reshape(-1)]
             if not bool(torch.isfinite(x).all()):
                 raise NonFiniteActivation(f"non-finite activation (NaN/inf) at hook {hook} while streaming")
             buf.append(x)

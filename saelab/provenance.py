@@ -41,6 +41,8 @@ class Provenance:
     """BOS positions (window starts, the attention sink; document separators) were left out of training."""
     window_start: str | None
     """``"bos"`` when every training window started with BOS; None for older stores and foreign SAEs."""
+    sink_factor: float | None
+    """Positions above this × their window's median norm were left out (:mod:`saelab.positions`)."""
     feature_max_act: list[float] | None
     """Per-feature maximum activation seen in training (what ``Clamp(10x)`` multiplies)."""
 
@@ -65,12 +67,14 @@ class Provenance:
         if exclude is None:
             exclude = pick("exclude_bos", "exclude_special_tokens")
         context = pick("context_size", "context")
+        positions = record.get("positions") if isinstance(record.get("positions"), dict) else {}
         max_act = record.get("feature_max_act")
         return cls(model_name=pick("model_name"), model_weights_sha256=pick("model_weights_sha256"),
                    gguf_sha256=pick("gguf_sha256"), hook_read=hook, hook_written=pick("hook_written") or hook,
                    corpus=corpus if isinstance(corpus, dict) else None,
                    context=int(context) if context else None, exclude_bos=bool(exclude),
                    window_start=bos.get("window_start") or pick("window_start"),
+                   sink_factor=positions.get("sink_factor"),
                    feature_max_act=list(max_act) if max_act is not None else None)
 
 

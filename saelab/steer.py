@@ -30,6 +30,8 @@ from torch.nn import functional as F
 
 from saelab.corpus import bos_token_id
 from saelab.hooks import _module, capture, intervene, resolve, run_to_hooks
+from saelab.positions import window_median
+from saelab.provenance import Provenance
 
 DIAL_VALUES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
 
@@ -71,7 +73,7 @@ Edit = Union[Clamp, Add, Ablate]
 
 def sae_hook_name(sae) -> str:
     """The hook the SAE reads, from its provenance (saelab.json) or cfg.json metadata."""
-    name = (getattr(sae, "provenance", None) or {}).get("hook_name") or sae.cfg.metadata.get("hook_name")
+    name = Provenance.of(sae).hook_read
     if not name:
         raise ValueError("this SAE does not record which hook it reads (no hook_name in saelab.json or in "
                          "cfg.json metadata); pass the hook explicitly")
@@ -167,17 +169,36 @@ class SteeringHook:
         self.cond_col = torch.tensor([col[e.when[0]] if e.when else 0 for e in edits.values()], device=device)
         self.cond_thr = torch.tensor([e.when[1] if e.when else -math.inf for e in edits.values()], device=device)
         self.any_cond = bool(conds)
+        self.sink_factor = Provenance.of(sae).sink_factor
+        self.sink_norm: torch.Tensor | None = None   # (batch, 1) set by the last forward from the text's start
+
+    def editable(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """``[positions]`` 0/1: the positions an edit may touch (:mod:`saelab.positions`).
+
+        A forward from the start of the text (a prompt, or a text measured without cache) has BOS at
+        position 0, the attention sink the SAE never saw in training: an edit there moves every later
+        position. Positions whose norm exceeds the SAE's ``sink_factor`` × the median of the others
+        are sinks too; KV-cached decoding steps (seq 1) are compared with the threshold of the
+        forward that started their text.
+        """
+        b, t = x.shape[:2]
+        norms = flat.norm(dim=-1).view(b, t)                                        # (b, t)
+        if t > 1:
+            counted = (torch.arange(t, device=x.device) > 0).expand(b, t)
+            factor = self.sink_factor if self.sink_factor is not None else math.inf
+            self.sink_norm = factor * window_median(norms, counted)                  # (b, 1)
+            ok = counted & (norms <= self.sink_norm)
+        elif self.sink_norm is not None and self.sink_norm.shape[0] == b:
+            ok = norms <= self.sink_norm
+        else:
+            ok = torch.ones_like(norms, dtype=torch.bool)
+        return ok.reshape(-1).to(flat.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, seq, d_in)
         check_width(x, self.d_in, self.hook)
         flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
         coef = self.target.expand(flat.shape[0], -1)  # (positions, n_edits)
-        if x.shape[1] > 1:
-            # A forward from the start of the text (a prompt, or a whole text measured without cache):
-            # position 0 holds BOS, the attention sink, which the SAE never saw in training and the
-            # edit must not touch (a clamp there moves every later position). KV-cached decoding steps
-            # (seq 1) are never position 0.
-            coef = coef * (torch.arange(x.shape[1], device=x.device) > 0).repeat(x.shape[0])[:, None]
+        coef = coef * self.editable(x, flat)[:, None]
         if self.encoder is not None:
             z = self.encoder(flat)  # (positions, n_needed)
             if self.any_clamp:

@@ -67,7 +67,7 @@ def store_provenance(store) -> dict:
             "hook_name": m.get("hook_name"), "hf_hook_name": m.get("hf_hook_name"), "hook_io": m.get("hook_io"),
             "corpus": m.get("corpus"), "context_size": m.get("context"),
             "prepend_bos": bos.get("prepended_per_document"), "exclude_special_tokens": excluded,
-            "bos": bos or None, "gguf_sha256": m.get("gguf_sha256")}
+            "bos": bos or None, "positions": m.get("positions"), "gguf_sha256": m.get("gguf_sha256")}
     return {k: v for k, v in prov.items() if v is not None}
 
 

@@ -21,7 +21,7 @@ from saelab.store import ActivationStore
 HOOK = "blocks.1.hook_resid_post"
 HOOK2 = "blocks.0.mlp.hook_post"
 # 32 seqs, 4 shards; BOS rows kept so that rows map 1:1 to positions (the default leaves them out)
-ARGS = dict(tokens=1000, context=32, batch_size=4, shard_rows=256, progress=False, exclude_bos=False)
+ARGS = dict(tokens=1000, context=32, batch_size=4, shard_rows=256, progress=False, exclude_bos=False, sink_factor=None)
 
 
 @pytest.fixture(scope="module")
@@ -239,21 +239,23 @@ def test_exclude_bos_and_norm_outliers(env, tmp_path):
         return x
 
     with intervene(env["lm"], {HOOK: sink}):
-        store = harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "s", max_norm_factor=50,
-                        **{**ARGS, "exclude_bos": True})
+        store = harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "s",
+                        **{**ARGS, "exclude_bos": True, "sink_factor": 50})
     tok = torch.cat([store.read_shard(i)["tokens"] for i in range(len(store.shards))])
     pos = torch.cat([store.read_shard(i)["pos"] for i in range(len(store.shards))])
     n_bos = int((torch.cat([env["ref"].read_shard(i)["tokens"] for i in range(4)]) == bos).sum())
     assert n_bos > 0 and not (tok == bos).any() and not (pos == 3).any()
     assert store.manifest["excluded"]["bos"] == n_bos
-    assert store.n_rows == 32 * 32 - n_bos - store.manifest["excluded"]["norm"]
+    assert store.manifest["excluded"]["sink"] == 32                 # position 3 of each of the 32 windows
+    assert store.n_rows == 32 * 32 - n_bos - 32
+    assert store.manifest["positions"] == {"bos_token_id": bos, "exclude_bos": True, "sink_factor": 50}
     assert store.manifest["stats"]["norm"]["max"] < 50 * store.manifest["stats"]["norm"]["median"]
 
 
 def test_default_leaves_out_window_starts_and_separators(env, tmp_path):
     """The sink rule: every window starts with BOS, and by default no BOS position is stored."""
     store = harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "s",
-                    **{k: v for k, v in ARGS.items() if k != "exclude_bos"})
+                    **{k: v for k, v in ARGS.items() if k not in ("exclude_bos", "sink_factor")})
     bos = store.manifest["bos"]
     assert bos["excluded"] is True and bos["window_start"] == "bos"
     ref_tokens = torch.cat([env["ref"].read_shard(i)["tokens"] for i in range(4)]).view(32, 32)
@@ -262,7 +264,8 @@ def test_default_leaves_out_window_starts_and_separators(env, tmp_path):
     tok = torch.cat([store.read_shard(i)["tokens"] for i in range(len(store.shards))])
     assert not (pos == 0).any() and not (tok == bos["token_id"]).any()
     n_bos = int((ref_tokens == bos["token_id"]).sum())
-    assert n_bos > 32 and store.n_rows == 32 * 32 - n_bos == 32 * 32 - store.manifest["excluded"]["bos"]
+    assert n_bos > 32 and store.manifest["excluded"]["bos"] == n_bos
+    assert store.n_rows == 32 * 32 - n_bos - store.manifest["excluded"]["sink"]
 
 
 def test_half_precision_store(env, tmp_path):
@@ -278,7 +281,7 @@ def test_stream_activations_rows_come_from_the_model(env):
     lm = env["lm"]
     corpus_rows = sum(1 for _ in sequences(env["corpus"], lm.tokenizer, 32, 0)) * 32
     got = list(stream_activations(lm, HOOK, env["corpus"], context=32, batch_size=50, buffer_rows=400,
-                                  exclude_bos=False))
+                                  exclude_bos=False, sink_factor=None))
     assert all(b.shape == (50, 32) and b.dtype == torch.float32 for b in got)
     assert len(got) == corpus_rows // 50
     first = torch.cat(got[:4])
@@ -289,7 +292,8 @@ def test_stream_activations_rows_come_from_the_model(env):
 def test_cli_harvest_info_verify(env, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["harvest", "--model", str(env["model_dir"]), "--hook", HOOK, "--corpus", env["corpus"], "--tokens", "1000",
-            "--context", "32", "--batch-size", "4", "--shard-rows", "256", "--no-exclude-bos", "--out", str(out)]
+            "--context", "32", "--batch-size", "4", "--shard-rows", "256", "--no-exclude-bos", "--sink-factor", "0",
+            "--out", str(out)]
     assert cli_main(argv) == 0
     capsys.readouterr()
     assert shard_bytes(out) == shard_bytes(env["ref"].path)

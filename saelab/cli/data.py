@@ -104,7 +104,9 @@ def _add_harvest(sub) -> None:
     p.add_argument("--exclude-bos", action=argparse.BooleanOptionalAction, default=True,
                    help="leave out BOS positions: window starts (attention sinks on real models) and document "
                         "separators; later stages exclude the same positions (default: on)")
-    p.add_argument("--max-norm-factor", type=float, help="drop positions with norm > this × the batch median")
+    p.add_argument("--sink-factor", type=float, default=5.0,
+                   help="leave out attention sinks: positions whose norm exceeds this × their window's median "
+                        "(default 5; 0 turns the rule off); later stages apply the same rule")
     p.add_argument("--nan-policy", default="fail", choices=["fail", "skip"], help="on NaN/inf: stop, or drop the sequence")
     p.add_argument("--shard-rows", type=int, help="rows per shard (default: ~64 MiB shards)")
     p.add_argument("--device", default="cpu", help="torch device for the model")
@@ -137,7 +139,7 @@ def _run_harvest(args) -> None:
     lm = load_model(args.model, device=args.device)
     result = harvest(lm, args.hook, CorpusSpec(args.corpus, args.split), tokens=args.tokens, out=args.out,
                      context=args.context, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
-                     resume=args.resume, exclude_bos=args.exclude_bos, max_norm_factor=args.max_norm_factor,
+                     resume=args.resume, exclude_bos=args.exclude_bos, sink_factor=args.sink_factor or None,
                      nan_policy=args.nan_policy, shard_rows=args.shard_rows, progress=True)
     for store in result.values() if isinstance(result, dict) else [result]:
         print(f"{store.path}: {store.n_rows:,} rows of {store.hook_name} (d_in={store.d_in}), "
