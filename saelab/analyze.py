@@ -26,6 +26,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
+from saelab.locks import exclusive
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
 from saelab.positions import PositionRule
 from saelab.provenance import Provenance, stage_inputs
@@ -304,11 +305,13 @@ def write_db(out: Path, setup: Setup, cfg: AnalyzeConfig, context: int, stats: S
 
 
 def _meta(setup: Setup, cfg: AnalyzeConfig, context: int, info: dict, logits: bool, fmap) -> dict:
+    from saelab.featuredb import sae_identity
+
     sae, lm = setup.sae, setup.lm
     prov = Provenance.of(sae)
     return {"model_name": lm.name, "model_weights_sha256": prov.model_weights_sha256,
             "hook_name": setup.hook, "sae_path": str(setup.sae_path) if setup.sae_path else None,
-            "d_sae": sae.d_sae, "d_in": sae.d_in, "architecture": sae.cfg.architecture, "k": sae.cfg.k,
+            **sae_identity(sae), "d_in": sae.d_in, "architecture": sae.cfg.architecture, "k": sae.cfg.k,
             "corpus": setup.corpus, "context": context, "config": asdict(cfg), **info,
             "map_method": fmap.method if fmap is not None else None,
             "logit_effects": ("W_U · (final-norm scale ⊙ W_dec[f]); the norm's division by the RMS is ignored"
@@ -354,8 +357,9 @@ def analyze(sae, model=None, corpus=None, *, out: Path | str | None = None, hook
         out = setup.sae_path.parent / "features.db"
     context = stage_inputs(setup.sae, model=setup.lm.name, hook=setup.hook, corpus=setup.corpus,
                            context=cfg.context, max_positions=setup.lm.max_positions).context
-    stats, info = run_pass(setup, cfg, context, progress)
-    write_db(Path(out), setup, cfg, context, stats, info, progress)
+    with exclusive(out, "analysis"):   # held for the whole pass, not only while the file is written
+        stats, info = run_pass(setup, cfg, context, progress)
+        write_db(Path(out), setup, cfg, context, stats, info, progress)
     return Path(out)
 
 

@@ -6,6 +6,7 @@ complete one, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,59 @@ from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
+
+from saelab.errors import StorageError
+
+# errno → what the user reads; the texts are how safetensors (Rust io::Error) and SQLite report the same
+_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted"}
+_STORAGE_TEXTS = {"no space left on device": errno.ENOSPC, "storagefull": errno.ENOSPC,
+                  "database or disk is full": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+                  "read-only file system": errno.EROFS, "readonlyfilesystem": errno.EROFS,
+                  "attempt to write a readonly database": errno.EROFS, "permission denied": errno.EACCES}
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} kB"
+
+
+def storage_error(e: BaseException, target: Path | str, needed: int | None = None) -> StorageError | None:
+    """``e`` as a one-line :class:`StorageError` naming ``target`` (and the bytes needed and free when
+    known) if it is a full disk or a read-only/forbidden folder; None for any other error."""
+    code = e.errno if isinstance(e, OSError) and e.errno in _STORAGE else None
+    if code is None and not isinstance(e, OSError):
+        text = str(e).lower()
+        code = next((c for t, c in _STORAGE_TEXTS.items() if t in text), None)
+    if code is None:
+        return None
+    target = Path(target)
+    msg = f"cannot write {target}: {_STORAGE[code]}"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        folder = next((p for p in (target, *target.parents) if p.is_dir()), None)
+        free = shutil.disk_usage(folder).free if folder is not None else None
+        parts = ([f"needs about {_size(needed)}"] if needed else []) + ([f"{_size(free)} free there"] if free is not None else [])
+        msg += f" ({', '.join(parts)})" if parts else ""
+        msg += "; free some space or write to another folder"
+    else:
+        msg += "; make the folder writable or write to another folder"
+    err = StorageError(msg + ". Nothing was left half-written; rerun (with --resume where the stage has it)")
+    err.errno = code
+    return err
+
+
+@contextmanager
+def storage_errors(target: Path | str, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk or a read-only folder met inside the block into a :class:`StorageError`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        err = storage_error(e, target, needed)
+        if err is None:
+            raise
+        raise err from e
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,8 +106,9 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to ``target``."""
     tmp = temp_path(target)
     try:
-        yield tmp
-        commit(tmp, target)
+        with storage_errors(target):
+            yield tmp
+            commit(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -69,7 +124,8 @@ def write_json(target: Path | str, obj) -> None:
 
 
 def write_tensors(target: Path | str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    with atomic_path(target) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_path(target) as tmp, storage_errors(target, needed):
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
@@ -78,9 +134,47 @@ def truncate_jsonl_log(path: Path | str, step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if _step_of(line) is not None and _step_of(line) <= step]
     write_bytes(path, "".join(line + "\n" for line in keep).encode("utf-8"))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one JSONL record; None for a blank line or one torn by a crash mid-write."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec.get("step", 0) if isinstance(rec, dict) else None
+
+
+def pid_of_temp(name: str) -> int | None:
+    """The PID in a temporary name ``.<target>.tmp-PID`` / ``.<target>.old-PID`` (None if not one)."""
+    head, sep, pid = name.rpartition("-")
+    return int(pid) if sep and pid.isdigit() and head.endswith((".tmp", ".old")) else None
+
+
+def remove_stale_temps(target: Path | str) -> list[Path]:
+    """Delete the temporary siblings of ``target`` (``.<name>.tmp-PID`` files or folders, and
+    ``.<name>.old-PID`` folders once ``target`` exists again) left by killed processes: only those
+    whose PID is no longer running. Returns what was removed."""
+    from saelab.locks import pid_alive
+
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    olds = list(target.parent.glob(f".{target.name}.old-*")) if target.exists() else []  # else recover_dir's
+    for tmp in [*target.parent.glob(f".{target.name}.tmp-*"), *olds]:
+        pid = pid_of_temp(tmp.name)
+        if pid is None or pid_alive(pid):
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 @contextmanager
@@ -94,19 +188,20 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        with storage_errors(target):
+            tmp.mkdir(parents=True)
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            fsync_dir(tmp)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,6 +27,7 @@ used by the CLI, the web app, steering, monitoring and the explainers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
@@ -34,7 +35,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from saelab.atomic import atomic_path
+from saelab.atomic import atomic_path, remove_stale_temps, storage_errors
+from saelab.errors import DatabaseDamaged, SAEMismatch
+from saelab.locks import exclusive
 
 SCHEMA_VERSION = 1
 EXAMPLE_KINDS = ("top", "quantile", "random")
@@ -121,6 +124,23 @@ class Writer:
                               ((x, y, c, i) for i, x, y, c in rows))
 
 
+IDENTITY_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def sae_identity(sae) -> dict:
+    """What ties a features.db to its SAE: ``{"sae_weights_sha256", "d_sae"}``.
+
+    The hash covers the float32 bytes (and shapes) of W_enc, b_enc, W_dec and b_dec as loaded, so the
+    SAE read back from its folder hashes the same as the one that was analysed.
+    """
+    h = hashlib.sha256()
+    for name in IDENTITY_TENSORS:
+        t = getattr(sae, name).detach().float().cpu().contiguous()
+        h.update(f"{name}:{list(t.shape)};".encode())
+        h.update(memoryview(t.numpy()).cast("B"))
+    return {"sae_weights_sha256": h.hexdigest(), "d_sae": int(sae.d_sae)}
+
+
 @contextmanager
 def build(path: Path | str) -> Iterator[Writer]:
     """Create a new features.db at ``path`` atomically: ``with build(p) as w: w.features(...)``.
@@ -133,7 +153,8 @@ def build(path: Path | str) -> Iterator[Writer]:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path for the feature database")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with exclusive(path, "analysis"), atomic_path(path) as tmp, storage_errors(path):
+        remove_stale_temps(path)   # .features.db.tmp-PID of a killed analysis
         if tmp.exists():
             tmp.unlink()
         conn = sqlite3.connect(tmp)
@@ -167,7 +188,22 @@ def fts_query(text: str) -> str:
     return " ".join(quoted)
 
 
+class _Rows(list):
+    """Fetched rows with the cursor methods callers use (``fetchone``, ``fetchall``)."""
+
+    def fetchone(self):
+        return self[0] if self else None
+
+    def fetchall(self):
+        return list(self)
+
+
+MAX_SQL_INT = 2**63 - 1   # SQLite's INTEGER range; a larger Python int raises OverflowError
+
+
 def _filters(cluster, min_density, max_density) -> tuple[str, list]:
+    if cluster is not None and not -MAX_SQL_INT <= int(cluster) <= MAX_SQL_INT:
+        raise ValueError(f"cluster {cluster} is out of range")
     where, args = [], []
     for clause, value in (("cluster = ?", cluster), ("density >= ?", min_density), ("density <= ?", max_density)):
         if value is not None:
@@ -176,31 +212,101 @@ def _filters(cluster, min_density, max_density) -> tuple[str, list]:
     return (f" WHERE {' AND '.join(where)}" if where else ""), args
 
 
+TABLES = ("meta", "features", "examples", "logit_effects", "neighbours", "histograms", "coactivation",
+          "features_fts")
+
+
+def _expected_columns() -> dict[str, list[str]]:
+    """Column names of every table of :data:`SCHEMA`, read from an in-memory database built with it."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        mem.executescript(SCHEMA)
+        return {t: [r[1] for r in mem.execute(f"PRAGMA table_info({t})")] for t in TABLES}
+    finally:
+        mem.close()
+
+
 class FeatureDB:
-    """Read access to a features.db (read-only unless ``writable``; safe to share across threads)."""
+    """Read access to a features.db (read-only unless ``writable``; safe to share across threads).
+
+    Every query that SQLite cannot answer (a damaged page, a missing table) raises
+    :class:`~saelab.errors.DatabaseDamaged` naming the file, never a bare ``sqlite3`` error.
+    """
 
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
         self.path = path
         self.conn.row_factory = sqlite3.Row
-        self._info = {r["key"]: json.loads(r["value"]) for r in conn.execute("SELECT key, value FROM meta")}
+        self._info = {r["key"]: json.loads(r["value"]) for r in self._q("SELECT key, value FROM meta")}
         version = self._info.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(f"{path}: feature database schema version {version}, this saelab reads version "
                              f"{SCHEMA_VERSION}; re-run 'saelab analyze' to rebuild it")
-        self.n_features = int(conn.execute("SELECT COUNT(*) FROM features").fetchone()[0])
+        self.n_features = int(self._q("SELECT COUNT(*) FROM features").fetchone()[0])
 
     @classmethod
-    def open(cls, path: Path | str, writable: bool = False) -> "FeatureDB":
+    def open(cls, path: Path | str, writable: bool = False, check: bool = False) -> "FeatureDB":
+        """Open ``path``; ``check`` also runs :meth:`check_integrity` (the web server does, at start)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no feature database here (make one with 'saelab analyze SAE_DIR')")
         mode = "rw" if writable else "ro"
         try:
             conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True, check_same_thread=False)
-            return cls(conn, path)
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"{path}: not a saelab feature database ({e})") from None
+            raise DatabaseDamaged(f"{path}: not a saelab feature database ({e})") from None
+        try:
+            db = cls(conn, path)
+            if check:
+                db.check_integrity()
+        except BaseException:
+            conn.close()
+            raise
+        return db
+
+    def _damaged(self, e: sqlite3.DatabaseError) -> DatabaseDamaged:
+        return DatabaseDamaged(f"{self.path}: cannot be read ({e}); it is damaged, or not a saelab feature "
+                               "database. Rebuild it with 'saelab analyze SAE_DIR'")
+
+    def _q(self, sql: str, args: Sequence = ()) -> "_Rows":
+        """``conn.execute`` with SQLite's errors turned into :class:`DatabaseDamaged`; rows are fetched
+        here, since a damaged page can also fail while iterating."""
+        try:
+            cur = self.conn.execute(sql, args)
+            return _Rows(cur.fetchall())
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and "readonly" in str(e):
+                raise
+            raise self._damaged(e) from None
+
+    def check_integrity(self) -> None:
+        """PRAGMA quick_check plus every table with the columns this saelab expects; raises DatabaseDamaged."""
+        problems = [r[0] for r in self._q("PRAGMA quick_check") if r[0] != "ok"]
+        if problems:
+            raise DatabaseDamaged(f"{self.path}: the feature database is damaged (SQLite quick_check: "
+                                  f"{'; '.join(problems[:3])}); rebuild it with 'saelab analyze SAE_DIR'")
+        for table, columns in _expected_columns().items():
+            found = [r[1] for r in self._q(f"PRAGMA table_info({table})")]
+            if found != columns:
+                what = "is missing" if not found else f"has columns {found}, expected {columns}"
+                raise DatabaseDamaged(f"{self.path}: table {table!r} {what}; this is not a complete saelab "
+                                      "features.db. Rebuild it with 'saelab analyze SAE_DIR'")
+
+    def check_sae(self, sae, where: Path | str | None = None) -> None:
+        """Refuse an SAE other than the one this database was built for (weights hash and d_sae).
+
+        Databases from before the hash was recorded are checked on d_sae only."""
+        built_for = self._info.get("sae_path") or "an SAE given in memory"
+        mine = {"sae_weights_sha256": self._info.get("sae_weights_sha256"), "d_sae": self._info.get("d_sae")}
+        theirs = sae_identity(sae)
+        diff = [k for k in ("d_sae", "sae_weights_sha256") if mine[k] is not None and mine[k] != theirs[k]]
+        if diff:
+            def desc(d: dict) -> str:
+                sha = (d["sae_weights_sha256"] or "unrecorded")[:12]
+                return f"d_sae {d['d_sae']}, weights sha256 {sha}"
+            raise SAEMismatch(f"{self.path} belongs to the SAE at {built_for} ({desc(mine)}), not to the SAE "
+                              f"{'at ' + str(where) + ' ' if where else ''}({desc(theirs)}). Use the features.db "
+                              "made for this SAE, or run 'saelab analyze' on it")
 
     def close(self) -> None:
         self.conn.close()
@@ -225,7 +331,7 @@ class FeatureDB:
 
     def feature(self, i: int) -> dict:
         """One row of ``features`` as a dict (id, count, density, max_act, mean_act, explanation, ...)."""
-        row = self.conn.execute("SELECT * FROM features WHERE id = ?", (self._check(i),)).fetchone()
+        row = self._q("SELECT * FROM features WHERE id = ?", (self._check(i),)).fetchone()
         return dict(row)
 
     def features(self, order_by: str = "density", cluster: int | None = None, offset: int = 0, limit: int = 100,
@@ -235,25 +341,27 @@ class FeatureDB:
         the same direction)."""
         if order_by not in ORDER_BY:
             raise ValueError(f"cannot order features by {order_by!r}; choose one of {', '.join(ORDER_BY)}")
+        if not (0 <= int(offset) <= MAX_SQL_INT and 0 <= int(limit) <= MAX_SQL_INT):
+            raise ValueError(f"offset {offset} and limit {limit} must be between 0 and {MAX_SQL_INT}")
         where, args = _filters(cluster, min_density, max_density)
         direction = "DESC" if descending else "ASC"
         # ties go by id in the same direction, so the (column, rowid) index order answers without a sort
         sql = (f"SELECT * FROM features{where} ORDER BY {ORDER_BY[order_by]} {direction}, id {direction} "
                "LIMIT ? OFFSET ?")
-        return [dict(r) for r in self.conn.execute(sql, (*args, int(limit), int(offset)))]
+        return [dict(r) for r in self._q(sql, (*args, int(limit), int(offset)))]
 
     def count(self, cluster: int | None = None, min_density: float | None = None,
               max_density: float | None = None) -> int:
         """How many features match the same filters as :meth:`features` (for paging)."""
         where, args = _filters(cluster, min_density, max_density)
-        return int(self.conn.execute(f"SELECT COUNT(*) FROM features{where}", args).fetchone()[0])
+        return int(self._q(f"SELECT COUNT(*) FROM features{where}", args).fetchone()[0])
 
     def examples(self, i: int, kind: str = "top") -> list[dict]:
         """Token windows of ``kind`` (top | quantile | random), by rank: dicts with tokens (exact strings),
         token_ids, acts, max_pos (index of the qualifying token in the window), max_act, quantile, seq, pos."""
         if kind not in EXAMPLE_KINDS:
             raise ValueError(f"unknown example kind {kind!r}; choose one of {', '.join(EXAMPLE_KINDS)}")
-        rows = self.conn.execute("SELECT * FROM examples WHERE feature = ? AND kind = ? ORDER BY rank",
+        rows = self._q("SELECT * FROM examples WHERE feature = ? AND kind = ? ORDER BY rank",
                                  (self._check(i), kind))
         out = []
         for r in rows:
@@ -266,7 +374,7 @@ class FeatureDB:
     def logit_effects(self, i: int) -> dict:
         """``{"positive": [(token, value)], "negative": [...]}``, strongest first (empty if not computed)."""
         out: dict[str, list] = {"positive": [], "negative": []}
-        for r in self.conn.execute("SELECT sign, token, value FROM logit_effects WHERE feature = ? "
+        for r in self._q("SELECT sign, token, value FROM logit_effects WHERE feature = ? "
                                    "ORDER BY sign DESC, rank", (self._check(i),)):
             out["positive" if r["sign"] > 0 else "negative"].append((r["token"], r["value"]))
         return out
@@ -280,17 +388,17 @@ class FeatureDB:
                 raise ValueError(f"unknown neighbour kind {kind!r}; choose one of {', '.join(NEIGHBOUR_KINDS)}")
             sql += " AND kind = ?"
             args.append(kind)
-        return [dict(r) for r in self.conn.execute(sql + " ORDER BY kind DESC, rank", args)]
+        return [dict(r) for r in self._q(sql + " ORDER BY kind DESC, rank", args)]
 
     def coactivation(self, i: int, limit: int = 50) -> list[tuple[int, int]]:
         """``(other, count)``: how often ``other`` fired on the same token, most frequent first."""
-        return [(r[0], r[1]) for r in self.conn.execute(
+        return [(r[0], r[1]) for r in self._q(
             "SELECT other, count FROM coactivation WHERE feature = ? ORDER BY count DESC LIMIT ?",
             (self._check(i), limit))]
 
     def histogram(self, i: int) -> dict:
         """``{"zeros": n, "edges": [n_bins + 1], "counts": [n_bins]}``: log-spaced bins of non-zero activations."""
-        r = self.conn.execute("SELECT zeros, edges, counts FROM histograms WHERE feature = ?",
+        r = self._q("SELECT zeros, edges, counts FROM histograms WHERE feature = ?",
                               (self._check(i),)).fetchone()
         if r is None:
             return {"zeros": 0, "edges": [], "counts": []}
@@ -301,24 +409,24 @@ class FeatureDB:
     def search(self, text: str, limit: int = 20) -> list[dict]:
         """Full-text search over explanations and top tokens (all words must match, last one as a prefix);
         best matches first (BM25). Each hit is a features row plus ``rank`` (lower is better)."""
-        rows = self.conn.execute(
+        rows = self._q(
             "SELECT f.*, bm25(features_fts) AS rank FROM features_fts JOIN features f ON f.id = features_fts.rowid "
             "WHERE features_fts MATCH ? ORDER BY rank LIMIT ?", (fts_query(text), int(limit)))
         return [dict(r) for r in rows]
 
     def map_points(self) -> list[tuple[int, float, float, int, float]]:
         """``(id, x, y, cluster, density)`` of every feature with a map position."""
-        return [tuple(r) for r in self.conn.execute(
+        return [tuple(r) for r in self._q(
             "SELECT id, x, y, cluster, density FROM features WHERE x IS NOT NULL ORDER BY id")]
 
     def clusters(self) -> list[tuple[int, int]]:
         """``(cluster, n_features)`` for every cluster on the map."""
-        return [tuple(r) for r in self.conn.execute(
+        return [tuple(r) for r in self._q(
             "SELECT cluster, COUNT(*) FROM features WHERE cluster IS NOT NULL GROUP BY cluster ORDER BY cluster")]
 
     def live_features(self) -> list[int]:
         """Ids of the features that fired at least once in the analysis pass."""
-        return [r[0] for r in self.conn.execute("SELECT id FROM features WHERE count > 0 ORDER BY id")]
+        return [r[0] for r in self._q("SELECT id FROM features WHERE count > 0 ORDER BY id")]
 
     # -- updates -----------------------------------------------------------------------------------
 

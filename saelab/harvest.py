@@ -33,6 +33,7 @@ import torch
 from saelab import store as st
 from saelab.corpus import WINDOW_START, CorpusSpec, bos_token_id, sequences, tokenizer_identity
 from saelab.hooks import HookPoint, hook_shapes, resolve, run_to_hooks
+from saelab.locks import exclusive
 from saelab.models import LoadedModel, load_model
 from saelab.positions import SINK_FACTOR, PositionRule
 from saelab.runtime import tune_allocator
@@ -330,16 +331,17 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
               "harvest": {"tokens": tokens, "batch_size": batch_size, "seqs_per_shard": seqs_per_shard,
                           "nan_policy": nan_policy}}
     out = Path(out).expanduser()
-    if len(points) > 1:
-        _check_multi_out(out, points)
-    sinks = []
-    for p in points:
-        path = out if len(points) == 1 else store_dir(out, p.name)
-        header = {**common, "hook_name": p.name, "hf_hook_name": p.hf_hook_name, "hook_module": p.module_path,
-                  "hook_io": p.io, "d_in": widths[p.name]}
-        sinks.append(_Sink(p, path, st.prepare(path, header, resume), st.DTYPES[dtype]))
-    _run(lm, sinks, seq_iter, n_seqs=math.ceil(tokens / context), seqs_per_shard=seqs_per_shard,
-         batch_size=batch_size, rule=rule, nan_policy=nan_policy, progress=progress)
+    with exclusive(out, "harvest"):     # one writer per store folder, for the whole harvest
+        if len(points) > 1:
+            _check_multi_out(out, points)
+        sinks = []
+        for p in points:
+            path = out if len(points) == 1 else store_dir(out, p.name)
+            header = {**common, "hook_name": p.name, "hf_hook_name": p.hf_hook_name, "hook_module": p.module_path,
+                      "hook_io": p.io, "d_in": widths[p.name]}
+            sinks.append(_Sink(p, path, st.prepare(path, header, resume), st.DTYPES[dtype]))
+        _run(lm, sinks, seq_iter, n_seqs=math.ceil(tokens / context), seqs_per_shard=seqs_per_shard,
+             batch_size=batch_size, rule=rule, nan_policy=nan_policy, progress=progress)
     stores = {s.point.name: st.ActivationStore.open(s.path) for s in sinks}
     return stores[names[0]] if len(names) == 1 else stores
 

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,8 +31,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from saelab.atomic import atomic_dir, recover_dir, truncate_jsonl_log, write_json, write_tensors
+from saelab.atomic import (atomic_dir, recover_dir, remove_stale_temps, storage_errors, truncate_jsonl_log,
+                           write_json, write_tensors)
 from saelab.distributed import World, default_device
+from saelab.locks import exclusive
 from saelab.runtime import tune_allocator
 from saelab.sae import SAE
 from saelab.train_config import RUN_ONLY_FIELDS, TrainConfig
@@ -78,7 +81,10 @@ def _open_run(out: Path | None, resume: bool, world: World):
             raise ValueError("resume needs the run folder (out) that holds the checkpoint")
         return None
     ckpt = out / CHECKPOINT
+    recover_dir(out)
     recover_dir(ckpt)
+    remove_stale_temps(out)      # a run folder or checkpoint write cut short by a kill
+    remove_stale_temps(ckpt)
     if resume and (ckpt / "state.json").exists():
         meta = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
         if meta.get("format") != CHECKPOINT_FORMAT:
@@ -86,7 +92,8 @@ def _open_run(out: Path | None, resume: bool, world: World):
         return load_file(str(ckpt / "state.safetensors")), meta
     if resume and (out / "cfg.json").exists():
         return "finished"
-    if not resume and out.exists() and any(out.iterdir()):
+    # A run stopped before its first checkpoint (kill, NaN) leaves at most its log: start again.
+    if not resume and out.exists() and any(p.name != LOG for p in out.iterdir()):
         raise FileExistsError(f"{out} is not empty; pass --resume to continue the run in it, or choose a new --out")
     return None
 
@@ -160,7 +167,8 @@ class _Logger:
         from tqdm import tqdm
 
         self.main, self.callback = world.is_main, callback
-        self.file = open(out / LOG, "a", encoding="utf-8") if out is not None and self.main else None
+        self.path = out / LOG if out is not None and self.main else None
+        self.file = None                 # opened at the first record: a run that stops before it leaves no log
         self.bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=f"train {cfg.architecture}",
                         disable=not (progress and self.main))
         self.wandb = None
@@ -180,9 +188,12 @@ class _Logger:
         rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
         rec["tokens_per_s"] = round((m["step"] - self.step0) * cfg.batch_size / max(now - self.t0, 1e-9), 1)
         self.t0, self.step0 = now, m["step"]
-        if self.file:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
+        if self.path is not None:
+            with storage_errors(self.path):
+                if self.file is None:
+                    self.file = open(self.path, "a", encoding="utf-8")
+                self.file.write(json.dumps(rec) + "\n")
+                self.file.flush()
         self.bar.set_postfix(fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_fraction']:.1%}")
         if self.wandb:
             self.wandb.log(rec, step=m["step"])
@@ -212,9 +223,10 @@ def train(source, config: TrainConfig, out: str | Path | None = None, resume: bo
     device = default_device(config.device)
     world = World(device)
     ok = False
+    out = Path(out).expanduser() if out is not None else None
     try:
-        sae = _train(source, config, Path(out) if out is not None else None, resume, log, progress,
-                     provenance or {}, world, device)
+        with exclusive(out, "training") if out is not None and world.is_main else nullcontext():
+            sae = _train(source, config, out, resume, log, progress, provenance or {}, world, device)
         ok = True
         return sae
     finally:
@@ -241,6 +253,8 @@ def _train(source, config, out, resume, log, progress, provenance, world, device
         if world.is_main:
             truncate_jsonl_log(out / LOG, start)
     else:
+        if out is not None and world.is_main:
+            truncate_jsonl_log(out / LOG, 0)      # records of a run killed before its first checkpoint
         trainer.initialize(world.gather_rows(first.to(device).float()))
     if out is not None and world.is_main:
         out.mkdir(parents=True, exist_ok=True)

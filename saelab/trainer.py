@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from saelab.distributed import World
+from saelab.errors import SaelabError
 from saelab.sae import SAE, SAEConfig, jumprelu, step
 from saelab.sparse_topk import batchtopk_code, index_sum, sparse_grads, topk_code
 from saelab.train_config import TrainConfig, lr_at, sparsity_coefficient_at
@@ -20,8 +21,8 @@ CHECKPOINT_FORMAT = "saelab-train-checkpoint"
 UNIT_NORM = ("topk", "batchtopk", "jumprelu")
 
 
-class NonFiniteLoss(ValueError):
-    """The loss became NaN/inf: the run stops before the step and nothing is checkpointed."""
+class NonFiniteLoss(SaelabError, ValueError):
+    """The inputs or the loss hold NaN/inf: the run stops before the step and nothing is checkpointed."""
 
 
 class StepStats(NamedTuple):
@@ -90,6 +91,11 @@ class Trainer:
     def initialize(self, sample: torch.Tensor) -> None:
         """Input scale and b_dec from the first global batch ``sample [n, d_in]`` (raw units)."""
         cfg = self.cfg
+        bad = int((~torch.isfinite(sample)).any(dim=1).sum())
+        if bad:  # else the input scale (and every later step) would be NaN, reported as "all zeros" or a NaN loss
+            raise NonFiniteLoss(f"the first batch of activations holds NaN/inf values ({bad} of {sample.shape[0]} "
+                                "rows); check the store with 'saelab store verify' and re-harvest it with "
+                                "nan_policy='skip'")
         self.input_scale = input_scale(sample) if cfg.normalize_inputs else 1.0
         x = sample * self.input_scale
         init = {"geometric_median": geometric_median, "mean": lambda t: t.mean(0),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from saelab.errors import SaelabError
+
 
 FORMAT = "saelab-activation-store"
 VERSION = 1
@@ -19,7 +21,7 @@ HIST_LO, HIST_HI, HIST_BINS = -3.0, 5.0, 320
 REQUIRED = ("format", "version", "model_name", "hook_name", "d_in", "dtype", "context", "shards")
 
 
-class StoreError(ValueError):
+class StoreError(SaelabError, ValueError):
     """A store folder or shard that is missing, truncated, corrupt or inconsistent with its manifest."""
 
 
@@ -123,4 +125,30 @@ def read_manifest(path: Path) -> dict:
                          f"understands ({VERSION}); upgrade saelab")
     if manifest["dtype"] not in DTYPES:
         raise StoreError(f"{file}: unknown dtype {manifest['dtype']!r}")
+    _check_shard_entries(manifest["shards"], file)
     return manifest
+
+
+SHARD_KEYS = {"file": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def _check_shard_entries(shards, file: Path) -> None:
+    """Every shard entry names a plain file inside the store, with its row count, size and checksum.
+
+    A name such as ``/etc/passwd`` or ``../other/shard.safetensors`` would make reading and ``verify``
+    open a file outside the store, so it is refused before anything is opened.
+    """
+    if not isinstance(shards, list):
+        raise StoreError(f"{file}: 'shards' must be a list, found {type(shards).__name__}; the store is damaged")
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise StoreError(f"{file}: shard entry {i} is not an object; the store is damaged")
+        for key, kind in SHARD_KEYS.items():
+            value = entry.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+                raise StoreError(f"{file}: shard entry {i} has no valid {key!r} (found {value!r}); the store is damaged")
+        name = entry["file"]
+        if (name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
+                or Path(name).is_absolute() or Path(name).name != name):
+            raise StoreError(f"{file}: shard entry {i} names {name!r}, which is not a plain file name inside the "
+                             "store; refusing to read it (shards are files like shard-00000.safetensors)")

@@ -17,6 +17,15 @@ from safetensors.torch import load_file
 from saelab.store.format import DTYPES, MANIFEST, SPLITS, StoreError, read_manifest
 
 
+def non_finite_rows(acts: torch.Tensor, chunk: int = 8192) -> list[int]:
+    """Indices of the rows of ``acts [n, d_in]`` holding a NaN or inf (read in chunks: shards are mapped)."""
+    bad = []
+    for start in range(0, acts.shape[0], chunk):
+        rows = ~torch.isfinite(acts[start:start + chunk]).all(dim=1)     # (chunk,)
+        bad += (rows.nonzero().squeeze(1) + start).tolist()
+    return bad
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 def _split_mask(seq: torch.Tensor, split: str, heldout_fraction: float) -> torch.Tensor | None:
@@ -123,13 +132,18 @@ class ActivationStore:
                                  f"the manifest says {shape} {dtype}")
 
     def verify(self) -> list[str]:
-        """Re-check every shard (size, sha256, shapes); return a list of problems (empty when sound)."""
+        """Re-check every shard (size, sha256, shapes, finite values); return a list of problems (empty when sound)."""
         problems = []
         for i in range(len(self.shards)):
             try:
-                self.read_shard(i, verify=True)
+                acts = self.read_shard(i, verify=True)["acts"]
             except StoreError as e:
                 problems.append(str(e))
+                continue
+            bad = non_finite_rows(acts)
+            if bad:
+                problems.append(f"shard {self.path / self.shards[i]['file']}: {len(bad)} rows hold NaN/inf values "
+                                f"(first rows {bad[:5]}); re-harvest with nan_policy='skip' or find the cause")
         return problems
 
     def _read_seq(self, index: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from saelab import atomic
+from saelab.errors import StorageError
 from saelab.store.format import MANIFEST, read_manifest, shard_name
 
 
@@ -67,8 +68,10 @@ def write_shard(path: Path, index: int, acts: torch.Tensor, tokens: torch.Tensor
     tmp = atomic.temp_path(Path(path) / name)
     if index:
         _drop_cached_pages(Path(path) / shard_name(index - 1))
+    cols = shard_columns(acts, tokens, seq, pos)
     try:
-        save_file(shard_columns(acts, tokens, seq, pos), str(tmp))
+        with atomic.storage_errors(Path(path) / name, sum(t.numel() * t.element_size() for t in cols.values())):
+            save_file(cols, str(tmp))
         with open(tmp, "rb") as f:
             digest, size = hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(f.fileno()).st_size
     except BaseException:
@@ -87,7 +90,8 @@ def commit_shard(path: Path, manifest: dict, shard: PendingShard, **extra) -> di
         raise ValueError(f"shard {shard.file} committed out of order: the manifest lists {len(manifest['shards'])}")
     update = extra.pop("manifest_update", {})
     try:
-        atomic.commit(shard.tmp, path / shard.file)
+        with atomic.storage_errors(path / shard.file, shard.bytes):
+            atomic.commit(shard.tmp, path / shard.file)
     finally:
         shard.tmp.unlink(missing_ok=True)
     entry = {"file": shard.file, "rows": shard.rows, "bytes": shard.bytes, "sha256": shard.sha256, **extra}
@@ -166,6 +170,8 @@ def prepare(path: Path, header: dict, resume: bool) -> dict:
             (path / name).unlink()
     try:
         atomic.write_json(path / MANIFEST, manifest)
+    except StorageError:
+        raise
     except OSError as e:
         raise OSError(f"cannot write to the store folder {path}: {e.strerror or e}") from None
     return manifest
