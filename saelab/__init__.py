@@ -7,7 +7,7 @@ from saelab.analyze import AnalyzeConfig, analyze, contrastive_search, inspect_t
 from saelab.corpus import CorpusSpec
 from saelab.evaluate import EvalReport, evaluate
 from saelab.explain import detection_score, offline_explanation
-from saelab.featuredb import FeatureDB, export_neuronpedia
+from saelab.featuredb import FeatureDB
 from saelab.fmap import layout, neighbourhood_map
 from saelab.formats import load_sae, save_sae
 from saelab.harvest import harvest
@@ -15,6 +15,7 @@ from saelab.hooks import capture, hook_names, intervene, resolve
 from saelab.llm import LLMClient
 from saelab.models import LoadedModel, load_model
 from saelab.monitor import Watchlist, scan
+from saelab.neuronpedia import export_neuronpedia
 from saelab.sae import SAE, SAEConfig
 from saelab.store import ActivationStore
 from saelab.steer import Ablate, Add, Clamp, steering

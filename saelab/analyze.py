@@ -153,6 +153,7 @@ def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = Tr
             b = Batch(tok, feat, val, flat, context, n_batches * cfg.batch_size, sae.d_sae, cfg.window_left,
                       cfg.window_right, tok * sae.d_sae + feat, val)  # entries are already sorted by key
             stats.add(b, top_m, keep, sample_bands=stats.hinted or n_batches >= warmup)
+            stats.add_neurons(b, x, keep)
             by_split[split] = by_split.get(split, 0) + ids.numel()
             n_batches += 1
             bar.update(ids.numel())
@@ -255,6 +256,7 @@ def summary_tokens(top_rows: list[dict], logit_tokens: list[str], n: int = 12) -
 def write_db(out: Path, setup: Setup, cfg: AnalyzeConfig, context: int, stats: Stats, info: dict,
              progress: bool) -> None:
     from saelab.corpus import bos_token_id
+    from saelab.dashboard import band_rows, correlation_rows, logit_histograms
     from saelab.featuredb import FeatureDB, build
     from saelab.fmap import decoder_neighbours, layout
 
@@ -298,6 +300,10 @@ def write_db(out: Path, setup: Setup, cfg: AnalyzeConfig, context: int, stats: S
         w.neighbours(neigh + coact_neigh)
         w.coactivation(coact_raw)
         w.histograms(histogram_rows(stats))
+        w.bands(band_rows(stats))
+        w.correlations(correlation_rows(stats, cfg.n_neighbours))
+        if dirs is not None:
+            w.logit_histograms(logit_histograms(*dirs))
         if fmap is not None:
             w.map(zip(range(sae.d_sae), fmap.x.tolist(), fmap.y.tolist(), fmap.cluster.tolist()))
         if cfg.explain:

@@ -18,6 +18,11 @@ Tables (schema version :data:`SCHEMA_VERSION`, stored in ``meta``)::
     histograms    feature, zeros, edges, counts                log-spaced histogram of the non-zero activations;
                                                                zeros + sum(counts) = tokens analysed
     coactivation  feature, other, count                        raw co-firing counts among top partners
+    bands         feature, band, lo, hi, count, tokens         quantile bands as sampled: edges, firing tokens in
+                                                               the band out of the tokens seen while banding
+    correlations  feature, kind (feature|neuron), rank, other, Pearson and cosine of the feature's activation with
+                  pearson, cosine                              another feature's / an input dimension's
+    logit_histograms feature, lo, hi, counts                   direct logit effects over the vocabulary, equal bins
     features_fts  FTS5(explanation, top_tokens), rowid = id    full-text search
 
 The file is built into a temporary sibling and renamed into place (:func:`build`), so readers see
@@ -39,9 +44,10 @@ from saelab.atomic import atomic_path, remove_stale_temps, storage_errors
 from saelab.errors import DatabaseDamaged, SAEMismatch
 from saelab.locks import exclusive
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EXAMPLE_KINDS = ("top", "quantile", "random")
 NEIGHBOUR_KINDS = ("decoder", "coact")
+CORRELATION_KINDS = ("feature", "neuron")
 ORDER_BY = {"id": "id", "density": "density", "max_act": "max_act", "mean_act": "mean_act", "score": "score"}
 
 SCHEMA = """
@@ -64,6 +70,12 @@ CREATE TABLE histograms (feature INTEGER PRIMARY KEY, zeros INTEGER NOT NULL, ed
     counts TEXT NOT NULL);
 CREATE TABLE coactivation (feature INTEGER NOT NULL, other INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (feature, other)) WITHOUT ROWID;
+CREATE TABLE bands (feature INTEGER NOT NULL, band INTEGER NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL,
+    count INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (feature, band)) WITHOUT ROWID;
+CREATE TABLE correlations (feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
+    other INTEGER NOT NULL, pearson REAL NOT NULL, cosine REAL NOT NULL, PRIMARY KEY (feature, kind, rank))
+    WITHOUT ROWID;
+CREATE TABLE logit_histograms (feature INTEGER PRIMARY KEY, lo REAL NOT NULL, hi REAL NOT NULL, counts TEXT NOT NULL);
 CREATE VIRTUAL TABLE features_fts USING fts5(explanation, top_tokens);
 """
 # Built after the bulk inserts (faster than maintaining them row by row).
@@ -117,6 +129,19 @@ class Writer:
     def coactivation(self, rows: Iterable[tuple]) -> None:
         """Rows ``(feature, other, count)``."""
         self.conn.executemany("INSERT INTO coactivation VALUES (?, ?, ?)", rows)
+
+    def bands(self, rows: Iterable[tuple]) -> None:
+        """Rows ``(feature, band, lo, hi, count, tokens)``."""
+        self.conn.executemany("INSERT INTO bands VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def correlations(self, rows: Iterable[tuple]) -> None:
+        """Rows ``(feature, kind, rank, other, pearson, cosine)``."""
+        self.conn.executemany("INSERT INTO correlations VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def logit_histograms(self, rows: Iterable[tuple]) -> None:
+        """Rows ``(feature, lo, hi, counts list)``."""
+        self.conn.executemany("INSERT INTO logit_histograms VALUES (?, ?, ?, ?)",
+                              ((f, lo, hi, json.dumps(c)) for f, lo, hi, c in rows))
 
     def map(self, rows: Iterable[tuple]) -> None:
         """Rows ``(id, x, y, cluster)``."""
@@ -404,6 +429,30 @@ class FeatureDB:
             return {"zeros": 0, "edges": [], "counts": []}
         return {"zeros": r["zeros"], "edges": json.loads(r["edges"]), "counts": json.loads(r["counts"])}
 
+    def bands(self, i: int) -> list[dict]:
+        """Quantile bands by band index: dicts band, lo, hi (edges as sampled), count (firing tokens in the
+        band), tokens (analysed while the feature was banded). Empty for a feature that never fired."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT band, lo, hi, count, tokens FROM bands WHERE feature = ? ORDER BY band", (self._check(i),))]
+
+    def correlations(self, i: int, kind: str) -> list[dict]:
+        """Largest Pearson correlations first: dicts rank, other (feature id, or input dimension for kind
+        ``neuron``), pearson, cosine."""
+        if kind not in CORRELATION_KINDS:
+            raise ValueError(f"unknown correlation kind {kind!r}; choose one of {', '.join(CORRELATION_KINDS)}")
+        return [dict(r) for r in self.conn.execute(
+            "SELECT rank, other, pearson, cosine FROM correlations WHERE feature = ? AND kind = ? ORDER BY rank",
+            (self._check(i), kind))]
+
+    def logit_histogram(self, i: int) -> dict:
+        """``{"lo", "hi", "counts"}``: equal bins of the feature's direct logit effects over the vocabulary
+        (empty counts when the database has no logit effects)."""
+        r = self.conn.execute("SELECT lo, hi, counts FROM logit_histograms WHERE feature = ?",
+                              (self._check(i),)).fetchone()
+        if r is None:
+            return {"lo": 0.0, "hi": 0.0, "counts": []}
+        return {"lo": r["lo"], "hi": r["hi"], "counts": json.loads(r["counts"])}
+
     # -- whole database ------------------------------------------------------------------------------
 
     def search(self, text: str, limit: int = 20) -> list[dict]:
@@ -451,67 +500,3 @@ class FeatureDB:
                                       f"writable=True) to store explanations") from None
             raise
 
-
-# -- export ---------------------------------------------------------------------------------------------
-
-
-def export_neuronpedia(db: "FeatureDB | Path | str", out: Path | str, *, model_id: str | None = None,
-                       sae_set: str | None = None, batch_size: int = 128) -> list[Path]:
-    """Write Neuronpedia's upload layout (SAEDashboard's ``NeuronpediaDashboardBatch``) into folder ``out``.
-
-    ``batch-N.json``: ``{model_id, layer, sae_set, features: [...]}``, each feature with ``feature_index``,
-    ``pos_str/pos_values`` and ``neg_str/neg_values`` (logit effects), ``frac_nonzero``,
-    ``freq_hist_data_bar_values/heights`` (activation histogram: bin centres and counts) and
-    ``activations`` (top examples, ``bin_min = -1`` as SAEDashboard marks its top group, then the quantile
-    bands; each with ``tokens``, ``values`` and ``qualifying_token_index``). ``explanations.json``: a list
-    of ``{modelId, layer, index, description, explanationModelName, typeName}``. Returns the files written.
-    """
-    from saelab.atomic import write_json
-
-    db = db if isinstance(db, FeatureDB) else FeatureDB.open(db)
-    info = db.sae_info()
-    model_id = model_id or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(info.get("model_name", "model"))).name)
-    m = re.match(r"blocks\.(\d+)\.", str(info.get("hook_name", "")))
-    layer = int(m.group(1)) if m else 0
-    sae_set = sae_set or f"saelab-{re.sub(r'[^A-Za-z0-9]+', '-', str(info.get('hook_name', 'sae'))).strip('-')}"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files, explanations = [], []
-    for start in range(0, db.n_features, batch_size):
-        features = [_neuronpedia_feature(db, i, info) for i in range(start, min(start + batch_size, db.n_features))]
-        path = out / f"batch-{start // batch_size}.json"
-        write_json(path, {"model_id": model_id, "layer": layer, "sae_set": sae_set, "features": features})
-        files.append(path)
-        for i in range(start, min(start + batch_size, db.n_features)):
-            row = db.feature(i)
-            if row["explanation"]:
-                explanations.append({"modelId": model_id, "layer": f"{layer}-{sae_set}", "index": str(i),
-                                     "description": row["explanation"],
-                                     "explanationModelName": row["explanation_source"] or "saelab",
-                                     "typeName": "saelab-" + (row["explanation_source"] or "offline")})
-    write_json(out / "explanations.json", explanations)
-    return files + [out / "explanations.json"]
-
-
-def _neuronpedia_feature(db: FeatureDB, i: int, info: dict) -> dict:
-    row, logits, hist = db.feature(i), db.logit_effects(i), db.histogram(i)
-    centres = [(a * b) ** 0.5 for a, b in zip(hist["edges"][:-1], hist["edges"][1:])]
-    acts, width = [], row["max_act"] / int((info.get("config") or {}).get("n_quantiles", 5))
-    for kind in ("top", "quantile"):
-        for ex in db.examples(i, kind):
-            q = ex["quantile"]
-            lo, hi = (-1.0, row["max_act"]) if kind == "top" else (q * row["max_act"], q * row["max_act"] + width)
-            acts.append({"bin_min": lo, "bin_max": hi,
-                         "bin_contains": 0.0, "tokens": ex["tokens"], "values": ex["acts"],
-                         "qualifying_token_index": ex["max_pos"]})
-    coact = db.neighbours(i, "coact")
-    return {"feature_index": i, "neg_str": [t for t, _ in logits["negative"]],
-            "neg_values": [v for _, v in logits["negative"]], "pos_str": [t for t, _ in logits["positive"]],
-            "pos_values": [v for _, v in logits["positive"]], "frac_nonzero": row["density"],
-            "freq_hist_data_bar_values": centres, "freq_hist_data_bar_heights": hist["counts"],
-            "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
-            "correlated_features_indices": [n["other"] for n in coact],
-            "correlated_features_pearson": [], "correlated_features_l1": [n["value"] for n in coact],
-            "n_prompts_total": int(info.get("tokens_read", 0)) // max(int(info.get("context", 1) or 1), 1),
-            "n_tokens_in_prompt": int(info.get("context", 0) or 0), "dataset": str(info.get("corpus", "")),
-            "activations": acts, "decoder_weights_dist": []}

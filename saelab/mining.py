@@ -8,15 +8,21 @@ The non-zero latents of a batch come as a sparse list ``(token, feature, value)`
 - three streaming selections merged with torch ops (:class:`Slots`): the top-K contexts (at most one
   per sequence, its max token), reservoir samples in ``n_quantiles`` activation bands per feature, and
   a few uniformly random firing tokens. Reservoirs are "keep the R largest random keys", which is exactly
-  uniform sampling and merges like a top-K. Bands are equal fractions of the feature's max activation,
+  uniform sampling and merges like a top-K. Bands are equal fractions of a per-feature ``band_max``,
   fixed once: from ``feature_max_act`` in the SAE's provenance when present, else from the running max
   after a warm-up (the caller's ``sample_bands``; a feature first seen later gets its bands from the max
-  of the batch it first fires in). Tokens before that are not sampled into bands;
+  of the batch it first fires in). Tokens before that are not sampled into bands. Activations above
+  ``band_max`` go to the top band, so the top band's upper edge is the larger of ``band_max`` and the
+  final max (:func:`band_rows` writes exactly these edges, and how many firing tokens fell in each band
+  out of the tokens seen while that feature was being banded);
 - a shared pool of uniformly random corpus windows with all their latents (:class:`RandomPool`): for each
   feature, mostly windows where it does not fire (the negatives of detection scoring);
-- co-activation counts among each token's strongest latents (:class:`CoactCounter`), in a sparse pair
-  table pruned to every feature's top partners when it outgrows its cap (counts of pruned pairs are lost:
-  an approximation that only affects rare pairs).
+- co-activation counts and sums of activation products among each token's strongest latents
+  (:class:`CoactCounter`), in a sparse pair table pruned to every feature's top partners when it outgrows
+  its cap (counts of pruned pairs are lost: an approximation that only affects rare pairs); with the
+  per-feature sums of squares they give feature-feature Pearson and cosine (:func:`correlation_rows`);
+- sums of products of each feature's activation with each input dimension (:class:`NeuronSums`), for the
+  feature-neuron Pearson and cosine that SAEDashboard's "correlated neurons" table shows.
 
 Memory is bounded by ``d_sae × slots × window``: each selection keeps the window of token ids and the
 feature's activations around the chosen token, cut from the batch's sparse latents when the token enters.
@@ -156,10 +162,14 @@ class Stats:
         self.cfg, self.d_sae = cfg, d_sae
         self.count = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.max = torch.zeros(d_sae, device=device)
         self.hist = torch.zeros(d_sae * N_BINS, dtype=torch.long, device=device)
         self.band_max = max_hint.to(device).clone() if max_hint is not None else torch.zeros(d_sae, device=device)
         self.hinted = max_hint is not None
+        self.band_count = torch.zeros(d_sae * cfg.n_quantiles, dtype=torch.long, device=device)
+        self.band_tokens = torch.zeros(d_sae, dtype=torch.long, device=device)  # tokens seen while banding
+        self.neurons: NeuronSums | None = None  # made by add_neurons, which knows d_in
         self.top = Slots(d_sae, cfg.k_top, W, device)
         self.quant = Slots(d_sae * cfg.n_quantiles, cfg.per_quantile, W, device)
         self.rand = Slots(d_sae, cfg.n_random, W, device)
@@ -175,6 +185,7 @@ class Stats:
         self.tokens += int(keep_tok.sum())
         self.count.index_add_(0, f, torch.ones_like(f))
         self.sum.index_add_(0, f, v.double())
+        self.sumsq.index_add_(0, f, v.double() ** 2)
         self.max.scatter_reduce_(0, f, v, reduce="amax")
         bins = ((v.log10() - HIST_LO) * HIST_PER_DECADE).floor().long().clamp(0, N_BINS - 1)
         self.hist.index_add_(0, f * N_BINS + bins, torch.ones_like(bins))
@@ -190,9 +201,35 @@ class Stats:
             self.band_max[unset] = self.max[unset]
             nq = self.cfg.n_quantiles
             band = (v / self.band_max[f] * nq).floor().long().clamp(0, nq - 1)
+            self.band_tokens[self.band_max > 0] += int(keep_tok.sum())
+            self.band_count.index_add_(0, f * nq + band, torch.ones_like(band))
             self.quant.update(f * nq + band, torch.rand(len(f), generator=self.gen, device=f.device), entries, b)
         self.coact.add(*top_m)
         self.pool.add(b, keep_tok, self.gen)
+
+    def add_neurons(self, b: Batch, x: torch.Tensor, keep_tok: torch.Tensor) -> None:
+        """``x [B·T, d_in]``: the batch's SAE inputs (the "neurons"), ``keep_tok [B·T]`` as in :meth:`add`."""
+        if self.neurons is None:
+            self.neurons = NeuronSums(self.d_sae, x.shape[1], x.device)
+        self.neurons.add(b, x, keep_tok)
+
+
+class NeuronSums:
+    """Running sums for the Pearson correlation and cosine of each feature's activation with each input
+    dimension over the analysed tokens: ``zx [d_sae, d_in] = Σ_t z_t xᵀ_t``, ``x_sum/x2_sum [d_in]``."""
+
+    def __init__(self, d_sae: int, d_in: int, device):
+        self.zx = torch.zeros(d_sae, d_in, dtype=torch.float64, device=device)
+        self.x_sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.x2_sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+
+    def add(self, b: Batch, x: torch.Tensor, keep_tok: torch.Tensor) -> None:
+        x = x * keep_tok[:, None]  # (B·T, d_in): left-out tokens (BOS) count in no sum
+        z = torch.sparse_coo_tensor(torch.stack([b.feat, b.tok]), b.val, (self.zx.shape[0], x.shape[0]),
+                                    check_invariants=False)  # (d_sae, B·T); indices are in range by construction
+        self.zx += torch.sparse.mm(z, x).double()  # (d_sae, d_in): only the firing entries cost anything
+        self.x_sum += x.sum(0).double()
+        self.x2_sum += x.double().pow(2).sum(0)
 
 
 class RandomPool:
@@ -242,13 +279,15 @@ class RandomPool:
 
 
 class CoactCounter:
-    """Counts of (a, b) latents active on the same token, as a sparse table of int64 keys a·d + b (a < b)."""
+    """Counts and activation-product sums of (a, b) latents active on the same token, as a sparse table of
+    int64 keys a·d + b (a < b)."""
 
     def __init__(self, d_sae: int, max_pairs: int, partners: int):
         self.d, self.max_pairs, self.partners = d_sae, max_pairs, partners
         self.keys = torch.zeros(0, dtype=torch.long)
         self.counts = torch.zeros(0, dtype=torch.long)
-        self.pending: list[torch.Tensor] = []
+        self.prods = torch.zeros(0, dtype=torch.float64)  # Σ z_a z_b over the tokens counted
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_pending = 0
 
     def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -256,7 +295,8 @@ class CoactCounter:
         a, b = indices[:, :, None], indices[:, None, :]
         ok = (values[:, :, None] > 0) & (values[:, None, :] > 0) & (a < b)
         keys = (a * self.d + b)[ok].cpu()
-        self.pending.append(keys)
+        prods = (values[:, :, None] * values[:, None, :])[ok].double().cpu()
+        self.pending.append((keys, prods))
         self.n_pending += len(keys)
         if self.n_pending > 2_000_000:
             self.flush()
@@ -264,11 +304,14 @@ class CoactCounter:
     def flush(self) -> None:
         if not self.pending:
             return
-        new = torch.cat(self.pending)
+        new = torch.cat([k for k, _ in self.pending])
+        new_prods = torch.cat([p for _, p in self.pending])
         self.pending, self.n_pending = [], 0
         keys, inv = torch.unique(torch.cat([self.keys, new]), return_inverse=True)
         weights = torch.cat([self.counts, torch.ones_like(new)])
+        prods = torch.cat([self.prods, new_prods])
         self.keys, self.counts = keys, torch.zeros_like(keys).index_add_(0, inv, weights)
+        self.prods = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inv, prods)
         if len(self.keys) > self.max_pairs:
             self.prune(self.partners)
 
@@ -279,13 +322,14 @@ class CoactCounter:
         for g in (a, b):
             idx, _ = best_in_group(g, self.counts.double(), partners)
             keep[idx] = True
-        self.keys, self.counts = self.keys[keep], self.counts[keep]
+        self.keys, self.counts, self.prods = self.keys[keep], self.counts[keep], self.prods[keep]
 
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Both directions: ``(feature, other, count)``."""
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both directions: ``(feature, other, count, Σ z_feature z_other)``."""
         self.flush()
         a, b = self.keys // self.d, self.keys % self.d
-        return torch.cat([a, b]), torch.cat([b, a]), torch.cat([self.counts, self.counts])
+        return (torch.cat([a, b]), torch.cat([b, a]), torch.cat([self.counts, self.counts]),
+                torch.cat([self.prods, self.prods]))
 
 
 def _trim(ids: list[int], acts: list[float], center: int, bos: int) -> tuple[int, int]:
@@ -351,7 +395,7 @@ def histogram_rows(stats: Stats):
 @torch.no_grad()
 def coact_rows(stats: Stats, n_neighbours: int, partners: int):
     """(neighbour rows by Jaccard of firing, coactivation rows by count)."""
-    f, o, c = stats.coact.pairs()
+    f, o, c, _ = stats.coact.pairs()
     if len(f) == 0:
         return [], []
     count = stats.count.cpu()
@@ -363,3 +407,4 @@ def coact_rows(stats: Stats, n_neighbours: int, partners: int):
             rows.append((int(f[i]), "coact", r, int(o[i]), float(value[i])) if rows is neigh
                         else (int(f[i]), int(o[i]), int(c[i])))
     return neigh, raw
+

@@ -34,6 +34,9 @@ pip_install -e ".[$extras]"
 # to `--corpus english`, which then says what to install.
 bash scripts/install_english.sh || echo "setup: Debian text packages not installed; --corpus english will not work" >&2
 if [ "$want_test" = 1 ]; then
+  # SAEDashboard's Neuronpedia dataclasses for the export tests; --no-deps: its own requirements pull
+  # sae-lens, transformer-lens and CUDA torch, and these classes need only numpy (see pyproject.toml).
+  pip_install --no-deps "sae-dashboard==0.8.0" || echo "setup: sae-dashboard not installed; its tests will be skipped" >&2
   bash scripts/install_browser.sh || echo "setup: chromium not installed; browser tests will be skipped" >&2
 fi
 dirname "$("$py" -c 'import sys; print(sys.executable)')"

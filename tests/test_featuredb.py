@@ -7,7 +7,7 @@ import time
 import pytest
 
 from saelab.cli import main
-from saelab.featuredb import SCHEMA_VERSION, FeatureDB, build, export_neuronpedia, fts_query
+from saelab.featuredb import SCHEMA_VERSION, FeatureDB, build, fts_query
 
 
 def feature_rows(n, explain=lambda i: ""):
@@ -144,22 +144,6 @@ def test_100k_features_answer_in_milliseconds(tmp_path):
         assert "features_cluster" in plans
 
 
-def test_export_neuronpedia(small_db, tmp_path):
-    files = export_neuronpedia(small_db, tmp_path / "np", batch_size=8)
-    assert [f.name for f in files] == ["batch-0.json", "batch-1.json", "batch-2.json", "explanations.json"]
-    batch = json.loads(files[0].read_text())
-    assert batch["layer"] == 2 and batch["model_id"] == "builtin" and len(batch["features"]) == 8
-    f4 = batch["features"][4]
-    assert f4["feature_index"] == 4 and f4["pos_str"] == ["Equal", "True"] and f4["neg_values"] == [-2.0]
-    assert f4["activations"][0]["tokens"][3] == "assert" and f4["activations"][0]["qualifying_token_index"] == 3
-    assert f4["activations"][0]["bin_min"] == -1.0  # SAEDashboard's top-activations group
-    assert f4["freq_hist_data_bar_heights"] == [60, 40]
-    expl = json.loads(files[-1].read_text())
-    assert expl == [{"modelId": "builtin", "layer": "2-saelab-blocks-2-hook-resid-post", "index": "4",
-                     "description": "fires on `assert` in unittest code", "explanationModelName": "saelab",
-                     "typeName": "saelab-offline"}]
-
-
 def test_cli_feature_search_export(small_db, tmp_path, capsys):
     assert main(["feature", str(small_db), "4"]) == 0
     out = capsys.readouterr().out
@@ -168,8 +152,6 @@ def test_cli_feature_search_export(small_db, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["top"][0]["tokens"][-1] == "\n"
     assert main(["search", str(small_db), "unittest"]) == 0
     assert capsys.readouterr().out.split()[0] == "4"
-    assert main(["export", "neuronpedia", str(small_db), "--out", str(tmp_path / "np")]) == 0
-    assert (tmp_path / "np" / "batch-0.json").exists()
     assert main(["feature", str(small_db), "99"]) == 2
     assert "features 0-19" in capsys.readouterr().err
     assert main(["search", str(small_db)]) == 2

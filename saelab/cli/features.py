@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from saelab.cli.common import _print_json
 
@@ -64,13 +65,22 @@ def _add_analyze(sub) -> None:
     p.set_defaults(func=_run_search)
 
     p = sub.add_parser("export", help="export features.db to other tools' formats",
-                       description="Export a features.db: 'neuronpedia' writes Neuronpedia's upload layout "
-                                   "(batch-N.json feature dashboards and explanations.json).")
+                       description="Export a features.db: 'neuronpedia' writes SAEDashboard batch files "
+                                   "(batch-N.json, for Neuronpedia's convert-saedashboard-to-neuronpedia-export.py), "
+                                   "Neuronpedia Explanation rows (explanations/batch-N.jsonl.gz) and the SQL for "
+                                   "their explanation types (explanation_types.sql). README: 'Neuronpedia'.")
     p.add_argument("format", choices=["neuronpedia"])
     p.add_argument("db", help="features.db")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model-id", help="Neuronpedia model id (default: from the database)")
-    p.add_argument("--sae-set", help="Neuronpedia SAE set name (default: saelab-<hook>)")
+    p.add_argument("--sae", help="the SAE folder the database was made from (default: the one it records)")
+    p.add_argument("--model-id", help="Neuronpedia model id (default: the model's folder name, lower case)")
+    p.add_argument("--layer", type=int, help="Neuronpedia layer number (default: the number in the hook name)")
+    p.add_argument("--sae-set", help="Neuronpedia source set id, letters/digits/dashes, no layer "
+                                     "(default: saelab-<hook kind>-<width>)")
+    p.add_argument("--sae-id-suffix", help="optional suffix of the source id: <layer>-<sae-set>__<suffix>")
+    p.add_argument("--author-id", default=None,
+                   help="id of an existing user of your Neuronpedia instance, the explanations' author "
+                        "(default: the 'bot' user a fresh instance's database seed creates)")
     p.set_defaults(func=_run_export)
 
 
@@ -194,10 +204,14 @@ def _run_search(args) -> None:
 
 
 def _run_export(args) -> None:
-    from saelab.featuredb import export_neuronpedia
+    from saelab.neuronpedia import DEFAULT_AUTHOR_ID, export_neuronpedia
 
-    files = export_neuronpedia(args.db, args.out, model_id=args.model_id, sae_set=args.sae_set)
-    print(f"wrote {len(files)} files to {args.out}")
+    files = export_neuronpedia(args.db, args.out, sae=args.sae, model_id=args.model_id, layer=args.layer,
+                               sae_set=args.sae_set, sae_id_suffix=args.sae_id_suffix,
+                               author_id=args.author_id or DEFAULT_AUTHOR_ID)
+    batch = json.loads(Path(args.out, "batch-0.json").read_text(encoding="utf-8"))
+    print(f"wrote {len(files)} files to {args.out}: model {batch['model_id']}, layer {batch['layer']}, "
+          f"source set {batch['sae_set']} (give Neuronpedia's converter the same values)")
 
 
 def _add_explain(sub) -> None:
