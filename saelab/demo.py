@@ -118,7 +118,8 @@ def _harvest_complete(acts: Path) -> bool:
 
 
 def summary(run: Path, n_features: int = 5) -> dict:
-    """FVU, L0, CE recovered and a few notable features (well-explained, mid-density) of a run."""
+    """FVU, L0, CE recovered, dead and live counts (each with the tokens it is over) and a few notable
+    features (well-explained, mid-density) of a run."""
     import json
 
     report = json.loads((run / "eval.json").read_text())
@@ -127,23 +128,31 @@ def summary(run: Path, n_features: int = 5) -> dict:
         notable = [{"id": f["id"], "density": f["density"], "explanation": f["explanation"], "score": f["score"]}
                    for f in candidates if f["explanation"]][:n_features]
         live = len(db.live_features())
+        info = db.sae_info()
     down = report.get("downstream") or {}
+    sparsity = report["sparsity"]
     return {
         "run": str(run),
         "fvu": report["reconstruction"]["fvu"],
-        "l0": report["sparsity"]["l0"],
-        "dead_fraction": report["sparsity"]["dead_fraction"],
+        "l0": sparsity["l0"],
+        "d_sae": sparsity["d_sae"],
+        "dead": sparsity["dead"],
+        "dead_fraction": sparsity["dead_fraction"],
+        "eval_tokens": report["reconstruction"]["tokens"],
         "ce_clean": down.get("ce_clean"),
         "ce_spliced": down.get("ce_spliced"),
         "ce_recovered": down.get("ce_recovered_zero"),
         "live_features": live,
+        "analysed_tokens": info.get("tokens_analysed"),
         "notable": notable,
     }
 
 
 def format_summary(s: dict, url: str | None) -> str:
-    lines = [f"run {s['run']}: FVU {s['fvu']:.3f}, L0 {s['l0']:.1f}, dead {100 * s['dead_fraction']:.1f}%, "
-             f"{s['live_features']} live features"]
+    analysed = f" of {s['analysed_tokens']:,}" if s.get("analysed_tokens") else ""
+    lines = [f"run {s['run']}: FVU {s['fvu']:.3f}, L0 {s['l0']:.1f}",
+             f"{s['dead']:,} of {s['d_sae']:,} features ({s['dead_fraction']:.1%}) never fired on the "
+             f"{s['eval_tokens']:,} eval tokens; {s['live_features']:,} fired on some{analysed} analysis tokens"]
     if s["ce_clean"] is not None:
         lines.append(f"CE clean {s['ce_clean']:.3f}, with the SAE spliced in {s['ce_spliced']:.3f}, "
                      f"CE recovered {s['ce_recovered']:.3f}")
@@ -151,5 +160,5 @@ def format_summary(s: dict, url: str | None) -> str:
         score = f" (detection {f['score']:.2f})" if f["score"] is not None else ""
         lines.append(f"  feature {f['id']:>5}: {f['explanation']}{score}")
     if url:
-        lines.append(f"browse: {url}")
+        lines.append(f"browse: {url}   (Ctrl-C stops the server; 'saelab serve {s['run']}' starts it again)")
     return "\n".join(lines)

@@ -7,11 +7,15 @@
 - :func:`decoder_neighbours`: exact top-k cosine neighbours by blockwise matmul (never a d_sae² matrix).
 - :func:`neighbourhood_map`: one feature's nearest N features laid out locally by classical MDS of their
   cosine distances (exact and deterministic; the local picture Anthropic draws around "Inner Conflict").
+- :func:`cluster_names`: a short name per cluster from its members' explanations (the terms that many
+  members use and few other features do), so the map can label regions as Anthropic's does.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -177,3 +181,48 @@ def _classical_mds(D: torch.Tensor) -> torch.Tensor:
     if coords.shape[1] < 2:
         coords = torch.cat([coords, torch.zeros(m, 2 - coords.shape[1], dtype=coords.dtype)], 1)
     return coords.float()
+
+
+# Words that say how an explanation is phrased, not what the feature is about.
+STOPWORDS = frozenset("""a an and are as at be by for from in into is it its of on or that the this to with
+fires fire firing activates active tokens token e.g eg diverse mostly often after before""".split())
+_TERM = re.compile(r"`([^`]+)`|([A-Za-z][A-Za-z_'-]{2,})")
+
+
+def explanation_terms(text: str) -> set[str]:
+    """The terms of one explanation: each backticked token as written (`self`), and each other word
+    (lower-cased, 3+ letters, not a stopword); the offline explainer's "; promotes ..." tail is left out
+    (it names the next token, not what fires)."""
+    text = re.split(r";\s*promotes\b", text, maxsplit=1)[0]
+    terms = set()
+    for quoted, word in _TERM.findall(text):
+        if quoted:
+            terms.add(f"`{quoted}`")
+        elif word.lower() not in STOPWORDS:
+            terms.add(word.lower())
+    return terms
+
+
+def cluster_names(clusters, explanations, n_terms: int = 3) -> dict[int, str]:
+    """``{cluster: name}`` from the members' explanations: the ``n_terms`` terms with the highest
+    tf-idf over clusters (share of the cluster's explained members using the term × log of how rare the
+    term is among all explained features), joined by " · ". A cluster with no explained member is left out.
+
+    ``clusters [n]`` and ``explanations [n]`` are parallel (one per feature; empty or None: unexplained).
+    """
+    per_cluster: dict[int, list[set[str]]] = {}
+    df: Counter = Counter()
+    for c, text in zip(clusters, explanations):
+        if c is None or c < 0 or not text:
+            continue
+        terms = explanation_terms(text)
+        per_cluster.setdefault(int(c), []).append(terms)
+        df.update(terms)
+    n = sum(len(v) for v in per_cluster.values())
+    names = {}
+    for c, members in per_cluster.items():
+        tf = Counter(t for terms in members for t in terms)
+        ranked = sorted(tf, key=lambda t: (-tf[t] / len(members) * math.log((n + 1) / df[t]), t))
+        if ranked:
+            names[c] = " · ".join(ranked[:n_terms])
+    return names

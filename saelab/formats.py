@@ -161,8 +161,10 @@ def _read_any(path: Path) -> Parsed:
         _refuse_pickle(path / name)
     subs = sorted(d.name for d in path.iterdir()
                   if d.is_dir() and ((d / CFG).exists() or (d / GEMMA_SCOPE_PARAMS).exists()))
+    if len(subs) == 1:  # a run folder (runs/demo): its SAE is in sae/
+        raise ValueError(f"{path} is not an SAE folder but holds one in {subs[0]}/; pass {path / subs[0]}")
     if subs:
-        raise ValueError(f"{path} holds several SAEs (one per hook: {', '.join(subs)}); pass one of them, "
+        raise ValueError(f"{path} holds {len(subs)} SAEs (one per hook: {', '.join(subs)}); pass one of them, "
                          f"e.g. {path / subs[0]}")
     raise FileNotFoundError(f"{path}: no SAE found; expected cfg.json + {WEIGHTS} (saelab / SAELens), "
                             f"cfg.json + {SPARSIFY_WEIGHTS} (sparsify) or {GEMMA_SCOPE_PARAMS} (Gemma Scope)")

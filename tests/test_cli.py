@@ -38,3 +38,68 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith("saelab: error:") and "Traceback" not in r.stderr
+
+
+# -- what a newcomer meets: explanations, checks before the model loads, quiet output ----------------
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    from test_web_api import web_run
+
+    return web_run(tmp_path_factory)
+
+
+def test_inspect_shows_explanations_from_the_features_db_beside_the_sae(served_run, capsys):
+    from saelab.featuredb import FeatureDB
+
+    assert main(["inspect", str(served_run / "sae"), "--text", "import os\\n", "--top", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    with FeatureDB.open(served_run / "features.db") as db:
+        for f in (f for r in rows for f in r["features"]):
+            assert f["explanation"] == db.feature(f["id"])["explanation"]
+    assert any(f["explanation"] for r in rows for f in r["features"])
+    assert main(["inspect", str(served_run / "sae"), "--text", "import os", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    first = next(f for r in rows for f in r["features"] if f["explanation"])
+    assert first["explanation"][:40] in out.replace("\\n", "\n") or first["explanation"][:20] in out
+
+
+def test_inputs_are_checked_before_the_model_loads(served_run, monkeypatch, capsys):
+    import saelab.models
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(saelab.models, "load_model", no_model)
+    sae = str(served_run / "sae")
+    assert main(["inspect", sae, "--text", ""]) == 2
+    assert "--text is empty" in capsys.readouterr().err
+    assert main(["steer", sae, "--prompt", "x", "--feature", "64=2x"]) == 2
+    err = capsys.readouterr().err
+    assert "feature 64 does not exist" in err and "features 0-63" in err
+    assert main(["steer", sae, "--prompt", "", "--feature", "1=2x"]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+    assert main(["monitor", sae, "--watch", "3,999", "--input", "-"]) == 2
+    assert "feature 999 does not exist" in capsys.readouterr().err
+    assert main(["inspect", str(served_run / "nothing"), "--text", "x"]) == 2
+    assert "no such SAE folder" in capsys.readouterr().err
+
+
+def test_a_run_folder_given_for_an_sae_says_where_its_sae_is(served_run, capsys):
+    assert main(["analyze", str(served_run)]) == 2
+    err = capsys.readouterr().err
+    assert "several" not in err and f"holds one in sae/; pass {served_run / 'sae'}" in err
+
+
+def test_quiet_by_default_and_verbose_on_request(served_run):
+    import os
+
+    from saelab.cli import QUIET_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}  # as a user's shell has it
+    cmd = [sys.executable, "-m", "saelab", "inspect", str(served_run / "sae"), "--text", "x = 1"]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "" and "Loading weights" not in quiet.stdout
+    loud = subprocess.run([*cmd[:3], "--verbose", *cmd[3:]], capture_output=True, text=True, env=env)
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr

@@ -1,5 +1,7 @@
 """End-to-end: every stage of the demo on a tiny random model, then a re-run that skips them all."""
 
+import json
+
 from saelab.demo import DemoConfig, format_summary, run_demo
 from saelab.featuredb import FeatureDB
 
@@ -20,7 +22,14 @@ def test_demo_runs_every_stage_then_skips_them(tmp_path, tiny_model_dirs):
     assert 0 <= summary["fvu"] < 1.5 and summary["l0"] <= 4
     with FeatureDB.open(config.run / "features.db") as db:
         assert db.n_features == 64
-    assert "browse: http://x/" in format_summary(summary, "http://x/")
+        live = len(db.live_features())
+    text = format_summary(summary, "http://x/")
+    assert "browse: http://x/" in text and "Ctrl-C" in text
+    # the counts said are eval's dead and analysis' live, each with the tokens it was counted on
+    report = json.loads((config.run / "eval.json").read_text())
+    dead, tokens = report["sparsity"]["dead"], report["reconstruction"]["tokens"]
+    assert f"{dead} of 64 features" in text and f"on the {tokens:,} eval tokens" in text
+    assert f"; {live} fired on some" in text
     said.clear()
     run_demo(config, say=said.append)
     assert all("skipped" in m for m in said) and len(said) == 4

@@ -71,3 +71,17 @@ def test_neighbourhood_map():
     assert d[0] < d[-1]
     with pytest.raises(KeyError, match="does not exist"):
         neighbourhood_map(sae, 500)
+
+
+def test_cluster_names_come_from_what_members_share():
+    from saelab.fmap import cluster_names, explanation_terms
+
+    assert explanation_terms("fires on `self` (92%), at the start of an indented line; promotes `.`") == {
+        "`self`", "start", "indented", "line"}
+    clusters = [0, 0, 0, 1, 1, 2, -1]
+    texts = ["fires on `self` (90%); promotes `.`", "fires on `self` (60%), `cls` (30%)", "fires on `self` after `(`",
+             "Python import statements", "import of a module", "", "fires on `self`"]
+    names = cluster_names(clusters, texts, n_terms=2)
+    assert names[0].startswith("`self`") and "`.`" not in names[0]  # shared by all three; promotes left out
+    assert names[1].startswith("import")
+    assert 2 not in names  # no explained member: no name rather than a made-up one

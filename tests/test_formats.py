@@ -241,7 +241,7 @@ def test_sparsify_folder(tmp_path, dtype):
     assert_outputs(sae, z, x_hat, x)
     assert sae.cfg.metadata == {"hf_hook_name": "layers.4", "hook_name": "blocks.4.hook_resid_post",
                                 "model_name": "EleutherAI/pythia-70m"}
-    with pytest.raises(ValueError, match=r"several SAEs \(one per hook: layers.4, layers.5\)"):
+    with pytest.raises(ValueError, match=r"holds 2 SAEs \(one per hook: layers.4, layers.5\)"):
         load_sae(tmp_path / "run")
 
 

@@ -380,7 +380,7 @@ def test_steer_stream_sends_both_sides_token_by_token(client):
     with client.stream("POST", "/api/steer/stream", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = _events(r.read().decode())
-    assert events[-1] == {"type": "done"}
+    assert events[-1]["type"] == "done" and set(events[-1]["notes"]) <= {"default", "steered"}
     tokens = [e for e in events if e["type"] == "token"]
     sides = [e["side"] for e in tokens]
     assert sides == sorted(sides)  # all default pieces, then all steered ones

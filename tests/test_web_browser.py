@@ -24,6 +24,8 @@ pytest.importorskip("uvicorn")
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from test_web_api import PAYLOAD, XSS, served, web_run  # noqa: E402
 
+from saelab.web.pages import DEFAULT_DIAL  # noqa: E402
+
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -130,7 +132,7 @@ def test_map_renders_points_and_click_opens_feature(tab, base_url):
     page.locator("#map-link").click()  # back to its place on the map, marked
     page.wait_for_url(re.compile(rf"/map\?feature={fid}$"))
     expect(page.locator("#map-status")).to_contain_text("64 features")
-    assert page.evaluate("document.getElementById('map-plot').data[1].customdata[0]") == fid
+    assert page.evaluate("document.getElementById('map-plot').data.find(t => t.name === 'selected').customdata[0]") == fid
     page.locator("#show-neighbourhood").click()
     expect(page.locator("#map-status")).to_contain_text(f"nearest #{fid}")
     assert page.evaluate("document.getElementById('map-plot').data[0].x.length") == 41
@@ -177,7 +179,7 @@ def test_steering_streams_default_and_steered(tab, base_url, payload_id):
     default = page.locator("#out-default .continuation").text_content()
     steered = page.locator("#out-steered .continuation").text_content()
     body = {"prompt": page.locator("#steer-prompt").input_value(), "max_new_tokens": 10, "temperature": 0, "seed": 0,
-            "features": [{"id": payload_id, "value": 10, "mode": "clamp"}, {"id": 1, "value": -4, "mode": "add"}]}
+            "features": [{"id": payload_id, "value": DEFAULT_DIAL, "mode": "clamp"}, {"id": 1, "value": -4, "mode": "add"}]}
     whole = httpx.post(f"{base_url}/api/steer", json=body, timeout=60).json()
     assert default == whole["default"] and default  # the streamed texts are the whole continuations
     assert steered == whole["steered"]

@@ -10,7 +10,9 @@ Library errors a user can cause (bad path, wrong hook, corrupt file) are printed
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from saelab.cli.app import _add_demo, _add_serve
 from saelab.cli.data import _add_builtin, _add_harvest, _add_hooks
@@ -29,15 +31,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dictionary learning on language models: harvest activations, train sparse autoencoders, "
                     "evaluate, analyse and map features, steer and monitor.",
     )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show third-party progress bars and warnings (transformers, huggingface_hub, umap)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in STAGES:
         add(sub)
     return parser
 
 
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar too
+             "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def quiet_third_party() -> None:
+    """No progress bars or advisory warnings from the libraries underneath: a result or an error is all a
+    command prints (``--verbose`` keeps them). Env vars, because transformers reads them on first import."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    # umap: "n_jobs value 1 overridden to 1 by setting random_state" (we seed the layout on purpose)
+    warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_third_party()
     tune_allocator()
     try:
         args.func(args)

@@ -44,8 +44,9 @@ def _add_analyze(sub) -> None:
                                    "features (with their explanations when a features.db is beside the SAE).")
     p.add_argument("sae", help="SAE folder")
     p.add_argument("--text", required=True, help=r"the text (\n and \t are read as newline and tab)")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=int, default=5, help="features listed per token (default 5)")
     p.add_argument("--model", help="model (default: the SAE's model_name)")
+    p.add_argument("--db", help="features.db for explanations (default: features.db beside the SAE folder, if any)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_inspect)
 
@@ -138,18 +139,51 @@ def _run_feature(args) -> None:
             print(f"\nneighbours by {label}: " + ", ".join(f"{n['other']} ({n['value']:.2f})" for n in near))
 
 
+def _explanations_db(sae: str, db: str | None):
+    """The features.db named by --db, else the one beside the SAE folder, else None (checked before any model)."""
+    from pathlib import Path
+
+    if db is not None:
+        if not Path(db).is_file():
+            raise FileNotFoundError(f"--db {db}: no such features.db")
+        return Path(db)
+    beside = Path(sae).resolve().parent / "features.db"
+    return beside if beside.is_file() else None
+
+
 def _run_inspect(args) -> None:
+    from pathlib import Path
+
     from saelab.analyze import inspect_text
+    from saelab.featuredb import FeatureDB
 
     text = args.text.replace("\\n", "\n").replace("\\t", "\t")
+    if not text:
+        raise ValueError("--text is empty: give the text to inspect")
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: list at least one feature per token")
+    if not Path(args.sae).exists():
+        raise FileNotFoundError(f"{args.sae}: no such SAE folder")
+    db_path = _explanations_db(args.sae, args.db)
     rows = inspect_text(args.sae, args.model, text, top=args.top)
+    names: dict[int, str] = {}
+    if db_path is not None:
+        with FeatureDB.open(db_path) as db:
+            ids = {f for r in rows for f, _ in r.features}
+            names = {i: db.feature(i)["explanation"] or "" for i in ids if i < db.n_features}
     if args.json:
-        _print_json([r._asdict() for r in rows])
+        _print_json([{**r._asdict(), "features": [{"id": f, "act": a, "explanation": names.get(f)}
+                                                  for f, a in r.features]} for r in rows])
         return
     width = max(len(_shown(r.token)) for r in rows)
     for r in rows:
-        feats = "  ".join(f"{f}:{a:.2f}" for f, a in r.features) or "-"
-        print(f"{r.pos:4d}  {_shown(r.token):<{width}}  {feats}")
+        if not names:
+            feats = "  ".join(f"{f}:{a:.2f}" for f, a in r.features) or "-"
+            print(f"{r.pos:4d}  {_shown(r.token):<{width}}  {feats}")
+            continue
+        print(f"{r.pos:4d}  {_shown(r.token)}" + ("" if r.features else "  -"))
+        for f, a in r.features:
+            print(f"        {f:>6} {a:7.2f}  {_shown(names.get(f, ''))[:100]}")
 
 
 def _read_texts(path: str) -> list[str]:

@@ -128,14 +128,24 @@ def _parse_thresholds(text: str | None):
         raise ValueError(f"--threshold {text!r}: expected a number or FEATURE=THRESHOLD,... with numbers") from None
 
 
-def _steer_inputs(args, need_lm_head: bool = True):
-    """(model, sae, features.db or None) for the steer/monitor subcommands."""
+def _check_ids(ids, sae, path: str) -> None:
+    """Every feature id exists in the SAE: checked before the model loads, not after."""
+    bad = sorted({int(f) for f in ids if not 0 <= int(f) < sae.cfg.d_sae})
+    if bad:
+        raise ValueError(f"feature {', '.join(map(str, bad))} does not exist: {path} has features 0-{sae.cfg.d_sae - 1}")
+
+
+def _steer_inputs(args, need_lm_head: bool = True, ids=()):
+    """(model, sae, features.db or None) for the steer/monitor subcommands; ``ids`` are checked first."""
     from pathlib import Path
 
     from saelab.models import load_model
     from saelab.sae import SAE
 
+    if getattr(args, "prompt", None) is not None and not args.prompt:
+        raise ValueError("--prompt is empty: give the text to continue")
     sae = SAE.load(args.sae, device=args.device)
+    _check_ids(ids, sae, args.sae)
     name = args.model or sae.provenance.get("model_name") or sae.cfg.metadata.get("model_name")
     if not name:
         raise ValueError(f"{args.sae}: the SAE does not name the model it was trained on; pass --model")
@@ -160,7 +170,8 @@ def _run_steer(args) -> None:
     if args.when:
         when = _parse_when(args.when)
         edits = {f: replace(e, when=when) for f, e in edits.items()}
-    lm, sae, db = _steer_inputs(args)
+    when_ids = [e.when[0] for e in edits.values() if e.when]
+    lm, sae, db = _steer_inputs(args, ids=[*edits, *when_ids])
     pairs = compare_generations(lm, sae, args.prompt, edits, args.max_new_tokens, args.samples, args.seed,
                                 args.temperature, db=db)
     described = {str(f): {"mode": "add" if isinstance(e, Add) else "clamp", "value": e.value,
@@ -200,7 +211,7 @@ def _run_dial(args) -> None:
 
     values = _parse_numbers(args.values, "--values")
     prompts = _read_prompts(args.prompts)
-    lm, sae, db = _steer_inputs(args)
+    lm, sae, db = _steer_inputs(args, ids=[args.feature])
     curve = dial(lm, sae, args.feature, prompts, values, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, samples=args.samples, seed=args.seed, db=db)
     if args.json:
@@ -223,7 +234,7 @@ def _watchlist(args, sae, db):
 def _run_monitor(args) -> None:
     from saelab.monitor import scan_jsonl
 
-    lm, sae, db = _steer_inputs(args, need_lm_head=False)
+    lm, sae, db = _steer_inputs(args, need_lm_head=False, ids=_parse_numbers(args.watch, "--watch", int))
     watchlist = _watchlist(args, sae, db)
     src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     dst = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -240,7 +251,7 @@ def _run_monitor(args) -> None:
 def _run_generate(args) -> None:
     from saelab.monitor import watch_generate
 
-    lm, sae, db = _steer_inputs(args)
+    lm, sae, db = _steer_inputs(args, ids=_parse_numbers(args.watch, "--watch", int))
     watchlist = _watchlist(args, sae, db)
     result = watch_generate(lm, sae, args.prompt, watchlist, args.on_fire, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, seed=args.seed, watch_prompt=args.watch_prompt)

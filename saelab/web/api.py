@@ -26,6 +26,10 @@ class InspectRequest(BaseModel):
     top: int = Field(8, ge=1, le=MAX_TOP, description="features listed per token")
 
 
+class ActivationsRequest(BaseModel):
+    text: str = Field(min_length=1, description="text to run through the model (capped by the server's limit)")
+
+
 class SteerFeature(BaseModel):
     id: int = Field(ge=0, description="feature id")
     value: float = Field(10.0, ge=DIAL_RANGE[0], le=DIAL_RANGE[1], description="dial: multiple of the max activation")

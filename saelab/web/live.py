@@ -17,7 +17,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
-from saelab.web.api import InspectRequest, ScanRequest, SteerRequest, check_text, explanations
+from saelab.web.api import (ActivationsRequest, InspectRequest, ScanRequest, SteerRequest, check_text,
+                            explanations)
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger(__name__)
@@ -61,6 +62,26 @@ def inspect_json(state, tokenizer, text: str, result) -> dict:
     return {"tokens": tokens, "max_act": max_act}
 
 
+@router.post("/features/{feature_id}/activations", summary="One feature's activation on every token of a text")
+def api_feature_activations(feature_id: int, req: ActivationsRequest, request: Request):
+    from saelab.analyze import text_latents
+    from saelab.steer import sae_hook_name
+
+    check_text(request, req.text)
+    state, gate = request.app.state.run, request.app.state.gate
+    row = state.db.feature(feature_id)  # 404 for an unknown id, before the model loads
+    with gate.held():
+        model, sae = state.model(), state.sae()
+        ids, z = text_latents(sae, model, req.text, sae_hook_name(sae))  # z: (tokens, d_sae)
+    pieces = [model.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+    if "".join(pieces) != req.text:  # a character split across tokens decodes to U+FFFD piecewise
+        cut, _ = segments(model.tokenizer, req.text)
+        pieces = cut if len(cut) == len(pieces) else pieces
+    acts = z[:, feature_id].tolist()
+    return {"feature": feature_id, "explanation": row["explanation"], "max_act": row["max_act"],
+            "tokens": [{"text": t, "act": float(a)} for t, a in zip(pieces, acts)]}
+
+
 # -- steer ---------------------------------------------------------------------------------------
 
 def edits_of(req: SteerRequest, request: Request) -> dict:
@@ -76,6 +97,9 @@ def edits_of(req: SteerRequest, request: Request) -> dict:
     ids = [f.id for f in req.features]
     if len(set(ids)) != len(ids):
         raise HTTPException(422, "each feature may have only one dial")
+    n = request.app.state.run.db.n_features
+    if bad := sorted(i for i in ids if i >= n):  # before the model loads, not after
+        raise HTTPException(422, f"feature {', '.join(map(str, bad))} does not exist; this SAE has features 0-{n - 1}")
     make = {"clamp": lambda v: Clamp(v), "add": lambda v: Add(v), "ablate": lambda v: Ablate()}
     return {f.id: make[f.mode](f.value) for f in req.features}
 
@@ -90,8 +114,27 @@ def api_steer(req: SteerRequest, request: Request):
         model, sae = state.model(), state.sae()
         (c,) = compare_generations(model, sae, req.prompt, edits, max_new_tokens=req.max_new_tokens, samples=1,
                                    seed=req.seed, temperature=req.temperature, db=state.db)
-    return {"prompt": req.prompt, "default": c.default_text, "steered": c.steered_text,
+    notes = {side: note for side, text in (("default", c.default_text), ("steered", c.steered_text))
+             if (note := degenerate(text))}
+    return {"prompt": req.prompt, "default": c.default_text, "steered": c.steered_text, "notes": notes,
             "steered_tokens": c.steered_tokens, "steered_acts": {str(k): v for k, v in c.steered_acts.items()}}
+
+
+def degenerate(text: str, n: int = 3) -> str | None:
+    """Why a continuation is not readable text, or None: empty, only whitespace, or stuck repeating itself
+    (fewer than half of its word ``n``-grams distinct, or one character making up most of it)."""
+    if not text:
+        return "empty: the model ended the text at once"
+    if not text.strip():
+        return "only whitespace"
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) >= 6 and len(set(grams)) < 0.5 * len(grams):
+        return "degenerate: it repeats the same words over and over"
+    chars = [c for c in text if not c.isspace()]
+    if len(chars) >= 12 and max(chars.count(c) for c in set(chars)) > 0.6 * len(chars):
+        return "degenerate: mostly one character repeated"
+    return None
 
 
 class _Cancelled(Exception):
@@ -132,13 +175,17 @@ def _generate_both(state, model, sae, ids, edits, req: SteerRequest, out: queue.
     from saelab.steer import generate_ids, steering
 
     try:
+        notes = {}
         for side, side_edits in (("default", {}), ("steered", edits)):
             out.put({"type": "status", "text": f"generating the {side} continuation…"})
             streamer = _QueueStreamer(model.tokenizer, side, out, cancel)
             with steering(model, sae, side_edits, db=state.db):
                 generate_ids(model, ids, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                              seed=req.seed, streamer=streamer)
-        out.put({"type": "done"})
+            note = degenerate(model.tokenizer.decode(streamer.ids, skip_special_tokens=True))
+            if note:
+                notes[side] = note
+        out.put({"type": "done", "notes": notes})
     except _Cancelled:
         log.info("steering stream cancelled by the client")
     except Exception as e:  # reported to the client as an event: the HTTP status is already sent
@@ -159,7 +206,8 @@ def _events(out: queue.Queue, cancel: threading.Event):
 
 @router.post("/steer/stream", summary="Default then steered continuation, streamed as server-sent events",
              description="Events are JSON lines after 'data: ': {type: token, side: default|steered, text}, "
-                         "{type: status, text}, {type: error, detail}, {type: done}.")
+                         "{type: status, text}, {type: error, detail}, {type: done, notes: {side: why the text "
+                         "is empty or degenerate}}.")
 def api_steer_stream(req: SteerRequest, request: Request):
     from saelab.steer import prompt_ids, steering
 

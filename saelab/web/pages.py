@@ -16,6 +16,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 50
 DEFAULT_TEXT = "import subprocess\n\ndef run(cmd):\n    return subprocess.call(cmd, shell=True)\n"
 DIAL_MIN, DIAL_MAX = -10, 20
+# A dial's starting strength (× max activation). 10× usually wrecks a small model's text (empty or repeated
+# output); 1.5× clamps the feature a little above anything seen in the corpus and keeps the text readable.
+DEFAULT_DIAL = 1.5
 
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -62,6 +65,38 @@ def eval_rows(report: dict | None) -> list[tuple[str, str]]:
     return rows + _flat_rows({k: v for k, v in report.items() if k not in skip})
 
 
+def _num(report: dict, section: str, key: str):
+    value = (report.get(section) or {}).get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def eval_summary(report: dict | None) -> list[tuple[str, str, str]]:
+    """The headline metrics of eval.json in words: (name, value, what it means here)."""
+    if not report:
+        return []
+    out = []
+    tokens = _num(report, "reconstruction", "tokens")
+    over = f" over {tokens:,} held-out tokens" if tokens else ""
+    fvu = _num(report, "reconstruction", "fvu")
+    if fvu is not None:
+        out.append(("FVU", f"{fvu:.3f}", f"the reconstruction leaves {fvu:.1%} of the activations' variance "
+                                         f"unexplained{over} (0 is perfect)"))
+    rec, clean, spliced = (_num(report, "downstream", k) for k in ("ce_recovered_zero", "ce_clean", "ce_spliced"))
+    if rec is not None:
+        loss = f" (loss {clean:.3f} → {spliced:.3f} nats)" if clean is not None and spliced is not None else ""
+        out.append(("CE recovered", f"{rec:.3f}", f"zeroing this activation would raise the next-token loss; "
+                                                  f"splicing in the SAE's reconstruction instead recovers {rec:.1%} "
+                                                  f"of that rise{loss}"))
+    l0, d_sae = _num(report, "sparsity", "l0"), _num(report, "sparsity", "d_sae")
+    if l0 is not None:
+        of = f" of {d_sae:,}" if d_sae else ""
+        out.append(("L0", f"{l0:.1f}", f"features active per token, on average{of}"))
+    dead = _num(report, "sparsity", "dead")
+    if dead is not None and d_sae:
+        out.append(("dead", f"{dead:,}", f"{dead:,} of {d_sae:,} features ({dead / d_sae:.1%}) never fired{over}"))
+    return out
+
+
 @router.get("/", response_class=HTMLResponse)
 def overview(request: Request):
     from saelab.web.api import overview_info
@@ -72,7 +107,8 @@ def overview(request: Request):
     sae_rows = [(k, fmt(v)) for k, v in info["sae"].items() if not isinstance(v, (dict, list))]
     hist = info["density_histogram"]
     return render(request, "overview.html", active="Overview", page_title="Overview", model_rows=model_rows,
-                  sae_rows=sae_rows, eval_rows=eval_rows(info["eval"]), has_train_log=info["train_curve"] is not None,
+                  sae_rows=sae_rows, eval_rows=eval_rows(info["eval"]),
+                  eval_words=eval_summary(info["eval"]), has_train_log=info["train_curve"] is not None,
                   n_features=info["sae"].get("d_sae"), n_dead=hist["dead"],
                   plot_data={"train": info["train_curve"], "density": hist})
 
@@ -84,8 +120,13 @@ def _row(f: dict) -> dict:
             "max_act_text": fmt(f.get("max_act"), ".3g")}
 
 
+ORDER_LABELS = {"score": "explanation score", "density": "density", "max_act": "max activation",
+                "mean_act": "mean activation", "id": "id"}
+DEFAULT_ORDER = "score"  # readable features first: by density, "fires on diverse tokens" would lead
+
+
 @router.get("/features", response_class=HTMLResponse)
-def features_page(request: Request, q: str = Query("", max_length=200), order_by: str = "density",
+def features_page(request: Request, q: str = Query("", max_length=200), order_by: str = DEFAULT_ORDER,
                   cluster: str = "", min_density: str = "", max_density: str = "",
                   offset: int = Query(0, ge=0, le=10_000_000)):
     from saelab.web.api import feature_list
@@ -93,14 +134,21 @@ def features_page(request: Request, q: str = Query("", max_length=200), order_by
     # Empty form fields arrive as "", so the optional numbers are parsed here (422 on junk).
     filters = {"cluster": _opt(cluster, int, "cluster"), "min_density": _opt(min_density, float, "min_density"),
                "max_density": _opt(max_density, float, "max_density")}
-    order_by = order_by if order_by in ORDER_BY else "density"
-    rows = feature_list(request.app.state.run, q=q, order_by=order_by, offset=offset, limit=PAGE_SIZE + 1, **filters)
+    order_by = order_by if order_by in ORDER_BY else DEFAULT_ORDER
+    state = request.app.state.run
+    rows = feature_list(state, q=q, order_by=order_by, offset=offset, limit=PAGE_SIZE + 1, **filters)
     more = len(rows) > PAGE_SIZE
+    if q.strip():
+        total = len(feature_list(state, q=q, limit=10_000, **filters))
+    else:
+        total = state.db.count(**filters)
     params = {"q": q, "order_by": order_by, "cluster": cluster, "min_density": min_density, "max_density": max_density}
     params = {k: v for k, v in params.items() if v not in ("", None)}
     page = lambda o: "/features?" + urlencode({**params, "offset": o})  # noqa: E731
-    return render(request, "features.html", active="Features", page_title="Features", q=q, orders=list(ORDER_BY),
-                  order_by=order_by, offset=offset, rows=[_row(f) for f in rows[:PAGE_SIZE]], **filters,
+    return render(request, "features.html", active="Features", page_title="Features", q=q,
+                  orders=[(o, ORDER_LABELS.get(o, o)) for o in ORDER_BY], order_by=order_by, total=total,
+                  order_label=ORDER_LABELS.get(order_by, order_by), offset=offset,
+                  rows=[_row(f) for f in rows[:PAGE_SIZE]], **filters,
                   prev_url=page(max(0, offset - PAGE_SIZE)) if offset > 0 else None,
                   next_url=page(offset + PAGE_SIZE) if more else None)
 
@@ -117,28 +165,41 @@ def _opt(value: str, cast, name: str):
 
 
 def _tokens(ex: dict, max_act: float) -> list[dict]:
+    peak = ex.get("max_pos")
     return [{"lines": t.split("\n"), "alpha": f"{min(1.0, max(0.0, a / max_act)) if max_act > 0 else 0.0:.3f}",
-             "title": f"{a:.3f}" if a > 0 else ""} for t, a in zip(ex["tokens"], ex["acts"])]
+             "title": f"{a:.3f}" if a > 0 else "", "peak": i == peak}
+            for i, (t, a) in enumerate(zip(ex["tokens"], ex["acts"]))]
 
 
 def _examples(examples: list[dict], kind: str, max_act: float) -> list[dict]:
     out = []
     for ex in examples:
         label = f"q{ex['quantile']:.2f}" if kind == "quantile" and ex.get("quantile") is not None else ""
-        out.append({"label": label, "tokens": _tokens(ex, max_act)})
+        out.append({"label": label, "act": f"{ex['max_act']:.2f}", "tokens": _tokens(ex, max_act)})
     return out
+
+
+def density_percentile(densities, density: float) -> float | None:
+    """Percent of the features that fired whose density is below ``density`` (None for a dead feature)."""
+    live = densities[densities > 0]
+    if density <= 0 or live.size == 0:
+        return None
+    return 100.0 * float((live < density).sum()) / live.size
 
 
 @router.get("/features/{feature_id}", response_class=HTMLResponse)
 def feature_page(request: Request, feature_id: int):
     from saelab.web.api import feature_detail
 
-    d = feature_detail(request.app.state.run, feature_id)
+    state = request.app.state.run
+    d = feature_detail(state, feature_id)
     f, ex = d["feature"], d["examples"]
-    stats = [("density", fmt(f["density"], ".3g")), ("max act", fmt(f["max_act"], ".3g")),
-             ("mean act", fmt(f["mean_act"], ".3g")), ("fired on", f"{f['count']:,} tokens"),
-             ("score", fmt(f.get("score"), ".2f")), ("cluster", fmt(f.get("cluster"))),
-             ("explained by", f.get("explanation_source") or "–")]
+    pct = density_percentile(state.stats()["density"], f["density"])
+    stats = [("density", fmt(f["density"], ".3g")),
+             ("density percentile", f"denser than {pct:.0f}% of live features" if pct is not None else "never fired"),
+             ("max act", fmt(f["max_act"], ".3g")), ("mean act", fmt(f["mean_act"], ".3g")),
+             ("fired on", f"{f['count']:,} tokens"), ("score", fmt(f.get("score"), ".2f")),
+             ("cluster", fmt(f.get("cluster"))), ("explained by", f.get("explanation_source") or "–")]
     max_act = float(f["max_act"] or 0)
     example_sets = [("Top activations", "top", _examples(ex["top"], "top", max_act)),
                     ("Across the activation range", "quantile", _examples(ex["quantile"], "quantile", max_act)),
@@ -148,7 +209,8 @@ def feature_page(request: Request, feature_id: int):
                       ("Fire together", [{**n, "value_text": f"J {n['value']:.3f}"} for n in d["neighbours"]["coact"]])]
     return render(request, "feature.html", active="Features", page_title=f"Feature {feature_id}", f=f, stats=stats,
                   example_sets=example_sets, logits=d["logit_effects"], neighbour_sets=neighbour_sets,
-                  plot_data={"histogram": d["histogram"]})
+                  can_run=state.has_sae, max_chars=request.app.state.config.max_prompt_chars,
+                  plot_data={"histogram": d["histogram"], "feature": f["id"], "max_act": max_act})
 
 
 # -- interactive pages ---------------------------------------------------------------------------
@@ -169,10 +231,11 @@ def inspect_page(request: Request):
 @router.get("/steer", response_class=HTMLResponse)
 def steer_page(request: Request, feature: list[int] = Query([])):
     cfg = request.app.state.config
-    start = [{"id": f, "value": 10, "mode": "clamp"} for f in feature[: cfg.max_steer_features] if f >= 0]
+    start = [{"id": f, "value": DEFAULT_DIAL, "mode": "clamp"} for f in feature[: cfg.max_steer_features] if f >= 0]
     return render(request, "steer.html", active="Steer", page_title="Steer", max_chars=cfg.max_prompt_chars,
                   default_prompt="def run(cmd):\n", default_tokens=min(40, cfg.max_new_tokens),
-                  max_new_tokens=cfg.max_new_tokens, start_features=start, dial_min=DIAL_MIN, dial_max=DIAL_MAX)
+                  max_new_tokens=cfg.max_new_tokens, start_features=start, dial_min=DIAL_MIN, dial_max=DIAL_MAX,
+                  dial_default=DEFAULT_DIAL)
 
 
 @router.get("/monitor", response_class=HTMLResponse)

@@ -190,11 +190,37 @@ class RunState:
                 "width": float(edges[1] - edges[0]), "dead": int(density.size - live.size)}
 
     def map_json(self) -> bytes:
-        """Every mapped feature as columns (ids, x, y, cluster, density), serialised once."""
+        """Every mapped feature as columns (ids, x, y, cluster, density, label: its explanation cut to
+        ``LABEL_CHARS``) and each cluster's name, size and centre (the members' median x, y), serialised once."""
         if self._map_json is None:
             pts = self.db.map_points()
             cols = list(zip(*pts)) if pts else [[], [], [], [], []]
+            expl = dict(self.db.conn.execute("SELECT id, explanation FROM features WHERE x IS NOT NULL"))
+            texts = [expl.get(i) or "" for i in cols[0]]
             data = {"ids": list(cols[0]), "x": [round(v, 5) for v in cols[1]], "y": [round(v, 5) for v in cols[2]],
-                    "cluster": list(cols[3]), "density": [float(f"{v:.4g}") for v in cols[4]]}
+                    "cluster": list(cols[3]), "density": [float(f"{v:.4g}") for v in cols[4]],
+                    "label": [_short(t) for t in texts], "clusters": _clusters(cols[3], cols[1], cols[2], texts)}
             self._map_json = json.dumps(data, separators=(",", ":")).encode()
         return self._map_json
+
+
+LABEL_CHARS = 60
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"
+
+
+def _clusters(cluster, x, y, texts) -> list[dict]:
+    """Clusters, largest first: id, name (from the members' explanations; "" when none is explained), size,
+    and the median position of the members (where the map writes the name)."""
+    from saelab.fmap import cluster_names
+
+    names = cluster_names(cluster, texts)
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(cluster):
+        if c is not None and c >= 0:
+            members.setdefault(int(c), []).append(i)
+    out = [{"id": c, "name": names.get(c, ""), "size": len(idx), "x": round(float(np.median([x[i] for i in idx])), 5),
+            "y": round(float(np.median([y[i] for i in idx])), 5)} for c, idx in members.items()]
+    return sorted(out, key=lambda r: (-r["size"], r["id"]))

@@ -41,6 +41,15 @@ const saelab = {
     if (act > 0) span.title = act.toFixed(3);
     return span;
   },
+  // One feature over a whole text: each token shaded by act / max, with its value written after it when it fires.
+  activationText(node, tokens, max) {
+    saelab.clear(node);
+    for (const t of tokens) {
+      const span = saelab.tokenSpan(t.text, t.act, max);
+      if (t.act > 0) span.appendChild(saelab.el("sub", { class: "v" }, t.act.toFixed(2)));
+      node.appendChild(span);
+    }
+  },
   featureLink(id) { return saelab.el("a", { href: "/features/" + Number(id) }, "#" + Number(id)); },
   status(id, text, isError) {
     const node = document.getElementById(id);

@@ -1,6 +1,6 @@
 "use strict";
-// Inspect: per-token features of the user's text. Click a token for its top features; a feature
-// link opens that feature's page.
+// Inspect: per-token features of the user's text. Click a token for its top features (with their
+// explanations); click a feature's row to follow it over every token of the text; its link opens its page.
 (function () {
   const form = document.getElementById("inspect-form");
   const tokensNode = document.getElementById("inspect-tokens");
@@ -17,11 +17,30 @@
       table.appendChild(saelab.el("tr")).appendChild(saelab.el("td", { class: "muted" }, "no active features"));
     }
     for (const f of t.features) {
-      const tr = saelab.el("tr");
+      const tr = saelab.el("tr", { class: "clickable", title: "follow #" + f.id + " over the whole text" });
+      tr.addEventListener("click", (ev) => { if (ev.target.tagName !== "A") follow(f.id); });
       tr.appendChild(saelab.el("td")).appendChild(saelab.featureLink(f.id));
       tr.appendChild(saelab.el("td", {}, f.act.toFixed(3)));
       tr.appendChild(saelab.el("td", { class: "expl" }, f.explanation || ""));
       table.appendChild(tr);
+    }
+  }
+
+  async function follow(id) {
+    saelab.status("inspect-status", "following #" + id + "…");
+    try {
+      const r = await saelab.api("/api/features/" + id + "/activations", { text: result.text });
+      document.getElementById("follow-title").textContent = "Feature #" + id + " on every token";
+      const expl = document.getElementById("follow-explanation");
+      saelab.clear(expl);
+      expl.appendChild(saelab.featureLink(id));
+      expl.appendChild(document.createTextNode(" " + (r.explanation || "no explanation")));
+      saelab.activationText(document.getElementById("follow-tokens"), r.tokens, r.max_act);
+      document.getElementById("follow").hidden = false;
+      const fired = r.tokens.filter((t) => t.act > 0).length;
+      saelab.status("inspect-status", "#" + id + " fires on " + fired + " of " + r.tokens.length + " tokens");
+    } catch (e) {
+      saelab.status("inspect-status", e.message, true);
     }
   }
 
@@ -31,7 +50,8 @@
       const top = t.features.length ? t.features[0] : null;
       const span = saelab.tokenSpan(t.text, top ? top.act : 0, result.max_act);
       span.classList.add("clickable");
-      span.title = top ? "#" + top.id + " " + top.act.toFixed(3) : "no active features";
+      span.title = top ? "#" + top.id + " " + top.act.toFixed(3) + (top.explanation ? " — " + top.explanation : "")
+        : "no active features";
       span.dataset.index = String(i);
       span.addEventListener("click", () => showToken(i));
       tokensNode.appendChild(span);
@@ -46,10 +66,12 @@
     button.disabled = true;
     saelab.status("inspect-status", "running the model…");
     try {
+      const text = document.getElementById("inspect-text").value;
       result = await saelab.api("/api/inspect", {
-        text: document.getElementById("inspect-text").value,
-        top: Number(document.getElementById("inspect-top").value),
+        text: text, top: Number(document.getElementById("inspect-top").value),
       });
+      result.text = text;
+      document.getElementById("follow").hidden = true;
       render();
       saelab.status("inspect-status", result.tokens.length + " tokens");
     } catch (e) {

@@ -1,40 +1,135 @@
 "use strict";
 // The feature map: every feature at its (x, y) from features.db, drawn with WebGL (scattergl) so that
-// 100k points pan and zoom smoothly; hover shows the explanation, click opens the feature's page.
+// 100k points pan and zoom smoothly. Cluster names (from the members' explanations) are written at the
+// clusters' centres, the largest first, never more than fit; zoomed in far enough, each point gets its own
+// explanation. Hover shows the explanation, click opens the feature's page.
 (function () {
   const cfg = saelab.json("map-config");
   const node = document.getElementById("map-plot");
   const card = document.getElementById("hover-card");
-  const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                   "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"];
-  const webgl = (() => {
-    try { return Boolean(document.createElement("canvas").getContext("webgl")); } catch (e) { return false; }
-  })();
+  const legend = document.querySelector("#map-legend tbody");
+  // 20 distinguishable colours for the 20 largest clusters; every other cluster is grey, and the legend says so.
+  const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                   "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d",
+                   "#31a354", "#756bb1", "#636363", "#9c9ede"];
+  const GREY = "#c0c4cc";
+  const MAX_CLUSTER_LABELS = 12;  // names drawn at once: more overlap into noise
+  const MAX_POINT_LABELS = 40;    // points in view below which each point shows its explanation
   let points = null;
+  let colourOf = new Map();  // cluster id -> colour
+  let mode = "all";
   const briefs = new Map();
 
-  function clusterColors(clusters) {
-    return clusters.map((c) => (c === null || c < 0 ? "#c0c4cc" : PALETTE[c % PALETTE.length]));
-  }
+  function short(text, n) { return text.length > n ? text.slice(0, n - 1) + "…" : text; }
 
-  function markers(ids, colorBy, extra) {
-    const m = { size: ids.length > 20000 ? 3 : 6, opacity: 0.8 };
+  // Marker style of the points idx (indices into points) under the colouring chosen.
+  function markers(colorBy, idx) {
+    const m = { size: points.ids.length > 20000 ? 3 : 6, opacity: 0.8 };
     if (colorBy === "density") {
-      m.color = points.density.map((d) => Math.log10(Math.max(d, 1e-7)));
+      m.color = idx.map((i) => Math.log10(points.density[i]));
       m.colorscale = "Viridis";
       m.colorbar = { title: { text: "log10 density" }, thickness: 12 };
     } else {
-      m.color = clusterColors(points.cluster);
+      m.color = idx.map((i) => colourOf.get(points.cluster[i]) || GREY);
     }
-    return Object.assign(m, extra || {});
+    return m;
+  }
+
+  // Which points trace 0 draws: all of them, except that coloured by density the dead ones (density 0, no
+  // logarithm) go to a grey trace of their own instead of being painted as the rarest live ones.
+  function shownIndices(colorBy) {
+    const all = points.ids.map((_, i) => i);
+    return colorBy === "density" ? all.filter((i) => points.density[i] > 0) : all;
+  }
+
+  // The label trace for the current view: cluster names at their centres, and per-point explanations
+  // when few enough points are in view to read them.
+  function labelsInView() {
+    const L = node._fullLayout;
+    const [x0, x1] = L.xaxis.range, [y0, y1] = L.yaxis.range;
+    const inView = (x, y) => x >= Math.min(x0, x1) && x <= Math.max(x0, x1) && y >= Math.min(y0, y1) && y <= Math.max(y0, y1);
+    const xs = [], ys = [], texts = [], sizes = [];
+    const named = points.clusters.filter((c) => c.name && inView(c.x, c.y)).slice(0, MAX_CLUSTER_LABELS);
+    const visible = [];
+    points.ids.forEach((id, i) => { if (inView(points.x[i], points.y[i])) visible.push(i); });
+    if (visible.length <= MAX_POINT_LABELS) {
+      for (const i of visible) {
+        xs.push(points.x[i]); ys.push(points.y[i]); sizes.push(10);
+        texts.push("#" + points.ids[i] + " " + short(points.label[i] || "", 40));
+      }
+    } else {
+      for (const c of named) { xs.push(c.x); ys.push(c.y); sizes.push(13); texts.push(short(c.name, 40)); }
+    }
+    return { x: [xs], y: [ys], text: [texts], "textfont.size": [sizes] };
+  }
+
+  function updateLabels() {
+    if (mode !== "all" || !node._fullLayout || !node._fullLayout.xaxis) return;
+    Plotly.restyle(node, labelsInView(), [1]);
+  }
+
+  function drawLegend(colorBy) {
+    saelab.clear(legend);
+    const title = document.getElementById("legend-title");
+    if (colorBy === "density") {
+      title.textContent = "Density";
+      const dead = points.density.filter((d) => !(d > 0)).length;
+      const tr = legend.appendChild(saelab.el("tr"));
+      tr.appendChild(saelab.el("td", { class: "muted" },
+        "Colour: log10 of the fraction of analysed tokens on which a feature fires (yellow: often, purple: rarely). " +
+        (dead ? dead + " features never fired; they are grey." : "Every feature fired.")));
+      return;
+    }
+    title.textContent = points.clusters.length + " clusters";
+    points.clusters.forEach((c) => {
+      const tr = saelab.el("tr", { class: "clickable", "data-cluster": c.id });
+      const sw = saelab.el("span", { class: "swatch" });
+      sw.style.background = colourOf.get(c.id) || GREY;
+      const td = tr.appendChild(saelab.el("td"));
+      td.appendChild(sw);
+      td.appendChild(saelab.el("a", { href: "/features?cluster=" + c.id }, c.name || "cluster " + c.id));
+      tr.appendChild(saelab.el("td", { class: "muted" }, c.size));
+      tr.addEventListener("mouseenter", () => { if (mode === "all") highlight(c.id); });
+      tr.addEventListener("mouseleave", () => { if (mode === "all") highlight(null); });
+      legend.appendChild(tr);
+    });
+    if (points.clusters.length > PALETTE.length) {
+      const tr = legend.appendChild(saelab.el("tr"));
+      tr.appendChild(saelab.el("td", { class: "muted", colspan: 2 },
+        "The " + PALETTE.length + " largest clusters have their own colour; the other " +
+        (points.clusters.length - PALETTE.length) + " are grey."));
+    }
+  }
+
+  function highlight(cluster) {
+    const colorBy = document.getElementById("color-by").value;
+    const idx = shownIndices(colorBy);
+    const base = markers(colorBy, idx);
+    if (cluster !== null) base.opacity = idx.map((i) => (points.cluster[i] === cluster ? 1 : 0.12));
+    Plotly.restyle(node, { marker: [base] }, [0]);
   }
 
   function drawAll() {
+    mode = "all";
     const colorBy = document.getElementById("color-by").value;
+    const idx = shownIndices(colorBy);
+    const pick = (arr) => idx.map((i) => arr[i]);
+    const kind = webgl() ? "scattergl" : "scatter";
     const traces = [{
-      x: points.x, y: points.y, customdata: points.ids, type: webgl ? "scattergl" : "scatter", mode: "markers",
-      marker: markers(points.ids, colorBy), hovertemplate: "#%{customdata}<extra></extra>", name: "features",
+      x: pick(points.x), y: pick(points.y), customdata: pick(points.ids), type: kind, mode: "markers",
+      marker: markers(colorBy, idx), hovertemplate: "#%{customdata}<extra></extra>", name: "features",
+    }, {
+      x: [], y: [], text: [], type: "scatter", mode: "text", name: "labels", hoverinfo: "skip",
+      textfont: { size: 12, color: "#111827" },
     }];
+    if (colorBy === "density") {
+      const dead = points.ids.map((_, i) => i).filter((i) => !(points.density[i] > 0));
+      if (dead.length) traces.push({
+        x: dead.map((i) => points.x[i]), y: dead.map((i) => points.y[i]), customdata: dead.map((i) => points.ids[i]),
+        type: kind, mode: "markers", name: "dead", marker: { size: 5, color: GREY, opacity: 0.8 },
+        hovertemplate: "#%{customdata} (never fired)<extra></extra>",
+      });
+    }
     const focus = cfg.focus;
     if (focus !== null && focus !== undefined) {
       const i = points.index.get(Number(focus));
@@ -51,17 +146,22 @@
       margin: { l: 10, r: 10, t: 10, b: 10 }, showlegend: false, dragmode: "pan", hovermode: "closest",
       xaxis: { visible: false }, yaxis: { visible: false, scaleanchor: "x" },
     }, Object.assign({ scrollZoom: true }, saelab.plotConfig));
-    saelab.status("map-status", points.ids.length + " features" + (webgl ? "" : " (WebGL unavailable: slower SVG drawing)") +
+    updateLabels();
+    drawLegend(colorBy);
+    saelab.status("map-status", points.ids.length + " features" + (webgl() ? "" : " (WebGL unavailable: slower SVG drawing)") +
       " · scroll to zoom, drag to pan, click a point to open it");
   }
 
   async function drawNeighbourhood(id, n) {
     saelab.status("map-status", "laying out the neighbourhood of #" + id + "…");
     const nb = await saelab.api("/api/map/neighbourhood/" + id + "?n=" + n);
+    mode = "neighbourhood";
     nb.explanations.forEach((e, i) => briefs.set(nb.ids[i], e));
+    // the centre and its nearest few carry their explanation on the plot; all of them are in the list
+    const text = nb.ids.map((f, i) => "#" + f + (i < 8 && nb.explanations[i] ? " " + short(nb.explanations[i], 28) : ""));
     Plotly.react(node, [{
       x: nb.x, y: nb.y, customdata: nb.ids, type: "scatter", mode: "markers+text",
-      text: nb.ids.map((f) => "#" + f), textposition: "top center", textfont: { size: 10 },
+      text: text, textposition: "top center", textfont: { size: 10 },
       marker: {
         size: nb.ids.map((f) => (f === nb.center ? 18 : 10)), color: nb.similarity, colorscale: "Viridis",
         colorbar: { title: { text: "cosine to #" + nb.center }, thickness: 12 }, line: { color: "#333", width: 0.5 },
@@ -71,8 +171,24 @@
       margin: { l: 10, r: 10, t: 10, b: 10 }, showlegend: false, hovermode: "closest",
       xaxis: { visible: false }, yaxis: { visible: false, scaleanchor: "x" },
     }, saelab.plotConfig);
+    document.getElementById("legend-title").textContent = "Nearest to #" + nb.center;
+    saelab.clear(legend);
+    nb.ids.forEach((f, i) => {
+      const tr = legend.appendChild(saelab.el("tr"));
+      tr.appendChild(saelab.el("td")).appendChild(saelab.featureLink(f));
+      tr.appendChild(saelab.el("td", { class: "muted" }, nb.similarity[i].toFixed(2)));
+      tr.appendChild(saelab.el("td", { class: "expl" }, nb.explanations[i] || "no explanation"));
+    });
     saelab.status("map-status", "the " + nb.ids.length + " features nearest #" + nb.center +
       " by decoder cosine, laid out locally · click one to open it");
+  }
+
+  let gl = null;
+  function webgl() {
+    if (gl === null) {
+      try { gl = Boolean(document.createElement("canvas").getContext("webgl")); } catch (e) { gl = false; }
+    }
+    return gl;
   }
 
   async function showBrief(id) {
@@ -98,11 +214,13 @@
       if (p && p.customdata !== undefined) showBrief(Number(p.customdata));
     });
     node.on("plotly_unhover", () => { card.hidden = true; });
+    node.on("plotly_relayout", updateLabels);
   }
 
   async function main() {
     points = await saelab.api("/api/map");
     points.index = new Map(points.ids.map((id, i) => [id, i]));
+    colourOf = new Map(points.clusters.slice(0, PALETTE.length).map((c, i) => [c.id, PALETTE[i]]));
     if (cfg.around !== null && cfg.around !== undefined) {
       await drawNeighbourhood(Number(cfg.around), Number(document.getElementById("focus-n").value));
     } else {

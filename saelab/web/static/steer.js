@@ -1,5 +1,5 @@
 "use strict";
-// Steer: one dial per feature (× its max activation; clamp or add), then the default and the steered
+// Steer: one dial per feature (× its max activation; clamp, add or ablate), then the default and the steered
 // continuations of the same prompt, streamed token by token from /api/steer/stream (server-sent events
 // over a POST, read with fetch).
 (function () {
@@ -19,14 +19,19 @@
     const id = saelab.el("input", { type: "number", min: 0, class: "narrow feature-id", placeholder: "feature", "aria-label": "feature id" });
     id.value = spec.id === undefined ? "" : spec.id;
     const slider = saelab.el("input", { type: "range", min: cfg.min, max: cfg.max, step: 0.5, "aria-label": "dial" });
-    slider.value = spec.value === undefined ? 10 : spec.value;
+    slider.value = spec.value === undefined ? cfg.default : spec.value;
     const shown = saelab.el("span", { class: "value" });
     const mode = saelab.el("select", { "aria-label": "mode" });
-    for (const m of ["clamp", "add"]) mode.appendChild(saelab.el("option", { value: m }, m));
+    for (const m of ["clamp", "add", "ablate"]) mode.appendChild(saelab.el("option", { value: m }, m));
     mode.value = spec.mode || "clamp";
     const remove = saelab.el("button", { type: "button", class: "secondary" }, "remove");
-    const update = () => { shown.textContent = Number(slider.value).toFixed(1) + "×"; };
+    const update = () => {
+      const off = mode.value === "ablate";  // ablate has no strength: the feature is set to 0
+      slider.disabled = off;
+      shown.textContent = off ? "off" : Number(slider.value).toFixed(1) + "×";
+    };
     slider.addEventListener("input", update);
+    mode.addEventListener("change", update);
     id.addEventListener("change", () => describe(row, id.value));
     remove.addEventListener("click", () => row.remove());
     row.append(saelab.el("span", {}, "feature"), id, slider, shown, mode, remove, saelab.el("span", { class: "expl" }));
@@ -65,6 +70,7 @@
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
+    let notes = {};
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -79,8 +85,10 @@
         if (msg.type === "token") columns[msg.side].appendChild(document.createTextNode(msg.text));
         else if (msg.type === "error") throw new Error(msg.detail);
         else if (msg.type === "status") saelab.status("steer-status", msg.text);
+        else if (msg.type === "done") notes = msg.notes || {};
       }
     }
+    return notes;
   }
 
   document.getElementById("add-dial").addEventListener("click", () => addDial({}));
@@ -95,11 +103,17 @@
       seed: Number(document.getElementById("steer-seed").value),
     };
     const columns = { default: startColumn("out-default", prompt), steered: startColumn("out-steered", prompt) };
+    const notice = document.getElementById("steer-notice");
+    notice.hidden = true;
     button.disabled = true;
     saelab.status("steer-status", "generating…");
     try {
-      await stream(body, columns);
+      const notes = await stream(body, columns) || {};
       saelab.status("steer-status", "done");
+      const said = Object.entries(notes).map(([side, why]) => "The " + side + " continuation is " + why + ".");
+      if (notes.steered) said.push("Try a lower dial: about 1–3× usually keeps the text readable.");
+      notice.textContent = said.join(" ");
+      notice.hidden = !said.length;
     } catch (e) {
       saelab.status("steer-status", e.message, true);
     } finally {
