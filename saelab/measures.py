@@ -85,7 +85,11 @@ class Answer(NamedTuple):
     n_tokens: int
     repetition: float
     concept_score: float | None
+    """The classifier's score of the answer (None without a classifier)."""
+    classifier_on: bool | None
+    keyword_on: bool | None
     on_concept: bool
+    """By the keywords when given, else by the classifier."""
 
 
 @torch.no_grad()
@@ -93,26 +97,29 @@ def read_answer(model, sae, ids: torch.Tensor, new: torch.Tensor, classifier: Co
                 keywords: Sequence[str] = (), hook: str | None = None) -> Answer:
     """Re-read ``prompt ids [1, n] + answer ids [m]`` unsteered: NLL, repetition and concept of the answer."""
     text = model.tokenizer.decode(new, skip_special_tokens=True)
+    kw = keyword_hit(text, keywords) if keywords else None
     if len(new) == 0:
-        return Answer(text, 0.0, 0, 0.0, 0.0 if classifier else None, False)
+        clf = False if classifier else None
+        return Answer(text, 0.0, 0, 0.0, 0.0 if classifier else None, clf, kw, bool(kw if keywords else clf))
     n, name = ids.shape[1], hook or sae_hook_name(sae)
     full = torch.cat([ids[0], new])[None]  # (1, n + m)
     with capture(model.model, name) as acts:
         logits = model.model(input_ids=full, use_cache=False).logits.float()  # (1, n + m, vocab)
     nll = F.cross_entropy(logits[0, n - 1:-1], full[0, n:], reduction="mean")
-    score = None
-    on = keyword_hit(text, keywords) if keywords else False
+    score = clf = None
     if classifier is not None:
         z = FeatureEncoder(sae, classifier.features, full.device)(acts[name][0, n:])  # (m, n_features)
         score = classifier.score(z)
-        on = on if keywords else score >= classifier.threshold
-    return Answer(text, float(nll), len(new), repetition_rate(new.tolist()), score, on)
+        clf = score >= classifier.threshold
+    return Answer(text, float(nll), len(new), repetition_rate(new.tolist()), score, clf, kw,
+                  bool(kw if keywords else clf))
 
 
 class DialValue(NamedTuple):
     value: float | None
     """Dial value (× each feature's max activation); None is the unsteered default."""
     concept_rate: float
+    """Share of answers on concept (keywords when given, else the classifier)."""
     nll: float
     """Mean over answers of the per-token NLL under the unsteered model."""
     repetition: float
@@ -131,25 +138,54 @@ def concept_curve(model, sae, features: Sequence[int], prompts: Sequence[str], v
     encoded = [encode_prompt(model, p, chat, max_new_tokens) for p in prompts]
     out = []
     for j, v in enumerate([None, *values]):
-        answers = []
         edits = {} if v is None else concept_edits(features, v, mode)
-        for i, ids in enumerate(encoded):
-            with steering(model, sae, edits, max_act=max_act, db=db, start=edit_start(positions, ids.shape[1])):
-                rows = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    seed=seed + i, samples=samples)
-            for row in rows:
-                new = generated_part(model, row, ids.shape[1])
-                answers.append(read_answer(model, sae, ids, new, classifier, keywords))
+        gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, samples=samples)
+        if positions == "all":  # one batched generate for all prompts (left-padded): every position is edited
+            with steering(model, sae, edits, max_act=max_act, db=db):
+                news = generate_batch(model, encoded, **gen)
+        else:
+            news = []
+            for ids in encoded:
+                with steering(model, sae, edits, max_act=max_act, db=db, start=edit_start(positions, ids.shape[1])):
+                    rows = generate_ids(model, ids, **gen)
+                news.append([generated_part(model, r, ids.shape[1]) for r in rows])
+        answers = [read_answer(model, sae, ids, new, classifier, keywords) for ids, rows in zip(encoded, news)
+                   for new in rows]
         out.append(summarise(v, answers))
         if progress:
             progress(j + 1, len(values) + 1)
     return out
 
 
+def generate_batch(model, encoded: Sequence[torch.Tensor], *, samples: int = 1, **kwargs) -> list[list[torch.Tensor]]:
+    """Generate from several prompts (``[1, n_i]`` each) in one left-padded batch; per prompt, ``samples`` answers
+    (generated ids, cut at EOS). Padding is masked, and HF derives positions from the mask, so each row reads its
+    prompt as if alone (up to float rounding)."""
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(ids.shape[1] for ids in encoded)
+    rows, mask = [], []
+    for ids in encoded:
+        gap = width - ids.shape[1]
+        for _ in range(samples):
+            rows.append(torch.cat([ids.new_full((gap,), pad), ids[0]]))
+            mask.append(torch.cat([ids.new_zeros(gap), ids.new_ones(ids.shape[1])]))
+    batch, attn = torch.stack(rows), torch.stack(mask)  # (n_prompts · samples, width)
+    out = generate_ids(model, batch, attention_mask=attn, **kwargs)  # (n_prompts · samples, width + new)
+    news = [generated_part(model, r, width) for r in out]
+    return [news[i * samples:(i + 1) * samples] for i in range(len(encoded))]
+
+
 def summarise(value: float | None, answers: list[Answer]) -> DialValue:
     n = max(len(answers), 1)
     return DialValue(value, sum(a.on_concept for a in answers) / n, sum(a.nll for a in answers) / n,
                      sum(a.repetition for a in answers) / n, answers)
+
+
+def rate(answers: Sequence[Answer], by: str) -> float | None:
+    """Share of answers on concept by ``"classifier"`` or ``"keyword"`` (None when that judge was not given)."""
+    marks = [getattr(a, f"{by}_on") for a in answers]
+    return None if not marks or marks[0] is None else sum(marks) / len(marks)
 
 
 # -- output score (Arad, Mueller & Belinkov 2025, "SAEs Are Good for Steering – If You Select the Right Features") --

@@ -287,9 +287,11 @@ def prompt_ids(model, prompt: str, max_new_tokens: int = 0, prepend_bos: bool = 
 
 
 def generate_ids(model, ids: torch.Tensor, *, max_new_tokens: int = 40, temperature: float = 1.0, seed: int = 0,
-                 samples: int = 1, exact_length: bool = False, **kwargs) -> torch.Tensor:
+                 samples: int = 1, exact_length: bool = False, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
     """HF ``generate`` (KV cache on): greedy when ``temperature == 0``, else plain sampling from a
-    fixed seed (no top-k/top-p) without touching the caller's RNG. ``[samples, n + new]``."""
+    fixed seed (no top-k/top-p) without touching the caller's RNG. ``[samples, n + new]``, or
+    ``[rows, n + new]`` for ``ids [rows, n]`` with ``samples=1`` (``attention_mask`` masks left padding)."""
     if temperature < 0 or max_new_tokens < 1 or samples < 1:
         raise ValueError("need temperature >= 0, max_new_tokens >= 1, samples >= 1")
     tok = model.tokenizer
@@ -297,10 +299,13 @@ def generate_ids(model, ids: torch.Tensor, *, max_new_tokens: int = 40, temperat
     sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
         else dict(do_sample=False)
     devices = [model.device] if model.device.type == "cuda" else []
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    if samples > 1:
+        ids, mask = ids.expand(samples, -1), mask.expand(samples, -1)
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         return model.model.generate(
-            ids.expand(samples, -1), attention_mask=torch.ones_like(ids).expand(samples, -1),
+            ids, attention_mask=mask,
             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if exact_length else None,
             pad_token_id=pad, use_cache=True, **sampling, **kwargs)
 

@@ -238,3 +238,51 @@ def test_output_score_matches_a_hand_computation(lm):
         want = (1 - best_rank / probs.shape[0]) * float(probs[lens].max())
         assert g.score == pytest.approx(want, rel=1e-4, abs=1e-7)
         assert 0 <= g.score <= 1
+
+
+@torch.no_grad()
+def test_batched_generation_matches_one_prompt_at_a_time(lm):
+    from saelab.measures import generate_batch
+    from saelab.steer import generated_part
+
+    encoded = [prompt_ids(lm, p) for p in ["import os\nos.system(cmd)\n", "def f(x):\n"]]  # different lengths
+    batched = generate_batch(lm, encoded, max_new_tokens=5, temperature=0.0)
+    for ids, rows in zip(encoded, batched):
+        alone = generated_part(lm, generate_ids(lm, ids, max_new_tokens=5, temperature=0.0)[0], ids.shape[1])
+        assert rows[0].tolist() == alone.tolist()
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory, tiny_model_dirs, lm):
+    sae = planted_sae(lm)
+    root = tmp_path_factory.mktemp("concept")
+    sae.save(root / "sae", model_name=str(tiny_model_dirs["llama"]), hook_name=EMBED_HOOK,
+             feature_max_act=[0.25] * sae.d_sae)
+    (root / "pos.txt").write_text("\n".join(p.replace("\n", " ") for p in POSITIVES))
+    (root / "neg.txt").write_text("\n".join(p.replace("\n", " ") for p in NEGATIVES))
+    (root / "prompts.txt").write_text("import os\ndef f(x):\n")
+    return root
+
+
+def test_cli_concept_and_dial(planted_dir, capsys):
+    import json
+
+    from saelab.cli import main
+
+    d = planted_dir
+    assert main(["concept", str(d / "sae"), "--positive", str(d / "pos.txt"), "--negative", str(d / "neg.txt"),
+                 "--prompts", str(d / "prompts.txt"), "--values", "1,4", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["features"][0] == PLANTED and out["strength"] in (1.0, 4.0)
+    assert [p["value"] for p in out["sweep"]] == [None, 1.0, 4.0]
+    report = d / "report"
+    assert main(["dial", str(d / "sae"), "--concept", f"{d / 'pos.txt'}:{d / 'neg.txt'}", "--prompts",
+                 str(d / "prompts.txt"), "--values", "2", "--max-new-tokens", "3", "--positions", "generated",
+                 "--report", str(report), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["value"] for p in out["points"]] == [None, 2.0] and len(out["points"][1]["answers"]) == 2
+    assert (report / "report.html").is_file() and json.loads((report / "results.json").read_text()) == out
+    assert main(["dial", str(d / "sae"), "--features", "5,6", "--prompts", str(d / "prompts.txt")]) == 2
+    assert "--keywords" in capsys.readouterr().err
