@@ -5,7 +5,7 @@ An explanation is one line of text saying what a feature fires on. Two explainer
 * ``offline_explanation``: no LLM. It reads the activation-weighted top tokens of the top and
   quantile examples, their common left context, position patterns derivable from the token strings
   (start of an (indented) line, inside a string or comment) and the promoted logit tokens, and says
-  e.g. "fires on ` self` (92%), at the start of an indented line; promotes `.`".
+  e.g. "fires on ` self` (92%), at the start of an indented line; promotes `.`; e.g. “def f(self):⏎   [ self].x”".
 * ``saelab.llm.llm_explanation``: any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, Ollama,
   llama.cpp, OpenAI), prompted as in Bills et al. 2023, "Language models can explain neurons in
   language models": the examples with the high-activation tokens marked ``<<like this>>``.
@@ -194,6 +194,37 @@ _QUOTED = re.compile(r"`((?:[^`\\]|\\.)*)`")
 _UNESC = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "`": "`"}
 
 
+_SYMBOLS = {"(": "opening parenthesis", ")": "closing parenthesis", "[": "opening bracket", "]": "closing bracket",
+            "{": "opening brace", "}": "closing brace", ":": "colon", ",": "comma", ".": "dot", "=": "equals sign",
+            "_": "underscore", "#": "hash", '"': "double quote", "'": "single quote", "@": "at sign", "*": "star",
+            "-": "minus", "+": "plus", "/": "slash", "%": "percent", "<": "less-than", ">": "greater-than"}
+
+
+def token_words(tok: str) -> str | None:
+    """Words for a token whose backticked form is hard to read: whitespace ("line break + 4 spaces") and
+    lone symbols ("opening parenthesis"); None for ordinary tokens."""
+    if tok and not tok.strip():
+        breaks, spaces, tabs = tok.count("\n"), tok.count(" "), tok.count("\t")
+        parts = [f"{n} {word}s" if n > 1 else word for n, word in ((breaks, "line break"), (spaces, "space"),
+                                                                   (tabs, "tab")) if n]
+        return " + ".join(parts).replace("2 line breaks", "blank line")
+    return _SYMBOLS.get(tok.strip()) if len(tok.strip()) == 1 else None
+
+
+def example_snippet(examples: Sequence[Example], before: int = 5, after: int = 2, width: int = 48) -> str:
+    """The context around the strongest activation, in words: ``“import os, [sys]”`` with the firing token in
+    brackets and line breaks as ⏎ (no backticks, so the offline grammar's parser never reads it as a token)."""
+    best = max(((ex, i) for ex in examples for i, a in enumerate(ex.acts) if a > 0), key=lambda p: p[0].acts[p[1]],
+               default=None)
+    if best is None:
+        return ""
+    ex, i = best
+    clean = lambda ts: "".join(ts).replace("`", "'").replace("\n", "⏎").replace("\t", " ")  # noqa: E731
+    left, right = clean(ex.tokens[max(0, i - before):i]), clean(ex.tokens[i + 1:i + 1 + after])
+    text = f"{left[-width:]}[{clean([ex.tokens[i]])}]{right[:width // 3]}"
+    return f"“{text}”"
+
+
 def _unquote(body: str) -> str:
     return re.sub(r"\\(.)", lambda m: _UNESC.get(m[1], m[1]), body)
 
@@ -228,9 +259,11 @@ def _firing_stats(examples: Sequence[Example]):
 def offline_explanation(record: FeatureRecord) -> str:
     """A deterministic one-line explanation from examples and logit effects (no LLM).
 
-    Grammar (``OfflineJudge`` parses it back): ``fires on TOKENS[ after CONTEXT][, PATTERN...][; promotes LOGITS]``
-    where TOKENS are backticked tokens with their share of the activation mass, or
-    ``diverse tokens, e.g. ...`` when no token holds 20% of it.
+    Grammar (``OfflineJudge`` parses it back):
+    ``fires on TOKENS[ after CONTEXT][, PATTERN...][; promotes LOGITS][; e.g. “SNIPPET”]`` where TOKENS are
+    backticked tokens with their share of the activation mass (whitespace and lone symbols also named in
+    words), or ``diverse tokens, e.g. ...`` when no token holds 20% of it; SNIPPET is the strongest
+    example's context with the firing token in brackets.
     """
     tok_w, prev_w, pat_frac, base = _firing_stats(list(record.top) + list(record.quantile))
     shares = _shares(tok_w)
@@ -243,7 +276,8 @@ def offline_explanation(record: FeatureRecord) -> str:
         for tok, s in shares[:4]:
             if chosen and (s < 0.1 or cum >= 0.8):
                 break
-            chosen.append(f"{quote_token(tok)} ({round(100 * s)}%)")
+            words = token_words(tok)
+            chosen.append(f"{quote_token(tok)} ({words + ', ' if words else ''}{round(100 * s)}%)")
             cum += s
         text = "fires on " + ", ".join(chosen)
     # A pattern is reported when it carries most of the activation mass and is rarer among all tokens.
@@ -263,7 +297,8 @@ def offline_explanation(record: FeatureRecord) -> str:
     text += "".join(", " + PATTERNS[p] for p in pats)
     if record.positive_logits:
         text += "; promotes " + ", ".join(quote_token(t) for t, _ in record.positive_logits[:3])
-    return text
+    snippet = example_snippet(list(record.top) + list(record.quantile))
+    return text + (f"; e.g. {snippet}" if snippet else "")
 
 
 class ParsedExplanation(NamedTuple):

@@ -8,7 +8,13 @@ analysis corpus, on every position (prompt and generated tokens):
 - ``Add(v)``:    x ↦ x + v·max_f·W_dec[f]  (the steering-vector form of Neuronpedia and AxBench);
 - ``Ablate()``:  ``Clamp(0)``;
 - ``when=(g, t)`` on any edit: apply it only at positions where feature g's activation exceeds t
-  (raw activation units, as in features.db and alerts; Goodfire's ``set_when``).
+  (raw activation units, as in features.db and alerts; Goodfire's ``set_when``);
+- ``start=s`` on :func:`steering`: edit only positions ``>= s``. ``positions="generated"`` in
+  :func:`compare_generations` and :func:`dial` sets ``s = n_prompt − 1``: the prompt is read as it is and only the
+  positions that predict new tokens (the prompt's last one and every generated one) are edited.
+
+A concept is a feature set turned by one dial: :func:`concept_edits` gives every feature the same multiple
+of its own max activation.
 
 ``with steering(model, sae, {1234: Clamp(10)}): model.generate(...)``; hooks are removed on exit,
 also on exceptions and Ctrl-C. :func:`compare_generations` puts default and steered continuations
@@ -34,6 +40,7 @@ from saelab.positions import window_median
 from saelab.provenance import Provenance
 
 DIAL_VALUES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
+POSITIONS = ("all", "generated")
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,25 @@ class Ablate:
 
 
 Edit = Union[Clamp, Add, Ablate]
+
+
+def concept_edits(features: Sequence[int], value: float, mode: str = "clamp") -> dict[int, Edit]:
+    """One dial for a feature set: each feature clamped (``mode="clamp"``), added (``"add"``) at ``value`` × its
+    own max activation, or ablated (``"ablate"``, value ignored)."""
+    if mode not in ("clamp", "add", "ablate"):
+        raise ValueError(f"unknown edit mode {mode!r}: choose clamp, add or ablate")
+    if mode == "ablate":
+        return {int(f): Ablate() for f in features}
+    make = Add if mode == "add" else Clamp
+    return {int(f): make(float(value)) for f in features}
+
+
+def edit_start(positions: str, n_prompt: int) -> int:
+    """First edited position: 0 for ``"all"``, the prompt's last position for ``"generated"``."""
+    if positions not in POSITIONS:
+        raise ValueError(f"unknown positions {positions!r}: choose 'all' (prompt and generated tokens) or "
+                         f"'generated' (only the positions that predict new tokens)")
+    return 0 if positions == "all" else max(n_prompt - 1, 0)
 
 
 def sae_hook_name(sae) -> str:
@@ -153,8 +179,12 @@ class SteeringHook:
     zeros, leaving the logits bit-identical (the literal formula would round x through decode(z)).
     """
 
-    def __init__(self, sae, edits: Mapping[int, Edit], max_acts: Mapping[int, float], hook: str, device=None):
+    def __init__(self, sae, edits: Mapping[int, Edit], max_acts: Mapping[int, float], hook: str, device=None,
+                 start: int = 0):
         feats = list(edits)
+        # A call with one position is a cached decoding step (after the prompt: always edited); a longer call
+        # is a prefill or a full forward, starting at position 0 (generate never chunks a prefill on our paths).
+        self.start = start
         clamped = [f for f in feats if not isinstance(edits[f], Add)]
         conds = [edits[f].when for f in feats if edits[f].when is not None]
         needed = sorted(set(clamped) | {g for g, _ in conds})
@@ -171,6 +201,8 @@ class SteeringHook:
         self.any_cond = bool(conds)
         self.sink_factor = Provenance.of(sae).sink_factor
         self.sink_norm: torch.Tensor | None = None   # (batch, 1) set by the last forward from the text's start
+        self.first: torch.Tensor | None = None
+        """``[batch]`` index of each row's BOS when rows are left-padded (set by the caller); else 0."""
 
     def editable(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """``[positions]`` 0/1: the positions an edit may touch (:mod:`saelab.positions`).
@@ -184,7 +216,8 @@ class SteeringHook:
         b, t = x.shape[:2]
         norms = flat.norm(dim=-1).view(b, t)                                        # (b, t)
         if t > 1:
-            counted = (torch.arange(t, device=x.device) > 0).expand(b, t)
+            first = self.first if self.first is not None and len(self.first) == b else torch.zeros(b, dtype=torch.long)
+            counted = torch.arange(t, device=x.device)[None, :] > first.to(x.device)[:, None]   # (b, t)
             factor = self.sink_factor if self.sink_factor is not None else math.inf
             self.sink_norm = factor * window_median(norms, counted)                  # (b, 1)
             ok = counted & (norms <= self.sink_norm)
@@ -198,13 +231,17 @@ class SteeringHook:
         check_width(x, self.d_in, self.hook)
         flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
         coef = self.target.expand(flat.shape[0], -1)  # (positions, n_edits)
-        coef = coef * self.editable(x, flat)[:, None]
+        editable = self.editable(x, flat)  # (positions,)
         if self.encoder is not None:
             z = self.encoder(flat)  # (positions, n_needed)
             if self.any_clamp:
                 coef = torch.where(self.is_clamp, coef - z[:, self.src], coef)  # z′_f − z_f
             if self.any_cond:
                 coef = torch.where(z[:, self.cond_col] > self.cond_thr, coef, 0.0)  # unconditioned: thr = −inf
+        if self.start > 0 and x.shape[1] > 1:
+            pos = torch.arange(x.shape[1], device=flat.device).repeat(x.shape[0])  # (positions,) index in sequence
+            editable = editable * (pos >= self.start)
+        coef = torch.where(editable[:, None] > 0, coef, 0.0)  # exact zeros: BOS, sinks, earlier positions untouched
         return torch.addmm(flat, coef, self.W).view(x.shape)  # x + Σ_f coef_f · W_dec[f]
 
 
@@ -224,12 +261,15 @@ def _check_edits(sae, edits: Mapping[int, Edit]) -> None:
 
 @contextmanager
 def steering(model, sae, edits: Mapping[int, Edit], *, max_act=None, db=None,
-             hook: str | None = None) -> Iterator[SteeringHook | None]:
+             hook: str | None = None, start: int = 0) -> Iterator[SteeringHook | None]:
     """Apply ``edits`` ({feature: Clamp | Add | Ablate}) at the SAE's hook inside the block.
 
     ``model``: a :class:`saelab.models.LoadedModel` or HF module. ``max_act``: explicit max activations
     ({feature: value} or a [d_sae] sequence); else ``db`` (features.db), else the SAE's provenance.
+    ``start``: edit only positions ``>= start`` (see :func:`edit_start`).
     """
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be a position >= 0, got {start!r}")
     module = _module(model)
     name = hook or sae_hook_name(sae)
     resolve(module, name)  # HookError naming the valid hooks when the model has no such hook
@@ -243,7 +283,7 @@ def steering(model, sae, edits: Mapping[int, Edit], *, max_act=None, db=None,
             raise ValueError(f"feature {f} has max activation {m} (dead on the analysis corpus): a multiple of "
                              f"it is 0; pass an explicit max_act for it")
     maxes.update({f: 0.0 for f, e in edits.items() if e.value == 0})
-    fn = SteeringHook(sae, edits, maxes, name, device=next(module.parameters()).device)
+    fn = SteeringHook(sae, edits, maxes, name, device=next(module.parameters()).device, start=start)
     with intervene(module, {name: fn}):
         yield fn
 
@@ -337,9 +377,11 @@ def threads(n: int) -> Iterator[None]:
 
 
 def generate_ids(model, ids: torch.Tensor, *, max_new_tokens: int = 40, temperature: float = 1.0, seed: int = 0,
-                 samples: int = 1, exact_length: bool = False, **kwargs) -> torch.Tensor:
+                 samples: int = 1, exact_length: bool = False, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
     """HF ``generate`` (KV cache on): greedy when ``temperature == 0``, else plain sampling from a
-    fixed seed (no top-k/top-p) without touching the caller's RNG. ``[samples, n + new]``."""
+    fixed seed (no top-k/top-p) without touching the caller's RNG. ``[samples, n + new]``, or
+    ``[rows, n + new]`` for ``ids [rows, n]`` with ``samples=1`` (``attention_mask`` masks left padding)."""
     if temperature < 0 or max_new_tokens < 1 or samples < 1:
         raise ValueError("need temperature >= 0, max_new_tokens >= 1, samples >= 1")
     tok = model.tokenizer
@@ -347,10 +389,13 @@ def generate_ids(model, ids: torch.Tensor, *, max_new_tokens: int = 40, temperat
     sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
         else dict(do_sample=False)
     devices = [model.device] if model.device.type == "cuda" else []
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    if samples > 1:
+        ids, mask = ids.expand(samples, -1), mask.expand(samples, -1)
     with torch.random.fork_rng(devices=devices), torch.no_grad(), threads(generation_threads(model)):
         torch.manual_seed(seed)
         return model.model.generate(
-            ids.expand(samples, -1), attention_mask=torch.ones_like(ids).expand(samples, -1),
+            ids, attention_mask=mask,
             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if exact_length else None,
             pad_token_id=pad, use_cache=True, **sampling, **kwargs)
 
@@ -394,14 +439,17 @@ class Comparison(NamedTuple):
 
 def compare_generations(model, sae, prompt: str, edits: Mapping[int, Edit], max_new_tokens: int = 40,
                         samples: int = 1, seed: int = 0, temperature: float = 1.0, *, max_act=None,
-                        db=None) -> list[Comparison]:
-    """Default and steered continuations of ``prompt`` side by side, one pair per sample."""
+                        db=None, positions: str = "all", ids: torch.Tensor | None = None) -> list[Comparison]:
+    """Default and steered continuations of ``prompt`` side by side, one pair per sample.
+
+    ``ids``: the prompt already encoded (``[1, n]``, e.g. with a chat template); else ``prompt`` with BOS."""
     model = _loaded(model)
-    ids = prompt_ids(model, prompt, max_new_tokens)
+    ids = prompt_ids(model, prompt, max_new_tokens) if ids is None else ids
+    start = edit_start(positions, ids.shape[1])
     args = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, samples=samples)
     with steering(model, sae, {}):  # validates the hook before spending time on generation
         default = generate_ids(model, ids, **args)
-    with steering(model, sae, edits, max_act=max_act, db=db):
+    with steering(model, sae, edits, max_act=max_act, db=db, start=start):
         steered = generate_ids(model, ids, **args)
     feats, n, out = list(edits), ids.shape[1], []
     for d_row, s_row in zip(default, steered):
@@ -437,7 +485,7 @@ class DialCurve(NamedTuple):
 
 def dial(model, sae, feature: int, prompts: Sequence[str], values: Sequence[float] = DIAL_VALUES, *,
          max_new_tokens: int = 32, temperature: float = 0.0, samples: int = 1, seed: int = 0, max_act=None,
-         db=None) -> DialCurve:
+         db=None, positions: str = "all") -> DialCurve:
     """Clamp ``feature`` at each value, generate from every prompt, and measure the result unsteered."""
     model = _loaded(model)
     check_feature(sae, feature)
@@ -452,7 +500,8 @@ def dial(model, sae, feature: int, prompts: Sequence[str], values: Sequence[floa
     for v in values:
         act_sum, nll_sum, n_tok, texts = 0.0, 0.0, 0, []
         for i, ids in enumerate(encoded):
-            with steering(model, sae, {feature: Clamp(float(v))}, max_act={feature: m}):
+            with steering(model, sae, {feature: Clamp(float(v))}, max_act={feature: m},
+                          start=edit_start(positions, ids.shape[1])):
                 out = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                    seed=seed + i, samples=samples)
             n = ids.shape[1]

@@ -224,18 +224,30 @@ def self_record(rng: random.Random, n_random: int = 40) -> FeatureRecord:
 @pytest.mark.parametrize("record, expected", [
     (FeatureRecord(0, top=[window(SELF, {7: 3.0}), window(SELF, {7: 2.5})], quantile=[window(SELF, {7: 1.0})],
                    positive_logits=[(".", 2.0), ("_", 1.0)]),
-     "fires on ` self` (100%), at the start of an indented line; promotes `.`, `_`"),
-    (FeatureRecord(1, top=[window(PRINT, {5: 1.5})] * 3), "fires on `(` (100%) after `print`"),
+     "fires on ` self` (100%), at the start of an indented line; promotes `.`, `_`; e.g. “(self):⏎   [ self].x”"),
+    (FeatureRecord(1, top=[window(PRINT, {5: 1.5})] * 3),
+     "fires on `(` (opening parenthesis, 100%) after `print`; e.g. “x = 1⏎print[(]x)”"),
     (FeatureRecord(2, top=[window(IMPORT_A, {4: 7.0}), window(IMPORT_B, {1: 3.0})]),
-     "fires on `import` (70%), `from` (30%), at the start of a line"),
+     "fires on `import` (70%), `from` (30%), at the start of a line; e.g. “x = 1⏎[import] os⏎”"),
     (FeatureRecord(3, top=[window(COMMENT, {5: 2.0, 6: 1.0})]),
-     "fires on ` the` (67%), ` docs` (33%) after ` see` or ` the`, inside a comment"),
+     "fires on ` the` (67%), ` docs` (33%) after ` see` or ` the`, inside a comment; e.g. “x = 1  # see[ the] docs⏎”"),
     (FeatureRecord(4, top=[window("abcdefghij", {i: 1.0 for i in range(10)})], positive_logits=[("<", 1.0)]),
-     "fires on diverse tokens, e.g. `a`, `b`, `c`; promotes `<`"),
+     "fires on diverse tokens, e.g. `a`, `b`, `c`; promotes `<`; e.g. “[a]bc”"),
     (FeatureRecord(5, top=[window(SELF, {})]), "never fires in the analysed tokens"),
 ])
 def test_offline_explanation_on_hand_built_records(record, expected):
     assert offline_explanation(record) == expected
+    # the words and the example snippet add no tokens or patterns for the offline judge
+    bare = expected.split("; e.g. “")[0].replace("opening parenthesis, ", "")
+    assert parse_explanation(expected) == parse_explanation(bare)
+
+
+def test_token_words_name_whitespace_and_symbols():
+    from saelab.explain import token_words
+
+    assert [token_words(t) for t in ["\n", "\n    ", "  ", "\n\n", "\t", " (", ":", "x", " self"]] == \
+        ["line break", "line break + 4 spaces", "2 spaces", "blank line", "tab", "opening parenthesis", "colon",
+         None, None]
 
 
 def test_token_patterns():
@@ -361,10 +373,11 @@ def test_cli_explain_offline_writes_db(tmp_path, capsys):
     assert "explained 2 of 2 selected live features" in capsys.readouterr().out
     with FeatureDB.open(db_path) as db:
         f0, f1, f2 = db.feature(0), db.feature(1), db.feature(2)
-        assert f0["explanation"] == "fires on ` self` (100%), at the start of an indented line; promotes `.`"
+        assert f0["explanation"].startswith("fires on ` self` (100%), at the start of an indented line; promotes `.`; e.g. “")
         assert (f0["explanation_source"], f0["score"]) == ("offline", 1.0)
         assert f1["explanation"] == "" and f1["score"] is None
-        assert f2["explanation"] == "fires on `(` (100%) after `print`" and f2["score"] == 1.0
+        assert f2["explanation"].startswith("fires on `(` (opening parenthesis, 100%) after `print`; e.g. “")
+        assert f2["score"] == 1.0
         assert [h["id"] for h in db.search("print")] == [2]
 
 

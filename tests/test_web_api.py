@@ -370,6 +370,18 @@ def test_steer_returns_default_and_steered(client):
     assert again["default"] == again["steered"] == out["default"]  # no dial: the same greedy text
 
 
+def test_steer_concept_is_one_dial_for_a_feature_set(client):
+    ids = [f["id"] for f in client.get("/api/features", params={"order_by": "max_act", "limit": 2}).json()["features"]]
+    body = {"prompt": "def run(cmd):", "max_new_tokens": 8}
+    concept = client.post("/api/steer", json={**body, "concept": {"features": ids, "value": 3}}).json()
+    dials = client.post("/api/steer", json={**body, "features": [{"id": f, "value": 3} for f in ids]}).json()
+    assert concept["steered"] == dials["steered"] and set(concept["steered_acts"]) == {str(f) for f in ids}
+    clash = client.post("/api/steer", json={**body, "features": [{"id": ids[0]}], "concept": {"features": ids}})
+    assert clash.status_code == 422 and "one dial" in clash.text
+    page = client.get("/steer", params={"concept": f"{ids[0]},{ids[1]},x", "strength": 1.5}).text
+    assert f'value="{ids[0]},{ids[1]}"' in page and 'id="concept-value"' in page
+
+
 def _events(text: str) -> list[dict]:
     return [json.loads(block[len("data: "):]) for block in text.split("\n\n") if block.startswith("data: ")]
 

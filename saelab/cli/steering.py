@@ -1,14 +1,13 @@
-"""Stages that act on a model through its features: steer, dial, monitor, generate."""
+"""Stages that act on a model through its features: steer, monitor, generate."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 from saelab.cli.common import _print_json
 
 
-# -- steer / dial / monitor / generate -------------------------------------------------------------
+# -- steer / monitor / generate (dial: saelab.cli.concepts) -------------------------------------------------------------
 
 _EDIT_USAGE = "write e.g. 1234=10x (clamp to 10× max activation), 1234=0 (ablate) or 1234=+4 with --mode add"
 
@@ -37,19 +36,9 @@ def _add_steer(sub) -> None:
     p.add_argument("--mode", choices=["clamp", "add"], default="clamp", help="how VALUE is applied")
     p.add_argument("--when", metavar="G>T", help="edit only where feature G's activation exceeds T")
     p.add_argument("--samples", type=int, default=1, help="continuations per side")
+    p.add_argument("--positions", choices=["all", "generated"], default="all",
+                   help="edit every position (default) or only those that predict new tokens (the prompt is read as is)")
     p.set_defaults(func=_run_steer)
-    d = sub.add_parser("dial", help="efficacy curve of one feature: concept activation and loss vs clamp value",
-                       description="Clamp a feature at each value, generate from every prompt, and report the "
-                                   "feature's mean activation on the generated tokens and their loss, both measured "
-                                   "on the unsteered model.")
-    _sae_args(d)
-    d.set_defaults(max_new_tokens=32, temperature=0.0)
-    d.add_argument("--feature", type=int, required=True, help="feature id")
-    d.add_argument("--prompts", required=True,
-                   help="prompts file: .jsonl (JSON strings or objects with 'prompt'), else one prompt per line")
-    d.add_argument("--values", default="0,1,2,5,10,20", help="comma-separated clamp values (× max activation)")
-    d.add_argument("--samples", type=int, default=1, help="continuations per prompt and value")
-    d.set_defaults(func=_run_dial)
     m = sub.add_parser("monitor", help="scan texts (JSONL) for watched features; alerts as JSONL",
                        description="Read texts (one JSON string or {\"text\": ...} per line), write one JSON alert per "
                                    "token where a watched feature exceeds its threshold, as alerts arrive.")
@@ -173,7 +162,7 @@ def _run_steer(args) -> None:
     when_ids = [e.when[0] for e in edits.values() if e.when]
     lm, sae, db = _steer_inputs(args, ids=[*edits, *when_ids])
     pairs = compare_generations(lm, sae, args.prompt, edits, args.max_new_tokens, args.samples, args.seed,
-                                args.temperature, db=db)
+                                args.temperature, db=db, positions=args.positions)
     described = {str(f): {"mode": "add" if isinstance(e, Add) else "clamp", "value": e.value,
                           "when": list(e.when) if e.when else None} for f, e in edits.items()}
     if args.json:
@@ -187,41 +176,6 @@ def _run_steer(args) -> None:
         print(f"default:\n{args.prompt}{p.default_text}\n")
         print(f"steered:\n{args.prompt}{p.steered_text}\n")
         print(f"mean activation on the steered text (unsteered re-read): {means}\n")
-
-
-def _read_prompts(path: str) -> list[str]:
-    from pathlib import Path
-
-    lines = Path(path).read_text().splitlines()
-    if not path.endswith((".jsonl", ".json")):
-        return [ln for ln in lines if ln.strip()]
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        obj = json.loads(line)
-        prompts.append(obj if isinstance(obj, str) else obj.get("prompt") if isinstance(obj, dict) else None)
-        if not isinstance(prompts[-1], str):
-            raise ValueError(f"{path}:{n}: expected a JSON string or an object with a 'prompt' string")
-    return prompts
-
-
-def _run_dial(args) -> None:
-    from saelab.steer import dial
-
-    values = _parse_numbers(args.values, "--values")
-    prompts = _read_prompts(args.prompts)
-    lm, sae, db = _steer_inputs(args, ids=[args.feature])
-    curve = dial(lm, sae, args.feature, prompts, values, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, samples=args.samples, seed=args.seed, db=db)
-    if args.json:
-        _print_json({"feature": curve.feature, "max_act": curve.max_act, "points": [p._asdict() for p in curve.points]})
-        return
-    print(f"feature {curve.feature} (max activation {curve.max_act:.4g}), {len(prompts)} prompts")
-    print(f"  {'value':>6}  {'activation':>10}  {'loss':>6}  tokens  first continuation")
-    for p in curve.points:
-        first = (p.texts[0] if p.texts else "")[:50].replace("\n", "⏎")
-        print(f"  {p.value:>5g}×  {p.activation:>10.4g}  {p.loss:>6.3f}  {p.n_tokens:>6}  {first}")
 
 
 def _watchlist(args, sae, db):

@@ -36,9 +36,16 @@ class SteerFeature(BaseModel):
     mode: Literal["clamp", "add", "ablate"] = Field("clamp", description="clamp z_f := v·max, add v·max·W_dec[f], or ablate")
 
 
+class SteerConcept(BaseModel):
+    features: list[int] = Field(min_length=1, description="the concept's feature ids (e.g. from `saelab concept`)")
+    value: float = Field(1.5, ge=DIAL_RANGE[0], le=DIAL_RANGE[1], description="one dial for all: × each one's max act")
+    mode: Literal["clamp", "add", "ablate"] = Field("clamp", description="how the dial is applied to every feature")
+
+
 class SteerRequest(BaseModel):
     prompt: str = Field(min_length=1, description="prompt to continue")
     features: list[SteerFeature] = Field(default_factory=list, description="the dials")
+    concept: SteerConcept | None = Field(None, description="a feature set turned by one dial, beside the dials")
     max_new_tokens: int = Field(40, ge=1, description="tokens to generate (capped by the server's limit)")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed, the same for both continuations")

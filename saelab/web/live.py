@@ -92,16 +92,19 @@ def edits_of(req: SteerRequest, request: Request) -> dict:
     if req.max_new_tokens > cfg.max_new_tokens:
         raise HTTPException(422, f"max_new_tokens is {req.max_new_tokens}; this server generates at most "
                                  f"{cfg.max_new_tokens}")
-    if len(req.features) > cfg.max_steer_features:
-        raise HTTPException(422, f"{len(req.features)} features; steer at most {cfg.max_steer_features} at once")
-    ids = [f.id for f in req.features]
+    concept = req.concept.features if req.concept else []
+    ids = [f.id for f in req.features] + concept
+    if len(ids) > cfg.max_steer_features:
+        raise HTTPException(422, f"{len(ids)} features; steer at most {cfg.max_steer_features} at once")
     if len(set(ids)) != len(ids):
-        raise HTTPException(422, "each feature may have only one dial")
+        raise HTTPException(422, "each feature may have only one dial (a concept's features included)")
     n = request.app.state.run.db.n_features
     if bad := sorted(i for i in ids if i >= n):  # before the model loads, not after
         raise HTTPException(422, f"feature {', '.join(map(str, bad))} does not exist; this SAE has features 0-{n - 1}")
     make = {"clamp": lambda v: Clamp(v), "add": lambda v: Add(v), "ablate": lambda v: Ablate()}
-    return {f.id: make[f.mode](f.value) for f in req.features}
+    edits = {f.id: make[f.mode](f.value) for f in req.features}
+    edits.update({f: make[req.concept.mode](req.concept.value) for f in concept})  # one dial for the whole set
+    return edits
 
 
 @router.post("/steer", summary="Default and steered continuations side by side (whole texts)")

@@ -229,13 +229,15 @@ def inspect_page(request: Request):
 
 
 @router.get("/steer", response_class=HTMLResponse)
-def steer_page(request: Request, feature: list[int] = Query([])):
+def steer_page(request: Request, feature: list[int] = Query([]), concept: str = "", strength: float = 1.5):
     cfg = request.app.state.config
+    concept_ids = ",".join(c for c in (x.strip() for x in concept.split(",")) if c.isdigit())
     start = [{"id": f, "value": DEFAULT_DIAL, "mode": "clamp"} for f in feature[: cfg.max_steer_features] if f >= 0]
     return render(request, "steer.html", active="Steer", page_title="Steer", max_chars=cfg.max_prompt_chars,
                   default_prompt="def run(cmd):\n", default_tokens=min(40, cfg.max_new_tokens),
                   max_new_tokens=cfg.max_new_tokens, start_features=start, dial_min=DIAL_MIN, dial_max=DIAL_MAX,
-                  dial_default=DEFAULT_DIAL)
+                  dial_default=DEFAULT_DIAL, concept_features=concept_ids,
+                  concept_value=min(max(strength, DIAL_MIN), DIAL_MAX))
 
 
 @router.get("/monitor", response_class=HTMLResponse)

@@ -50,6 +50,18 @@
       }));
   }
 
+  // The concept: a feature set sharing one dial (sent as `concept`, beside the single-feature dials).
+  const conceptValue = document.getElementById("concept-value");
+  const showConcept = () => { document.getElementById("concept-shown").textContent = Number(conceptValue.value).toFixed(1) + "×"; };
+  conceptValue.addEventListener("input", showConcept);
+  showConcept();
+
+  function readConcept() {
+    const ids = document.getElementById("concept-features").value.split(/[\s,]+/).filter((s) => s !== "").map(Number);
+    if (!ids.length) return null;
+    return { features: ids, value: Number(conceptValue.value), mode: document.getElementById("concept-mode").value };
+  }
+
   function startColumn(id, prompt) {
     const node = document.getElementById(id);
     saelab.clear(node);
@@ -97,7 +109,7 @@
     const button = document.getElementById("steer-run");
     const prompt = document.getElementById("steer-prompt").value;
     const body = {
-      prompt: prompt, features: readDials(),
+      prompt: prompt, features: readDials(), concept: readConcept(),
       max_new_tokens: Number(document.getElementById("steer-tokens").value),
       temperature: Number(document.getElementById("steer-temperature").value),
       seed: Number(document.getElementById("steer-seed").value),
@@ -121,5 +133,5 @@
     }
   });
 
-  (cfg.features.length ? cfg.features : [{}]).forEach(addDial);
+  (cfg.features.length || document.getElementById("concept-features").value ? cfg.features : [{}]).forEach(addDial);
 })();

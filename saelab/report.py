@@ -1,0 +1,97 @@
+"""Experiment reports: one folder with ``report.html`` (tables, the plot, example texts), ``report.png`` (the
+plot) and ``results.json`` (every number), written atomically. The plot needs matplotlib (``pip install
+saelab[plot]``); without it the HTML and JSON are still written and the HTML says the plot is missing."""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from saelab.atomic import write_bytes, write_json
+
+
+class Table(NamedTuple):
+    caption: str
+    headers: list[str]
+    rows: list[list]
+
+
+class Series(NamedTuple):
+    label: str
+    xs: list[float]
+    ys: list[float]
+    axis: str = "left"
+    """``left`` or ``right`` (a second y axis)."""
+
+
+def plot_png(series: Sequence[Series], xlabel: str, ylabel: str, y2label: str = "", title: str = "") -> bytes | None:
+    """A line plot as PNG bytes, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax2 = ax.twinx() if any(s.axis == "right" for s in series) else None
+    for i, s in enumerate(series):
+        target = ax2 if s.axis == "right" else ax
+        target.plot(s.xs, s.ys, marker="o", linestyle="--" if s.axis == "right" else "-", color=f"C{i}",
+                    label=s.label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ax2 is not None:
+        ax2.set_ylabel(y2label)
+    handles = [h for a in (ax, ax2) if a is not None for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return html.escape("" if v is None else str(v))
+
+
+def table_html(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.headers)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in t.rows)
+    return f"<table><caption>{html.escape(t.caption)}</caption><tr>{head}</tr>{body}</table>"
+
+
+STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+         "vertical-align:top}caption{text-align:left;font-weight:bold;padding:4px 0}pre{white-space:pre-wrap;"
+         "background:#f6f6f6;padding:6px}code{background:#f6f6f6}")
+
+
+def write_report(out: Path | str, title: str, summary: Sequence[str], tables: Sequence[Table], png: bytes | None,
+                 results: dict, command: str, examples: Sequence[tuple[str, str]] = ()) -> Path:
+    """Write ``report.html``, ``report.png`` and ``results.json`` into ``out``; returns the HTML path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if png is not None:
+        write_bytes(out / "report.png", png)
+    figure = '<p><img src="report.png" alt="plot" style="max-width:100%"></p>' if png else \
+        "<p><em>No plot: matplotlib is not installed (pip install 'saelab[plot]').</em></p>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+             "".join(f"<p>{html.escape(s)}</p>" for s in summary), figure,
+             "".join(table_html(t) for t in tables)]
+    if examples:
+        parts.append("<h2>Examples</h2>" + "".join(f"<h3>{html.escape(h)}</h3><pre>{html.escape(x)}</pre>"
+                                                   for h, x in examples))
+    parts.append(f"<h2>Reproduce</h2><pre>{html.escape(command)}</pre><p>All numbers: "
+                 f"<a href='results.json'>results.json</a>.</p></body></html>")
+    write_json(out / "results.json", results)
+    write_bytes(out / "report.html", "".join(parts).encode())
+    return out / "report.html"
