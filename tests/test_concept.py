@@ -197,7 +197,7 @@ def test_generated_mode_edits_only_positions_that_predict_new_tokens(lm):
     x = plain["blocks.2.hook_resid_pre"][0]  # (n, d)
     prefill_gen, prefill_all = seen["generated"][0][0][0], seen["all"][0][0][0]
     assert prefill_gen.shape[0] == n  # the KV-cached prefill
-    assert torch.equal(prefill_gen[:n - 1], x[:n - 1])
+    torch.testing.assert_close(prefill_gen[:n - 1], x[:n - 1])  # (generation may run on another thread count)
     torch.testing.assert_close(prefill_gen[n - 1], prefill_all[n - 1])
     assert not torch.allclose(prefill_all[:n - 1], x[:n - 1])
     pairs = compare_generations(lm, sae, "import os\n", {PLANTED: Clamp(50.0)}, max_new_tokens=3, temperature=0.0,

@@ -284,7 +284,7 @@ def test_cli_steer_json(sae_dir, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["--feature", "3=abc"], "'abc' is not a number"),
-    (["--feature", "640=10x"], "unknown feature id 640"),
+    (["--feature", "640=10x"], "feature 640 does not exist"),
     (["--feature", "3=1x", "--when", "4>>1"], "--when"),
 ])
 def test_cli_steer_errors(sae_dir, capsys, argv, match):
