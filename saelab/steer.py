@@ -23,7 +23,6 @@ side by side; :func:`dial` measures how a feature's concept and the text's loss 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import weakref
@@ -340,25 +339,26 @@ _thread_choice: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.Weak
 def generation_threads(model) -> int:
     """The faster torch thread count for this model's decoding steps on CPU: 1 or all, measured once.
 
-    A KV-cached decoding step is a chain of small matmuls; on a busy 2-core machine the second
-    thread's synchronisation often costs more than it brings (SmolLM2: 3-15× slower with 2 threads
-    while other jobs ran), on an idle one it helps. So: time a few one-token steps each way.
+    A KV-cached decoding step streams every weight matrix through one small matrix-vector product; on
+    a busy 2-core machine the second thread's synchronisation often costs more than it brings
+    (SmolLM2: 3-15× slower with 2 threads while other jobs ran), on an idle one it helps. So: time one
+    such pass over the model's own matrices each way. The weights are used directly (``F.linear``),
+    not the modules, so no hook of the caller's (steering, capture) sees the probe.
     """
     module, most = model.model, torch.get_num_threads()
     if model.device.type != "cpu" or most == 1:
         return most
     if module in _thread_choice:
         return _thread_choice[module]
-    ids = torch.ones(1, 8, dtype=torch.long, device=model.device)
-    past = module(input_ids=ids, use_cache=True).past_key_values
-    step = torch.ones(1, 1, dtype=torch.long, device=model.device)
-    timings = {}
+    mats = [p for p in module.parameters() if p.dim() == 2]
+    vecs = {n: torch.ones(1, n, dtype=mats[0].dtype) for n in {w.shape[1] for w in mats}}
+    timings: dict[int, float] = {}
     try:
         for n in (1, most, 1, most):
             torch.set_num_threads(n)
             start = time.perf_counter()
-            for _ in range(3):
-                module(input_ids=step, past_key_values=copy.deepcopy(past), use_cache=True)
+            for w in mats:
+                F.linear(vecs[w.shape[1]], w)                               # (1, out): one decoding step's GEMV
             timings[n] = min(timings.get(n, math.inf), time.perf_counter() - start)
     finally:
         torch.set_num_threads(most)
