@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence, TextIO
 import torch
 
 from saelab.hooks import _module, intervene, resolve, run_to_hooks
-from saelab.steer import (FeatureEncoder, _loaded, check_feature, check_width, generate_ids, generated_part,
+from saelab.steer import (_loaded, check_feature, check_width, generate_ids, generated_part,
                           max_activations, model_context, prompt_ids, sae_hook_name)
 
 DEFAULT_QUANTILE = 0.999
@@ -142,7 +142,7 @@ def scan(model, sae, texts: Iterable[str], watchlist: Watchlist, *, hook: str | 
     name = hook or sae_hook_name(sae)
     resolve(model.model, name)
     feats = sorted(watchlist.thresholds)
-    enc = FeatureEncoder(sae, feats, model.device)
+    enc = sae.subset_encoder(feats, model.device)
     thr = torch.tensor([watchlist.thresholds[f] for f in feats], device=model.device)
     tok, bos = model.tokenizer, bos_token_id(model.tokenizer)
     window = _context(model, sae, context) - int(prepend_bos)
@@ -200,7 +200,7 @@ class WatchHook:
 
     def __init__(self, sae, watchlist: Watchlist, hook: str, policy: str, start: int, device):
         self.feats = sorted(watchlist.thresholds)
-        self.encoder = FeatureEncoder(sae, self.feats, device)
+        self.encoder = sae.subset_encoder(self.feats, device)
         self.thr = torch.tensor([watchlist.thresholds[f] for f in self.feats], device=device)
         self.W = sae.W_dec.detach()[self.feats].to(device=device, dtype=torch.float32)  # (n, d_in)
         self.hook, self.d_in, self.policy = hook, sae.cfg.d_in, policy

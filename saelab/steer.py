@@ -106,39 +106,6 @@ def max_activations(sae, features, override=None, db=None) -> dict[int, float]:
     return out
 
 
-class FeatureEncoder:
-    """``z[..., features]`` of ``x [..., d_in]``, equal to ``sae.encode(x)[..., features]`` at inference.
-
-    For relu, jumprelu and batchtopk (a JumpReLU at inference) a latent depends on its own
-    pre-activation only, so only ``W_enc[:, features]`` is multiplied. TopK must know whether the
-    feature is among the k largest pre-activations of the token, which needs all of them.
-    """
-
-    def __init__(self, sae, features: Sequence[int], device: torch.device | None = None):
-        self.arch, self.k = sae.cfg.architecture, sae.cfg.k
-        idx = torch.tensor(list(features), dtype=torch.long)
-        get = lambda t: t.detach().to(device=device, dtype=torch.float32)  # noqa: E731
-        W_enc = get(sae.W_enc) if self.arch == "topk" else get(sae.W_enc[:, idx])  # (d_in, d_sae) or (d_in, n)
-        b_enc = get(sae.b_enc) if self.arch == "topk" else get(sae.b_enc[idx])
-        # (x − b_dec)·W + b_enc = x·W + (b_enc − b_dec·W): one fused addmm per call, no elementwise pass on x
-        self.W_enc, self.bias = W_enc, b_enc - get(sae.b_dec) @ W_enc
-        self.idx = idx.to(device)
-        self.threshold = get(sae.threshold[idx])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
-        pre = torch.addmm(self.bias, flat, self.W_enc)  # (positions, n), or (positions, d_sae) for topk
-        if self.arch == "topk":
-            kth = pre.topk(self.k, dim=-1).values[:, -1:]  # (positions, 1) the k-th largest pre-activation
-            sel = pre[:, self.idx]  # (positions, n)
-            z = torch.where((sel >= kth) & (sel > 0), sel, 0.0)
-        elif self.arch == "relu":
-            z = pre.clamp_min(0)
-        else:  # jumprelu, and batchtopk at inference
-            z = torch.where(pre > self.threshold, pre, 0.0)
-        return z.reshape(*x.shape[:-1], z.shape[-1])
-
-
 def check_width(x: torch.Tensor, d_in: int, hook: str) -> None:
     if x.shape[-1] != d_in:
         raise ValueError(f"the SAE reads d_in={d_in} but hook {hook!r} of this model has width {x.shape[-1]}: "
@@ -160,7 +127,7 @@ class SteeringHook:
         needed = sorted(set(clamped) | {g for g, _ in conds})
         col = {f: i for i, f in enumerate(needed)}
         self.hook, self.d_in = hook, sae.cfg.d_in
-        self.encoder = FeatureEncoder(sae, needed, device) if needed else None
+        self.encoder = sae.subset_encoder(needed, device) if needed else None
         self.W = sae.W_dec.detach()[feats].to(device=device, dtype=torch.float32)  # (n_edits, d_in)
         self.target = torch.tensor([edits[f].value * max_acts[f] for f in feats], device=device)  # (n_edits,)
         self.is_clamp = torch.tensor([f in col and not isinstance(edits[f], Add) for f in feats], device=device)
@@ -374,11 +341,11 @@ def measure(model, sae, ids: torch.Tensor, features: Sequence[int], hook: str | 
     module, name = model.model, hook or sae_hook_name(sae)
     if not with_loss:
         x = run_to_hooks(module, ids, name)[name]
-        return FeatureEncoder(sae, features, x.device)(x)[0], None
+        return sae.subset_encoder(features, x.device)(x)[0], None
     with capture(module, name) as acts:
         logits = module(input_ids=ids, use_cache=False).logits.float()  # (1, n, vocab)
     nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")  # (n - 1,)
-    return FeatureEncoder(sae, features, ids.device)(acts[name])[0], nll
+    return sae.subset_encoder(features, ids.device)(acts[name])[0], nll
 
 
 class Comparison(NamedTuple):
