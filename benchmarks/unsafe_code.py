@@ -116,7 +116,7 @@ def main() -> None:
     sae = SAE.load(args.sae)
     lm = load_model(args.model or sae.provenance.get("model_name") or "builtin")
     if args.search:
-        from saelab.analyze import contrastive_search
+        from saelab.textfeatures import contrastive_search
 
         hits = contrastive_search(sae, lm, POSITIVES, NEGATIVES, top=args.search)
         features = [h["feature"] for h in hits]

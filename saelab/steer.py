@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from saelab.corpus import bos_token_id
-from saelab.hooks import _module, capture, intervene, resolve, run_to_hooks
+from saelab.hooks import as_module, capture, intervene, resolve, run_to_hooks
 from saelab.positions import window_median
 from saelab.provenance import Provenance
 
@@ -197,7 +197,7 @@ def steering(model, sae, edits: Mapping[int, Edit], *, max_act=None, db=None,
     ``model``: a :class:`saelab.models.LoadedModel` or HF module. ``max_act``: explicit max activations
     ({feature: value} or a [d_sae] sequence); else ``db`` (features.db), else the SAE's provenance.
     """
-    module = _module(model)
+    module = as_module(model)
     name = hook or sae_hook_name(sae)
     resolve(module, name)  # HookError naming the valid hooks when the model has no such hook
     _check_edits(sae, edits)
@@ -217,7 +217,8 @@ def steering(model, sae, edits: Mapping[int, Edit], *, max_act=None, db=None,
 
 # -- generation --------------------------------------------------------------------------------------
 
-def _loaded(model, need_lm_head: bool = True):
+def as_loaded_model(model, need_lm_head: bool = True):
+    """``model`` itself when it is a LoadedModel (tokenizer known) that can do the job, else a clear error."""
     if not hasattr(model, "tokenizer"):
         raise TypeError("pass a saelab LoadedModel (saelab.load_model) so that the tokenizer is known")
     if need_lm_head and not model.is_causal:
@@ -363,7 +364,7 @@ def compare_generations(model, sae, prompt: str, edits: Mapping[int, Edit], max_
                         samples: int = 1, seed: int = 0, temperature: float = 1.0, *, max_act=None,
                         db=None) -> list[Comparison]:
     """Default and steered continuations of ``prompt`` side by side, one pair per sample."""
-    model = _loaded(model)
+    model = as_loaded_model(model)
     ids = prompt_ids(model, prompt, max_new_tokens)
     args = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, samples=samples)
     with steering(model, sae, {}):  # validates the hook before spending time on generation
@@ -406,7 +407,7 @@ def dial(model, sae, feature: int, prompts: Sequence[str], values: Sequence[floa
          max_new_tokens: int = 32, temperature: float = 0.0, samples: int = 1, seed: int = 0, max_act=None,
          db=None) -> DialCurve:
     """Clamp ``feature`` at each value, generate from every prompt, and measure the result unsteered."""
-    model = _loaded(model)
+    model = as_loaded_model(model)
     check_feature(sae, feature)
     if not prompts:
         raise ValueError("dial needs at least one prompt")

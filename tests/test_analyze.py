@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from saelab.analyze import (AnalyzeConfig, analyze, auroc, contrastive_search, direct_logit_directions,
-                            inspect_text, logit_effects, token_batches)
+from saelab.analyze import AnalyzeConfig, analyze, direct_logit_directions, logit_effects, token_batches
 from saelab.featuredb import FeatureDB
 from saelab.hooks import run_to_hooks
 from saelab.models import load_model
 from saelab.sae import SAE, SAEConfig
+from saelab.textfeatures import auroc, contrastive_search, inspect_text
 
 HOOK = "blocks.1.hook_resid_post"
 LINES = ["def f(x):", "    return x + 1", "import os", "os.system(cmd)", "for i in range(10):", "    print(i)",

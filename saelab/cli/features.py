@@ -129,7 +129,7 @@ def _run_feature(args) -> None:
 
 
 def _run_inspect(args) -> None:
-    from saelab.analyze import inspect_text
+    from saelab.textfeatures import inspect_text
 
     text = args.text.replace("\\n", "\n").replace("\\t", "\t")
     rows = inspect_text(args.sae, args.model, text, top=args.top)
@@ -166,7 +166,7 @@ def _read_texts(path: str) -> list[str]:
 
 def _run_search(args) -> None:
     if args.positive or args.negative:
-        from saelab.analyze import contrastive_search
+        from saelab.textfeatures import contrastive_search
 
         if not (args.positive and args.negative):
             raise ValueError("contrastive search needs both --positive and --negative files")

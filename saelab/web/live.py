@@ -37,7 +37,7 @@ def segments(tokenizer, text: str) -> tuple[list[str], list[int]]:
 
 @router.post("/inspect", summary="Per-token top features of a text")
 def api_inspect(req: InspectRequest, request: Request):
-    from saelab.analyze import inspect_text
+    from saelab.textfeatures import inspect_text
 
     check_text(request, req.text)
     state, gate = request.app.state.run, request.app.state.gate
