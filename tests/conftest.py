@@ -17,10 +17,20 @@ def pytest_configure(config):
 from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
 
 
+# -- shared factories: built once per session; the builders live in tiny_models.py and factories.py ---
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_models")
     return {fam: save_tiny_model(fam, root / fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def web_run_dir(tmp_path_factory) -> Path:
+    """The web run folder (tiny llama, TopK SAE, features.db, eval.json) of the API and browser tests."""
+    from factories import build_web_run
+
+    return build_web_run(tmp_path_factory.mktemp("web_run"))
 
 
 def pytest_collection_modifyitems(config, items):

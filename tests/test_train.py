@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from factories import D_IN, make_synthetic_store, synthetic_rows
 from saelab import store as st
 from saelab.distributed import World
 from saelab.sae import SAE, ARCHITECTURES
@@ -23,40 +23,9 @@ from saelab.train import CHECKPOINT, LOG, TrainConfig, train
 from saelab.trainer import NonFiniteLoss, Trainer
 from saelab.train_config import lr_at
 
-D_IN, N_FEATURES = 16, 48
-
-
-def synthetic_rows(n: int, seed: int = 0) -> torch.Tensor:
-    """Sparse ground truth: each row sums ~2.4 of 48 random unit directions with positive magnitudes."""
-    g = torch.Generator().manual_seed(1234)
-    dirs = torch.randn(N_FEATURES, D_IN, generator=g)
-    dirs /= dirs.norm(dim=1, keepdim=True)
-    g.manual_seed(seed)
-    on = (torch.rand(n, N_FEATURES, generator=g) < 0.05).float()
-    mag = torch.rand(n, N_FEATURES, generator=g) * 2 + 0.5
-    return (on * mag) @ dirs * 3 + 1.0                                # (n, D_IN)
-
-
-def make_store(path: Path, rows: int = 16384, shards: int = 4, seed: int = 0) -> st.ActivationStore:
-    """A real ActivationStore of synthetic rows (sequences of 32 positions)."""
-    header = {"format": st.FORMAT, "version": st.VERSION, "model_name": "synthetic", "hook_name": "blocks.0.hook_x",
-              "hf_hook_name": "model.layers.0", "d_in": D_IN, "dtype": "float32", "context": 32,
-              "corpus": {"source": "synthetic", "split": "train", "seed": seed}}
-    manifest = st.prepare(path, header, resume=False)
-    x = synthetic_rows(rows, seed)
-    per = rows // shards
-    for i in range(shards):
-        seq = torch.arange(i * per, (i + 1) * per) // 32
-        pos = torch.arange(per) % 32
-        manifest = st.append_shard(path, manifest, x[i * per:(i + 1) * per], torch.zeros(per, dtype=torch.int32), seq,
-                                   pos, seq_start=int(seq[0]), seq_end=int(seq[-1]) + 1)
-    st.atomic.write_json(path / st.MANIFEST, {**manifest, "complete": True})
-    return st.ActivationStore.open(path)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> st.ActivationStore:
-    return make_store(tmp_path_factory.mktemp("store") / "acts")
+    return make_synthetic_store(tmp_path_factory.mktemp("store") / "acts")
 
 
 def small_config(arch: str, **kw) -> TrainConfig:
