@@ -260,20 +260,6 @@ class SAE(nn.Module):
         W, G = self.W_dec, self.W_dec.grad
         G.sub_((G * W).sum(dim=1, keepdim=True) * W)
 
-    # -- persistence -----------------------------------------------------------------------------
-
-    def save(self, path, **provenance) -> None:
-        from saelab.formats import save_sae
-
-        save_sae(self, path, **provenance)
-
-    @classmethod
-    def load(cls, path, device: str | torch.device = "cpu") -> "SAE":
-        """Load an SAE folder: ours, SAELens (v6 or older), sparsify, or Gemma Scope ``params.npz``."""
-        from saelab.formats import load_sae
-
-        return load_sae(path, device=device)
-
 
 class SubsetEncoder:
     """``z[..., features]`` of ``x [..., d_in]``, equal to ``sae.encode(x)[..., features]`` at inference.

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from factories import D_IN, make_synthetic_store, synthetic_rows
 from saelab import store as st
 from saelab.distributed import World
+from saelab.formats import load_sae
 from saelab.sae import SAE, ARCHITECTURES
 from saelab.sparse_topk import batchtopk_code, sparse_grads, topk_code
 from saelab.train import CHECKPOINT, LOG, TrainConfig, train
@@ -43,7 +44,7 @@ def test_each_architecture_learns(store, tmp_path, arch):
     assert records[0]["fvu"] > held["fvu"]
     if arch == "topk":
         assert held["l0"] <= 4.0
-    loaded = SAE.load(tmp_path / "sae")                  # saved in raw units: same outputs as returned
+    loaded = load_sae(tmp_path / "sae")                  # saved in raw units: same outputs as returned
     x = store.read_shard(0)["acts"][:64]
     assert torch.allclose(loaded(x).x_hat, sae(x).x_hat, atol=1e-4)
     assert loaded.provenance["trained_architecture"] == arch
@@ -202,7 +203,7 @@ def test_cli_train_on_store_reports_held_out(store, tmp_path):
 
     assert main(["train", "--acts", str(store.path), "--arch", "batchtopk", "--latents", "64", "--k", "4",
                  "--tokens", str(256 * 30), "--batch-size", "256", "--out", str(tmp_path / "sae"), "--json"]) == 0
-    sae = SAE.load(tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae")
     assert sae.cfg.architecture == "jumprelu" and sae.provenance["trained_architecture"] == "batchtopk"
     assert (sae.threshold > 0).all() and sae.provenance["held_out"]["tokens"] > 0
     assert main(["train", "--out", str(tmp_path / "x"), "--tokens", "100"]) == 2     # no data given
@@ -230,6 +231,6 @@ def test_saved_sae_records_bos_exclusion_of_its_store(tmp_path, exclude_bos):
     saved_cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert saved_cfg["metadata"]["exclude_special_tokens"] == recorded     # where a SAELens user looks
     assert saved_cfg["metadata"]["prepend_bos"] is True
-    sae = SAE.load(tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae")
     assert sae.provenance["exclude_special_tokens"] == recorded            # saelab.json
     assert trained_without_bos(sae) is exclude_bos                        # evaluate leaves BOS out likewise

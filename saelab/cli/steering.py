@@ -132,10 +132,10 @@ def _steer_inputs(args, need_lm_head: bool = True):
     """(model, sae, features.db or None) for the steer/monitor subcommands."""
     from pathlib import Path
 
+    from saelab.formats import load_sae
     from saelab.models import load_model
-    from saelab.sae import SAE
 
-    sae = SAE.load(args.sae, device=args.device)
+    sae = load_sae(args.sae, device=args.device)
     name = args.model or sae.provenance.get("model_name") or sae.cfg.metadata.get("model_name")
     if not name:
         raise ValueError(f"{args.sae}: the SAE does not name the model it was trained on; pass --model")
