@@ -43,7 +43,8 @@ def store_path(tmp_path_factory) -> Path:
     return make_synthetic_store(tmp_path_factory.mktemp("ddp") / "acts", rows=8192).path
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu"])
+@pytest.mark.parametrize("arch", [pytest.param("topk", marks=pytest.mark.slow(ci=True)),
+                                  pytest.param("relu", marks=pytest.mark.slow)])
 def test_two_ranks_equal_one_rank(store_path, tmp_path, arch, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -35,7 +35,7 @@ def small_config(arch: str, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow(ci=a == "topk")) for a in ARCHITECTURES])
 def test_each_architecture_learns(store, tmp_path, arch):
     records = []
     sae = train(store, small_config(arch), out=tmp_path / "sae", progress=False, log=records.append)
@@ -135,6 +135,7 @@ def _cli_train(store_path, out, tokens, extra=()):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow(ci=True)
 def test_kill9_and_resume_is_bitwise_equal(store, tmp_path):
     tokens = 64 * 1500
     ref = _cli_train(store.path, tmp_path / "ref", tokens)

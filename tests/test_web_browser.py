@@ -24,6 +24,7 @@ pytest.importorskip("uvicorn")
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from factories import PAYLOAD, XSS, served  # noqa: E402
 
+pytestmark = pytest.mark.slow(ci=True)  # heavy (a browser); a plain run and CI run every one of them
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
