@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.formats import load_sae
 from saelab.models import load_model
 from saelab.sae import SAE, SAEConfig
 from saelab.steer import Add, Clamp, dial, generate_ids, monotonic_fraction, prompt_ids, steering
@@ -52,7 +53,7 @@ def timed(fn) -> float:
 
 
 def speed(args) -> None:
-    sae = SAE.load(args.sae) if args.sae else None
+    sae = load_sae(args.sae) if args.sae else None
     lm = load_model(args.model or (sae.provenance.get("model_name") if sae else None) or "builtin")
     sae = sae or random_sae(lm.config.hidden_size)
     ids = prompt_ids(lm, PROMPT, args.tokens)
@@ -97,7 +98,7 @@ def live_features(sae_dir: str, sae) -> list[int]:
 
 
 def efficacy(args) -> None:
-    sae = SAE.load(args.sae)
+    sae = load_sae(args.sae)
     lm = load_model(args.model or sae.provenance.get("model_name") or "builtin")
     feats = sorted(random.Random(args.seed).sample(live_features(args.sae, sae), args.n))
     curves = []

@@ -21,8 +21,8 @@ import json
 import math
 import re
 
+from saelab.formats import load_sae
 from saelab.models import load_model
-from saelab.sae import SAE
 from saelab.steer import Ablate, Clamp, generate_ids, generated_part, prompt_ids, steering
 
 PROMPTS = [
@@ -113,10 +113,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args()
 
-    sae = SAE.load(args.sae)
+    sae = load_sae(args.sae)
     lm = load_model(args.model or sae.provenance.get("model_name") or "builtin")
     if args.search:
-        from saelab.analyze import contrastive_search
+        from saelab.textfeatures import contrastive_search
 
         hits = contrastive_search(sae, lm, POSITIVES, NEGATIVES, top=args.search)
         features = [h["feature"] for h in hits]

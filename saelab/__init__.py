@@ -3,7 +3,7 @@
 Public API (re-exported names only; each lives in its stage's module).
 """
 
-from saelab.analyze import AnalyzeConfig, analyze, contrastive_search, inspect_text
+from saelab.analyze import AnalyzeConfig, analyze
 from saelab.corpus import CorpusSpec
 from saelab.evaluate import EvalReport, evaluate
 from saelab.explain import detection_score, offline_explanation
@@ -19,6 +19,7 @@ from saelab.neuronpedia import export_neuronpedia
 from saelab.sae import SAE, SAEConfig
 from saelab.store import ActivationStore
 from saelab.steer import Ablate, Add, Clamp, steering
+from saelab.textfeatures import contrastive_search, inspect_text
 from saelab.train import TrainConfig, train
 
 __all__ = [

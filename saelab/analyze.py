@@ -11,8 +11,8 @@ default 1M); ``split="validation"`` stops at the end of the held-out text and sa
 
 After the pass: logit effects (direct path, :func:`direct_logit_directions`), decoder and co-activation
 neighbours, the map (:mod:`saelab.fmap`), offline explanations with detection scores (``saelab.explain``
-when present), all written atomically to features.db. :func:`inspect_text` and
-:func:`contrastive_search` answer "which features fire on this text" and "which stand for this concept".
+when present), all written atomically to features.db. Inspecting a text and concept search live in
+:mod:`saelab.textfeatures`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple
 
 import torch
 
+from saelab.hooks import final_norm, resolve
 from saelab.locks import exclusive
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
 from saelab.positions import PositionRule
@@ -191,8 +192,6 @@ def direct_logit_directions(sae, lm, hook: str) -> tuple[torch.Tensor, torch.Ten
     centres it). Approximation: the norm's division by the RMS / standard deviation of the *whole*
     residual is ignored (it rescales all logits of a token alike), and later layers are skipped.
     """
-    from saelab.hooks import resolve
-
     model = lm.model
     head = model.get_output_embeddings() if lm.is_causal else None
     if head is None:
@@ -209,23 +208,13 @@ def direct_logit_directions(sae, lm, hook: str) -> tuple[torch.Tensor, torch.Ten
         D = D @ (w.T if w.shape[1] == D.shape[1] else w)  # nn.Linear [out, in]; GPT-2 Conv1D [in, out]
         if D.shape[1] != W_U.shape[1]:
             return None
-    norm = _final_norm(model)
+    norm = final_norm(model)
     if norm is not None and getattr(norm, "weight", None) is not None:
         if isinstance(norm, torch.nn.LayerNorm):
             D = D - D.mean(1, keepdim=True)
         scale = norm.weight.detach().float().to(D.device)
         D = D * (1 + scale if lm.family.startswith("gemma") else scale)
     return D, W_U
-
-
-def _final_norm(model):
-    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm",
-                 "model.decoder.final_layer_norm", "norm", "ln_f"):
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    return None
 
 
 @torch.no_grad()
@@ -367,74 +356,3 @@ def analyze(sae, model=None, corpus=None, *, out: Path | str | None = None, hook
         stats, info = run_pass(setup, cfg, context, progress)
         write_db(Path(out), setup, cfg, context, stats, info, progress)
     return Path(out)
-
-
-# -- inspect and concept search --------------------------------------------------------------------------
-
-
-class TokenFeatures(NamedTuple):
-    """One token of an inspected text and its strongest features."""
-
-    pos: int
-    """Index in the text's tokens (BOS excluded)."""
-    token_id: int
-    token: str
-    """Exact token string (raw)."""
-    features: list[tuple[int, float]]
-    """``(feature, activation)``, strongest first (only active ones)."""
-
-
-@torch.no_grad()
-def text_latents(sae, lm, text: str, hook: str) -> tuple[list[int], torch.Tensor]:
-    """Token ids of ``text`` (without the BOS the model sees first) and their latents ``[n_tokens, d_sae]``."""
-    from saelab.corpus import bos_token_id
-    from saelab.hooks import run_to_hooks
-
-    ids = lm.tokenizer.encode(text, add_special_tokens=False)
-    if not ids:
-        raise ValueError(f"text {text[:40]!r} has no tokens")
-    x = torch.tensor([[bos_token_id(lm.tokenizer), *ids]], device=lm.device)  # documents start with BOS
-    acts = run_to_hooks(lm.model, x, hook)[hook][0, 1:].to(sae.W_dec.device, torch.float32)  # (n, d_in)
-    return ids, sae.encode(acts)  # (n, d_sae)
-
-
-def inspect_text(sae, model=None, text: str = "", top: int = 5, hook: str | None = None) -> list[TokenFeatures]:
-    """Per token of ``text`` (exact token strings), the ``top`` most active features and their activations."""
-    setup = resolve_inputs(sae, model, "stdlib", hook)
-    ids, z = text_latents(setup.sae, setup.lm, text, setup.hook)
-    vals, feats = z.topk(min(top, z.shape[1]), dim=1)
-    strings = [setup.lm.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
-    return [TokenFeatures(p, i, s, [(f, v) for f, v in zip(fr, vr) if v > 0])
-            for p, (i, s, fr, vr) in enumerate(zip(ids, strings, feats.tolist(), vals.tolist()))]
-
-
-def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Per column, P(a positive score > a negative one) + ½ P(tie): ``pos [p, d]``, ``neg [q, d]`` → ``[d]``."""
-    gt = (pos[:, None, :] > neg[None, :, :]).float().mean((0, 1))
-    eq = (pos[:, None, :] == neg[None, :, :]).float().mean((0, 1))
-    return gt + 0.5 * eq
-
-
-def contrastive_search(sae, model=None, positives: Sequence[str] = (), negatives: Sequence[str] = (), top: int = 20,
-                       hook: str | None = None) -> list[dict]:
-    """Features whose activation separates ``positives`` from ``negatives`` texts, best first.
-
-    Each text is scored per feature by its max activation over the text's tokens. Features are ranked by
-    the AUROC of those scores (positive vs negative texts; 1 = every positive text beats every negative
-    one), ties broken by the difference of mean max activation, relative to the feature's largest score
-    (so strong and weak features compare fairly). Each hit: feature, auroc, mean_pos, mean_neg, diff.
-    """
-    if not positives or not negatives:
-        raise ValueError(f"contrastive search needs positive and negative texts; got {len(positives)} positive "
-                         f"and {len(negatives)} negative")
-    setup = resolve_inputs(sae, model, "stdlib", hook)
-    scores = [text_latents(setup.sae, setup.lm, t, setup.hook)[1].max(0).values for t in [*positives, *negatives]]
-    S = torch.stack(scores).cpu()  # (n_texts, d_sae)
-    P, N = S[:len(positives)], S[len(positives):]
-    au = torch.cat([auroc(P[:, i:i + 2048], N[:, i:i + 2048]) for i in range(0, S.shape[1], 2048)])
-    mp, mn = P.mean(0), N.mean(0)
-    rel = (mp - mn) / S.max(0).values.clamp_min(1e-12)
-    order = sorted(range(S.shape[1]), key=lambda f: (-float(au[f]), -float(rel[f])))
-    hits = [f for f in order if float(mp[f] - mn[f]) > 0][:top]
-    return [{"feature": f, "auroc": float(au[f]), "mean_pos": float(mp[f]), "mean_neg": float(mn[f]),
-             "diff": float(mp[f] - mn[f]), "relative_diff": float(rel[f])} for f in hits]

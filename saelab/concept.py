@@ -76,7 +76,7 @@ def separation(pos: torch.Tensor, neg: torch.Tensor) -> Separation:
 @torch.no_grad()
 def text_max_acts(sae, lm, texts: Sequence[str], hook: str) -> torch.Tensor:
     """Per text, every feature's max activation over the text's tokens: ``[n_texts, d_sae]``."""
-    from saelab.analyze import text_latents
+    from saelab.textfeatures import text_latents
 
     return torch.stack([text_latents(sae, lm, t, hook)[1].max(0).values.cpu() for t in texts])
 
@@ -100,7 +100,7 @@ class ConceptResult(NamedTuple):
 def rank_features(S: torch.Tensor, n_pos: int, train: tuple[list[int], list[int]], scales: torch.Tensor,
                   top: int) -> list[dict]:
     """Features ranked by training AUROC (ties: relative mean difference); only those higher on positives."""
-    from saelab.analyze import auroc
+    from saelab.textfeatures import auroc
 
     P, N = S[:n_pos][train[0]] / scales, S[n_pos:][train[1]] / scales  # normalised (n, d_sae)
     au = torch.cat([auroc(P[:, i:i + 2048], N[:, i:i + 2048]) for i in range(0, S.shape[1], 2048)])

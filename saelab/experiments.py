@@ -81,10 +81,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def load_run(run: Path | str, model: str | None = None):
     """(model, SAE, features.db or None) of a run folder (``RUN/sae``, ``RUN/features.db``)."""
     from saelab.models import load_model
-    from saelab.sae import SAE
+    from saelab.formats import load_sae
 
     run = Path(run)
-    sae = SAE.load(run / "sae")
+    sae = load_sae(run / "sae")
     name = model or sae.provenance.get("model_name") or sae.cfg.metadata.get("model_name")
     if not name:
         raise ValueError(f"{run / 'sae'}: the SAE does not name its model; pass --model")

@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple, Sequence
 
 __all__ = ["Example", "FeatureRecord", "ExplanationResult", "OfflineJudge", "offline_explanation", "detection_score",
            "explain_and_score", "explain_db", "record_from_db", "heldout_split", "parse_feature_selection",
-           "parse_explanation", "token_patterns", "quote_token"]
+           "parse_explanation", "token_patterns", "quote_token", "UnusableReply"]
 
 
 class Example(NamedTuple):
@@ -57,6 +57,10 @@ class FeatureRecord:
     """Tokens whose logits the decoder direction raises most, (token, value), largest first."""
     negative_logits: Sequence[tuple[str, float]] = ()
     """Tokens whose logits it lowers most."""
+
+
+class UnusableReply(Exception):
+    """An explainer's reply for one feature that cannot be used (:func:`explain_db` skips the feature)."""
 
 
 class ExplanationResult(NamedTuple):
@@ -388,16 +392,12 @@ def detection_score(explanation: str, examples_pos: Sequence, examples_neg: Sequ
 
 
 def explain_and_score(record: FeatureRecord, *, client=None, judge: Judge | None = None) -> ExplanationResult:
-    """Explain from the non-held-out part of ``record`` (by ``client``, an ``LLMClient``, when given, else
-    offline) and score on the held-out part (``heldout_split``) with ``judge`` (default ``OfflineJudge``).
+    """Explain from the non-held-out part of ``record`` (by ``client`` when given: anything with
+    ``explain(record) -> str``, such as :class:`saelab.llm.LLMClient`; else offline) and score on the
+    held-out part (``heldout_split``) with ``judge`` (default ``OfflineJudge``).
     The score is None when the record has no held-out positives or no negatives."""
     seen, pos, neg = heldout_split(record)
-    if client is not None:
-        from saelab.llm import llm_explanation  # the LLM layer sits above this module
-
-        text = llm_explanation(client, seen)
-    else:
-        text = offline_explanation(seen)
+    text = client.explain(seen) if client is not None else offline_explanation(seen)
     score = detection_score(text, pos, neg, judge or OfflineJudge()) if pos and neg else None
     return ExplanationResult(text, score, len(pos), len(neg))
 
@@ -409,10 +409,9 @@ def explain_db(db, feature_ids: Sequence[int], *, client=None, judge: Judge | No
     Dead features (no top examples) are skipped. Results are flushed every ``flush_every`` features, so a
     run that dies (e.g. the LLM endpoint goes away) keeps what it paid for; ``skip_existing`` then skips
     the features that already have an explanation from the same source (``offline`` or ``llm:MODEL``).
-    A feature whose LLM reply cannot be parsed is left unexplained (``LLMReplyError``) and the run goes on.
+    A feature whose LLM reply cannot be parsed is left unexplained (:class:`UnusableReply`, e.g.
+    ``saelab.llm.LLMReplyError``) and the run goes on.
     """
-    from saelab.llm import LLMReplyError
-
     source = f"llm:{client.model}" if client is not None else "offline"
     results: dict[int, ExplanationResult] = {}
     pending: list[tuple[int, str, str, float | None]] = []
@@ -422,7 +421,7 @@ def explain_db(db, feature_ids: Sequence[int], *, client=None, judge: Judge | No
                 record = record_from_db(db, i)
                 try:
                     result = explain_and_score(record, client=client, judge=judge) if record.top else None
-                except LLMReplyError:
+                except UnusableReply:
                     result = None
                 if result is not None:
                     results[i] = result

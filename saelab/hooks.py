@@ -100,7 +100,7 @@ class HookError(ValueError):
     """A hook name that does not exist in this model."""
 
 
-def _module(model) -> nn.Module:
+def as_module(model) -> nn.Module:
     """Accept an ``nn.Module`` or a :class:`saelab.models.LoadedModel` (which wraps one)."""
     return model if isinstance(model, nn.Module) else model.model
 
@@ -134,7 +134,7 @@ def _family_table(model: nn.Module) -> dict[str, tuple[str, IO]]:
 
 def hook_names(model: nn.Module) -> list[str]:
     """Every canonical hook name valid for this model, block by block."""
-    model = _module(model)
+    model = as_module(model)
     prefix = layer_list_path(model)
     layers = model.get_submodule(prefix)
     names = []
@@ -155,7 +155,7 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
 
 def resolve(model: nn.Module, name: str) -> HookPoint:
     """Resolve a canonical name or raw module path to a :class:`HookPoint`; unknown names fail clearly."""
-    model = _module(model)
+    model = as_module(model)
     m = CANONICAL.match(name)
     if m:
         layer, suffix = int(m.group(1)), m.group(2)
@@ -191,7 +191,7 @@ def capture(model: nn.Module, names: list[str] | str, stop_early: bool = False,
     ``acts[name]`` is ``[batch, seq, d]`` after the forward. With ``stop_early`` the forward is
     aborted right after the last requested hook fired; call it through :func:`run_to_hooks`.
     """
-    model = _module(model)
+    model = as_module(model)
     names = [names] if isinstance(names, str) else list(names)
     points = [resolve(model, n) for n in names]
     acts: dict[str, torch.Tensor] = {}
@@ -221,7 +221,7 @@ def capture(model: nn.Module, names: list[str] | str, stop_early: bool = False,
 def run_to_hooks(model: nn.Module, input_ids: torch.Tensor, names: list[str] | str,
                  attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Forward ``input_ids [batch, seq]`` only as far as the last requested hook; return the activations."""
-    model = _module(model)
+    model = as_module(model)
     with capture(model, names, stop_early=True) as acts:
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -237,7 +237,7 @@ def intervene(model: nn.Module, edits: dict[str, Callable[[torch.Tensor], torch.
     ``f`` gets ``[batch, seq, d]`` and must return the same shape. Works with ``generate`` (each
     call sees the new positions only when the KV cache is on).
     """
-    model = _module(model)
+    model = as_module(model)
     handles = []
     for name, fn in edits.items():
         point = resolve(model, name)
@@ -276,7 +276,7 @@ def _replace_input(args, kwargs, fn):
 @torch.no_grad()
 def hook_shapes(model: nn.Module, names: list[str] | None = None) -> dict[str, int]:
     """Width of the activation at each hook, found by one forward pass on 4 tokens."""
-    model = _module(model)
+    model = as_module(model)
     names = names or hook_names(model)
     ids = torch.ones(1, 4, dtype=torch.long, device=next(model.parameters()).device)
     with capture(model, names) as acts:
@@ -296,7 +296,7 @@ class PrefixReplay:
     """
 
     def __init__(self, model: nn.Module, hook: str):
-        model = _module(model)
+        model = as_module(model)
         point = resolve(model, hook)
         n = 0
         if point.layer is not None:
@@ -330,3 +330,18 @@ class PrefixReplay:
         finally:
             for block in self.blocks:
                 del block.forward
+
+
+FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm",
+               "model.decoder.final_layer_norm", "norm", "ln_f")
+
+
+def final_norm(model) -> nn.Module | None:
+    """The norm between the last block and the unembedding (None for models without one)."""
+    model = as_module(model)
+    for path in FINAL_NORMS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    return None

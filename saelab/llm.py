@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Sequence
 
-from saelab.explain import Example, FeatureRecord, quote_token
+from saelab.explain import Example, FeatureRecord, UnusableReply, quote_token
 
 __all__ = ["LLMClient", "LLMError", "LLMReplyError", "LLMTally", "LLMJudge", "llm_explanation"]
 
@@ -36,7 +36,7 @@ class LLMError(OSError):
     """Talking to the chat endpoint failed: unreachable, timed out after retries, refused, or a malformed reply."""
 
 
-class LLMReplyError(LLMError):
+class LLMReplyError(LLMError, UnusableReply):
     """A well-formed reply whose text is not what the prompt asked for (no explanation, unanswered excerpts)."""
 
 
@@ -96,6 +96,11 @@ class LLMClient:
         self.temperature = temperature
         self.price_prompt, self.price_completion = price_prompt, price_completion
         self.tally = LLMTally()
+
+    def explain(self, record: FeatureRecord) -> str:
+        """A one-sentence explanation of ``record``'s feature (:func:`llm_explanation`): the explainer
+        interface of :func:`saelab.explain.explain_and_score`."""
+        return llm_explanation(self, record)
 
     def chat(self, messages: list[dict], *, max_tokens: int = 256) -> str:
         """The assistant's text for ``messages`` ([{"role": ..., "content": ...}]); LLMError on failure."""

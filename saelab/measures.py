@@ -18,8 +18,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.nn import functional as F
 
-from saelab.hooks import capture, intervene
-from saelab.steer import (FeatureEncoder, _loaded, concept_edits, edit_start, generate_ids, generated_part,
+from saelab.hooks import capture, final_norm, intervene
+from saelab.steer import (FeatureEncoder, as_loaded_model, concept_edits, edit_start, generate_ids, generated_part,
                           prompt_ids, sae_hook_name, steering)
 
 
@@ -132,7 +132,7 @@ def concept_curve(model, sae, features: Sequence[int], prompts: Sequence[str], v
                   samples: int = 1, seed: int = 0, max_act=None, db=None, progress=None) -> list[DialValue]:
     """The default, then each dial value: generate from every prompt with the feature set at that value
     (one dial for all features), and measure each answer unsteered. ``progress(i, total)`` is called per point."""
-    model = _loaded(model)
+    model = as_loaded_model(model)
     if classifier is None and not keywords:
         raise ValueError("a concept rate needs the concept's classifier or a keyword list")
     encoded = [encode_prompt(model, p, chat, max_new_tokens) for p in prompts]
@@ -209,14 +209,13 @@ class OutputScore(NamedTuple):
 def logit_lens_tokens(model, sae, features: Sequence[int], k: int = 20) -> torch.Tensor:
     """Top-``k`` token ids ``[n, k]`` of ``softmax(W_U · final_norm(W_dec[f]))``: each decoder row read out as if it
     were the last residual stream. Needs a residual-stream SAE (decoder width = model width)."""
-    from saelab.analyze import _final_norm
 
     head = model.model.get_output_embeddings()
     D = sae.W_dec.detach()[list(features)].float()  # (n, d_in)
     if head is None or D.shape[1] != head.weight.shape[1]:
         raise ValueError("the output score reads decoder rows as residual-stream vectors: it needs a causal LM and an "
                          f"SAE on the residual stream (decoder width {D.shape[1]})")
-    norm = _final_norm(model.model)
+    norm = final_norm(model.model)
     with torch.no_grad():
         h = norm(D.to(head.weight.device)) if norm is not None else D  # (n, d_model)
         logits = head(h.to(head.weight.dtype)).float()  # (n, vocab)
@@ -229,7 +228,7 @@ def output_scores(model, sae, features: Sequence[int], prompt: str = "From my ex
     """Arad et al.'s output score of each feature: on a neutral prompt, boost the feature at the last token by
     ``amplify × (largest SAE activation at that token)`` (error term kept), and score the next-token distribution
     by its top logit-lens tokens: ``(1 − min rank / vocab) × max probability``."""
-    model = _loaded(model)
+    model = as_loaded_model(model)
     name = hook or sae_hook_name(sae)
     ids = prompt_ids(model, prompt)  # (1, n)
     lens = logit_lens_tokens(model, sae, features, k)  # (n_feat, k)

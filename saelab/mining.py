@@ -139,14 +139,9 @@ class Batch(NamedTuple):
 
 def sparse_latents(sae, x: torch.Tensor, keep: torch.Tensor, m: int):
     """``x [N, d_in]`` → (tok, feat, val) of the non-zero latents of kept tokens (sorted by tok, then feat),
-    and each token's top-``m``
-    latents ``(values [N, m], indices [N, m])`` for co-activation. TopK SAEs never build dense latents."""
-    if sae.cfg.architecture == "topk":
-        v, i = sae.encode_topk(x)  # (N, k)
-    else:
-        z = sae.encode(x)  # (N, d_sae): dense within one batch only
-        nz = (z > 0).sum(1).max().clamp_min(1).item()
-        v, i = z.topk(int(nz), dim=1)
+    and each token's top-``m`` latents ``(values [N, m], indices [N, m])`` for co-activation.
+    ``sae``: any :class:`saelab.basis.Basis` (TopK SAEs never build dense latents)."""
+    v, i = sae.encode_sparse(x)  # (N, k), or (N, most firing latents of a token)
     i, perm = i.sort(dim=1)  # feature order within each token: the flat entries come out sorted by key
     v = v.gather(1, perm) * keep[:, None]
     tok, slot = (v > 0).nonzero(as_tuple=True)

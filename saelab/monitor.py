@@ -25,8 +25,8 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence, TextIO
 
 import torch
 
-from saelab.hooks import _module, intervene, resolve, run_to_hooks
-from saelab.steer import (FeatureEncoder, _loaded, check_feature, check_width, generate_ids, generated_part,
+from saelab.hooks import as_module, intervene, resolve, run_to_hooks
+from saelab.steer import (as_loaded_model, check_feature, check_width, generate_ids, generated_part,
                           max_activations, model_context, prompt_ids, sae_hook_name)
 
 DEFAULT_QUANTILE = 0.999
@@ -138,11 +138,11 @@ def scan(model, sae, texts: Iterable[str], watchlist: Watchlist, *, hook: str | 
     """
     from saelab.corpus import bos_token_id
 
-    model = _loaded(model, need_lm_head=False)  # reading needs no LM head: encoders work too
+    model = as_loaded_model(model, need_lm_head=False)  # reading needs no LM head: encoders work too
     name = hook or sae_hook_name(sae)
     resolve(model.model, name)
     feats = sorted(watchlist.thresholds)
-    enc = FeatureEncoder(sae, feats, model.device)
+    enc = sae.subset_encoder(feats, model.device)
     thr = torch.tensor([watchlist.thresholds[f] for f in feats], device=model.device)
     tok, bos = model.tokenizer, bos_token_id(model.tokenizer)
     window = _context(model, sae, context) - int(prepend_bos)
@@ -200,7 +200,7 @@ class WatchHook:
 
     def __init__(self, sae, watchlist: Watchlist, hook: str, policy: str, start: int, device):
         self.feats = sorted(watchlist.thresholds)
-        self.encoder = FeatureEncoder(sae, self.feats, device)
+        self.encoder = sae.subset_encoder(self.feats, device)
         self.thr = torch.tensor([watchlist.thresholds[f] for f in self.feats], device=device)
         self.W = sae.W_dec.detach()[self.feats].to(device=device, dtype=torch.float32)  # (n, d_in)
         self.hook, self.d_in, self.policy = hook, sae.cfg.d_in, policy
@@ -253,13 +253,13 @@ def watch_generate(model, sae, prompt: str, watchlist: Watchlist, policy: str = 
 
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    model, name = _loaded(model), hook or sae_hook_name(sae)
+    model, name = as_loaded_model(model), hook or sae_hook_name(sae)
     resolve(model.model, name)
     ids = prompt_ids(model, prompt, max_new_tokens)
     n = ids.shape[1]
     watcher = WatchHook(sae, watchlist, name, policy, 0 if watch_prompt else n, model.device)
     stop = StoppingCriteriaList([_StopOnFire(watcher)]) if policy == "abort" else None
-    with intervene(_module(model), {name: watcher}):
+    with intervene(as_module(model), {name: watcher}):
         out = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                            stopping_criteria=stop)[0]
         seq = _cut_at_eos(model, out, n)

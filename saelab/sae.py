@@ -14,8 +14,11 @@ jumprelu (and batchtopk at inference), ``threshold [d_sae]``. Activations:
 - ``jumprelu``: z = pre · 1[pre > θ_i] with per-latent thresholds (Rajamanoharan et al. 2024); in
   training, θ gets pseudo-gradients through a straight-through estimator with a kernel bandwidth.
 
-TopK has a sparse path (:meth:`SAE.encode_topk`, :meth:`SAE.decode_sparse`) that never builds the
-dense ``(batch, d_sae)`` latents or a dense decoder product, for CPU training and for analysis.
+The SAE is a :class:`saelab.basis.Basis`: besides the dense :meth:`SAE.encode` it has
+:meth:`SAE.encode_sparse` (the firing latents of each token as ``(values, indices)``; for topk it never
+builds the dense ``(batch, d_sae)`` latents) and :meth:`SAE.subset_encoder` (a few latents only, for
+steering and monitoring hooks). The selection rules live in :func:`topk_latents` and
+:func:`threshold_latents`, which every path uses, so they cannot disagree.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from saelab.basis import SparseActs, sparse_from_dense
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -110,6 +115,18 @@ def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.
     return _Step.apply(pre, threshold, bandwidth)
 
 
+def topk_latents(pre: torch.Tensor, k: int) -> SparseActs:
+    """The k largest of ``pre [..., d_sae]`` per token, ReLU'd: ``[..., k]`` (zeros where fewer are positive)."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return SparseActs(F.relu(values), indices)
+
+
+def threshold_latents(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """JumpReLU at inference: pre · 1[pre > θ], and ReLU too, as SAELens and Gemma Scope do: the same for
+    θ ≥ 0, and no negative latents when a learned θ is below 0. ``threshold`` broadcasts over ``pre``."""
+    return F.relu(pre) * (pre > threshold)
+
+
 class SAE(nn.Module):
     """Sparse autoencoder (see the module docstring for the math and shapes)."""
 
@@ -163,13 +180,12 @@ class SAE(nn.Module):
         if self.uses_threshold:
             if self.training:
                 return jumprelu(pre, self.threshold, bandwidth)
-            # ReLU too, as SAELens and Gemma Scope do: the same for θ ≥ 0, and no negative latents if θ < 0
-            return F.relu(pre) * (pre > self.threshold)
+            return threshold_latents(pre, self.threshold)
         if arch == "relu":
             return F.relu(pre)
         if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+            vals, idx = topk_latents(pre, self.cfg.k)
+            return torch.zeros_like(pre).scatter_(-1, idx, vals)
         # batchtopk in training: the k·batch largest over the flattened batch
         flat = F.relu(pre).flatten()
         n_keep = min(flat.numel(), self.cfg.k * pre.reshape(-1, pre.shape[-1]).shape[0])
@@ -191,20 +207,33 @@ class SAE(nn.Module):
         l0 = (z > 0).float().sum(-1).mean()
         return ForwardOutput(x_hat, z, mse, l0)
 
-    # -- sparse path -----------------------------------------------------------------------------
+    # -- sparse path and subsets (the Basis interface) -------------------------------------------
 
-    def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_sparse(self, x: torch.Tensor) -> SparseActs:
+        """The firing latents of ``x [..., d_in]`` as ``SparseActs(values [..., m], indices [..., m])``.
+
+        TopK: m = k straight from the pre-activations, never dense. Other architectures: the dense
+        encoding's non-zero latents, m = the most any token of ``x`` has (zeros pad the others).
+        """
+        if self.cfg.architecture == "topk":
+            return topk_latents(self.pre_acts(x), self.cfg.k)
+        return sparse_from_dense(self.encode(x))
+
+    def encode_topk(self, x: torch.Tensor, k: int | None = None) -> SparseActs:
         """Top-k latents of ``x [batch, d_in]`` as ``(values [batch, k], indices [batch, k])``.
 
-        For topk SAEs this *is* the encoding (values ≥ 0, zeros where fewer than k are positive). For
-        the other architectures it returns the k largest activations of the dense encoding.
+        For topk SAEs with the default k this *is* the encoding (:meth:`encode_sparse`). For the other
+        architectures it returns the k largest activations of the dense encoding.
         """
         k = k or self.cfg.k
         if self.cfg.architecture == "topk":
-            vals, idx = self.pre_acts(x).topk(k, dim=-1, sorted=False)
-            return F.relu(vals), idx
+            return topk_latents(self.pre_acts(x), k)
         vals, idx = self.encode(x).topk(k, dim=-1, sorted=False)
-        return vals, idx
+        return SparseActs(vals, idx)
+
+    def subset_encoder(self, features, device: torch.device | str | None = None) -> "SubsetEncoder":
+        """A callable ``x [..., d_in]`` → ``encode(x)[..., features]`` (float32, inference semantics)."""
+        return SubsetEncoder(self, features, device)
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec without a dense ``(batch, d_sae)`` product."""
@@ -231,16 +260,39 @@ class SAE(nn.Module):
         W, G = self.W_dec, self.W_dec.grad
         G.sub_((G * W).sum(dim=1, keepdim=True) * W)
 
-    # -- persistence -----------------------------------------------------------------------------
 
-    def save(self, path, **provenance) -> None:
-        from saelab.formats import save_sae
+class SubsetEncoder:
+    """``z[..., features]`` of ``x [..., d_in]``, equal to ``sae.encode(x)[..., features]`` at inference.
 
-        save_sae(self, path, **provenance)
+    Prepared once, called per forward (steering and monitoring hooks). For relu, jumprelu and batchtopk
+    (a JumpReLU at inference) a latent depends on its own pre-activation only, so only
+    ``W_enc[:, features]`` is multiplied. TopK must know whether the feature is among the k largest
+    pre-activations of the token, which needs all of them.
+    """
 
-    @classmethod
-    def load(cls, path, device: str | torch.device = "cpu") -> "SAE":
-        """Load an SAE folder: ours, SAELens (v6 or older), sparsify, or Gemma Scope ``params.npz``."""
-        from saelab.formats import load_sae
+    def __init__(self, sae: SAE, features, device: torch.device | str | None = None):
+        self.arch, self.k = sae.cfg.architecture, sae.cfg.k
+        idx = torch.tensor(list(features), dtype=torch.long)
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < sae.d_sae):
+            raise ValueError(f"feature ids {idx.tolist()} out of range: this SAE has {sae.d_sae} features "
+                             f"(ids 0..{sae.d_sae - 1})")
+        get = lambda t: t.detach().to(device=device, dtype=torch.float32)  # noqa: E731
+        W_enc = get(sae.W_enc) if self.arch == "topk" else get(sae.W_enc[:, idx])  # (d_in, d_sae) or (d_in, n)
+        b_enc = get(sae.b_enc) if self.arch == "topk" else get(sae.b_enc[idx])
+        # (x − b_dec)·W + b_enc = x·W + (b_enc − b_dec·W): one fused addmm per call, no elementwise pass on x
+        self.W_enc, self.bias = W_enc, b_enc - get(sae.b_dec) @ W_enc
+        self.idx = idx.to(device)
+        self.threshold = get(sae.threshold[idx])
 
-        return load_sae(path, device=device)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
+        pre = torch.addmm(self.bias, flat, self.W_enc)  # (positions, n), or (positions, d_sae) for topk
+        if self.arch == "topk":
+            kth = pre.topk(self.k, dim=-1).values[:, -1:]  # (positions, 1) the k-th largest pre-activation
+            sel = pre[:, self.idx]  # (positions, n)
+            z = torch.where(sel >= kth, F.relu(sel), 0.0)
+        elif self.arch == "relu":
+            z = F.relu(pre)
+        else:  # jumprelu, and batchtopk at inference: the same rule as SAE.activate
+            z = threshold_latents(pre, self.threshold)
+        return z.reshape(*x.shape[:-1], z.shape[-1])

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
-from saelab.sae import SAE
+from saelab.sae import SAE, topk_latents
 
 
 class SparseCode(NamedTuple):
@@ -36,8 +36,7 @@ class SparseCode(NamedTuple):
 
 def topk_code(pre: torch.Tensor, k: int) -> SparseCode:
     """The k largest pre-activations of each token (Gao et al.), ReLU'd."""
-    vals, idx = pre.topk(k, dim=1, sorted=False)                  # (B, k)
-    vals = vals.clamp_min(0)
+    vals, idx = topk_latents(pre, k)                             # (B, k): the rule SAE.encode uses
     crow = torch.arange(0, pre.shape[0] * k + 1, k, device=pre.device)
     return SparseCode(crow, idx.reshape(-1), vals.reshape(-1), pre)
 

@@ -34,7 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from saelab.corpus import bos_token_id
-from saelab.hooks import _module, capture, intervene, resolve, run_to_hooks
+from saelab.hooks import as_module, capture, intervene, resolve, run_to_hooks
 from saelab.positions import window_median
 from saelab.provenance import Provenance
 
@@ -131,39 +131,6 @@ def max_activations(sae, features, override=None, db=None) -> dict[int, float]:
     return out
 
 
-class FeatureEncoder:
-    """``z[..., features]`` of ``x [..., d_in]``, equal to ``sae.encode(x)[..., features]`` at inference.
-
-    For relu, jumprelu and batchtopk (a JumpReLU at inference) a latent depends on its own
-    pre-activation only, so only ``W_enc[:, features]`` is multiplied. TopK must know whether the
-    feature is among the k largest pre-activations of the token, which needs all of them.
-    """
-
-    def __init__(self, sae, features: Sequence[int], device: torch.device | None = None):
-        self.arch, self.k = sae.cfg.architecture, sae.cfg.k
-        idx = torch.tensor(list(features), dtype=torch.long)
-        get = lambda t: t.detach().to(device=device, dtype=torch.float32)  # noqa: E731
-        W_enc = get(sae.W_enc) if self.arch == "topk" else get(sae.W_enc[:, idx])  # (d_in, d_sae) or (d_in, n)
-        b_enc = get(sae.b_enc) if self.arch == "topk" else get(sae.b_enc[idx])
-        # (x − b_dec)·W + b_enc = x·W + (b_enc − b_dec·W): one fused addmm per call, no elementwise pass on x
-        self.W_enc, self.bias = W_enc, b_enc - get(sae.b_dec) @ W_enc
-        self.idx = idx.to(device)
-        self.threshold = get(sae.threshold[idx])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
-        pre = torch.addmm(self.bias, flat, self.W_enc)  # (positions, n), or (positions, d_sae) for topk
-        if self.arch == "topk":
-            kth = pre.topk(self.k, dim=-1).values[:, -1:]  # (positions, 1) the k-th largest pre-activation
-            sel = pre[:, self.idx]  # (positions, n)
-            z = torch.where((sel >= kth) & (sel > 0), sel, 0.0)
-        elif self.arch == "relu":
-            z = pre.clamp_min(0)
-        else:  # jumprelu, and batchtopk at inference
-            z = torch.where(pre > self.threshold, pre, 0.0)
-        return z.reshape(*x.shape[:-1], z.shape[-1])
-
-
 def check_width(x: torch.Tensor, d_in: int, hook: str) -> None:
     if x.shape[-1] != d_in:
         raise ValueError(f"the SAE reads d_in={d_in} but hook {hook!r} of this model has width {x.shape[-1]}: "
@@ -189,7 +156,7 @@ class SteeringHook:
         needed = sorted(set(clamped) | {g for g, _ in conds})
         col = {f: i for i, f in enumerate(needed)}
         self.hook, self.d_in = hook, sae.cfg.d_in
-        self.encoder = FeatureEncoder(sae, needed, device) if needed else None
+        self.encoder = sae.subset_encoder(needed, device) if needed else None
         self.W = sae.W_dec.detach()[feats].to(device=device, dtype=torch.float32)  # (n_edits, d_in)
         self.target = torch.tensor([edits[f].value * max_acts[f] for f in feats], device=device)  # (n_edits,)
         self.is_clamp = torch.tensor([f in col and not isinstance(edits[f], Add) for f in feats], device=device)
@@ -269,7 +236,7 @@ def steering(model, sae, edits: Mapping[int, Edit], *, max_act=None, db=None,
     """
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ValueError(f"start must be a position >= 0, got {start!r}")
-    module = _module(model)
+    module = as_module(model)
     name = hook or sae_hook_name(sae)
     resolve(module, name)  # HookError naming the valid hooks when the model has no such hook
     _check_edits(sae, edits)
@@ -289,7 +256,8 @@ def steering(model, sae, edits: Mapping[int, Edit], *, max_act=None, db=None,
 
 # -- generation --------------------------------------------------------------------------------------
 
-def _loaded(model, need_lm_head: bool = True):
+def as_loaded_model(model, need_lm_head: bool = True):
+    """``model`` itself when it is a LoadedModel (tokenizer known) that can do the job, else a clear error."""
     if not hasattr(model, "tokenizer"):
         raise TypeError("pass a saelab LoadedModel (saelab.load_model) so that the tokenizer is known")
     if need_lm_head and not model.is_causal:
@@ -419,11 +387,11 @@ def measure(model, sae, ids: torch.Tensor, features: Sequence[int], hook: str | 
     module, name = model.model, hook or sae_hook_name(sae)
     if not with_loss:
         x = run_to_hooks(module, ids, name)[name]
-        return FeatureEncoder(sae, features, x.device)(x)[0], None
+        return sae.subset_encoder(features, x.device)(x)[0], None
     with capture(module, name) as acts:
         logits = module(input_ids=ids, use_cache=False).logits.float()  # (1, n, vocab)
     nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")  # (n - 1,)
-    return FeatureEncoder(sae, features, ids.device)(acts[name])[0], nll
+    return sae.subset_encoder(features, ids.device)(acts[name])[0], nll
 
 
 class Comparison(NamedTuple):
@@ -443,7 +411,7 @@ def compare_generations(model, sae, prompt: str, edits: Mapping[int, Edit], max_
     """Default and steered continuations of ``prompt`` side by side, one pair per sample.
 
     ``ids``: the prompt already encoded (``[1, n]``, e.g. with a chat template); else ``prompt`` with BOS."""
-    model = _loaded(model)
+    model = as_loaded_model(model)
     ids = prompt_ids(model, prompt, max_new_tokens) if ids is None else ids
     start = edit_start(positions, ids.shape[1])
     args = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, samples=samples)
@@ -487,7 +455,7 @@ def dial(model, sae, feature: int, prompts: Sequence[str], values: Sequence[floa
          max_new_tokens: int = 32, temperature: float = 0.0, samples: int = 1, seed: int = 0, max_act=None,
          db=None, positions: str = "all") -> DialCurve:
     """Clamp ``feature`` at each value, generate from every prompt, and measure the result unsteered."""
-    model = _loaded(model)
+    model = as_loaded_model(model)
     check_feature(sae, feature)
     if not prompts:
         raise ValueError("dial needs at least one prompt")

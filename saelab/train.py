@@ -35,6 +35,7 @@ from saelab.atomic import (atomic_dir, recover_dir, remove_stale_temps, storage_
                            write_json, write_tensors)
 from saelab.distributed import World, default_device
 from saelab.locks import exclusive
+from saelab.formats import load_sae, save_sae
 from saelab.runtime import tune_allocator
 from saelab.sae import SAE
 from saelab.train_config import RUN_ONLY_FIELDS, TrainConfig
@@ -239,7 +240,7 @@ def train(source, config: TrainConfig, out: str | Path | None = None, resume: bo
 def _train(source, config, out, resume, log, progress, provenance, world, device) -> SAE:
     ckpt = _open_run(out, resume, world)
     if ckpt == "finished":
-        return SAE.load(out)
+        return load_sae(out)
     if config.batch_size % world.size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world.size} ranks")
     start = ckpt[1]["step"] if ckpt else 0
@@ -319,7 +320,7 @@ def _finish(trainer: Trainer, source, it, out: Path | None, info: dict, provenan
     sae.provenance = prov
     if out is not None:
         with atomic_dir(out) as tmp:
-            sae.save(tmp, **prov)
+            save_sae(sae, tmp, **prov)
             if (out / LOG).exists():
                 (tmp / LOG).write_bytes((out / LOG).read_bytes())
     return sae

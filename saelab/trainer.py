@@ -289,18 +289,11 @@ def heldout_stats(sae: SAE, batches: Iterable[torch.Tensor], max_tokens: int, de
     max_act = torch.zeros(sae.d_sae, device=device)
     for x in batches:
         x = x[:max_tokens - n].to(device).float()
-        if sae.cfg.architecture == "topk":
-            vals, idx = sae.encode_topk(x)                          # (b, k)
-            x_hat = sae.decode_sparse(vals, idx)
-            on = vals > 0
-            fired.index_add_(0, idx[on], torch.ones(int(on.sum()), device=device))
-            max_act.scatter_reduce_(0, idx.reshape(-1), vals.reshape(-1), "amax")
-        else:
-            z = sae.encode(x)                                        # (b, d_sae)
-            x_hat = sae.decode(z)
-            on = z > 0
-            fired += on.sum(0)
-            max_act = torch.maximum(max_act, z.amax(0))
+        vals, idx = sae.encode_sparse(x)                             # (b, k) or (b, most firing)
+        x_hat = sae.decode_sparse(vals, idx)
+        on = vals > 0
+        fired.index_add_(0, idx[on], torch.ones(int(on.sum()), device=device))
+        max_act.scatter_reduce_(0, idx.reshape(-1), vals.reshape(-1), "amax")
         err_sq += float((x_hat - x).pow(2).sum())
         x_sq += float(x.double().pow(2).sum())
         x_sum += x.double().sum(0)

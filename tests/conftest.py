@@ -17,16 +17,29 @@ def pytest_configure(config):
 from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
 
 
+# -- shared factories: built once per session; the builders live in tiny_models.py and factories.py ---
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_models")
     return {fam: save_tiny_model(fam, root / fam) for fam in FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def web_run_dir(tmp_path_factory) -> Path:
+    """The web run folder (tiny llama, TopK SAE, features.db, eval.json) of the API and browser tests."""
+    from factories import build_web_run
+
+    return build_web_run(tmp_path_factory.mktemp("web_run"))
+
+
 def pytest_collection_modifyitems(config, items):
+    """``slow`` tests are left out by ``-m "not slow"``; a plain run skips those without ``ci=True`` (the
+    one of each heavy kind that CI runs) unless SAELAB_SLOW=1."""
     if os.environ.get("SAELAB_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow end-to-end test; set SAELAB_SLOW=1 to run")
     for item in items:
-        if "slow" in item.keywords:
+        slow = item.get_closest_marker("slow")
+        if slow is not None and not slow.kwargs.get("ci", False):
             item.add_marker(skip)

@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from saelab.analyze import (AnalyzeConfig, analyze, auroc, contrastive_search, direct_logit_directions,
-                            inspect_text, logit_effects, token_batches)
+from saelab.analyze import AnalyzeConfig, analyze, direct_logit_directions, logit_effects, token_batches
 from saelab.featuredb import FeatureDB
 from saelab.hooks import run_to_hooks
 from saelab.models import load_model
-from saelab.sae import SAE, SAEConfig
+from saelab.sae import ARCHITECTURES, SAE, SAEConfig
+from saelab.textfeatures import auroc, contrastive_search, inspect_text
 
 HOOK = "blocks.1.hook_resid_post"
 LINES = ["def f(x):", "    return x + 1", "import os", "os.system(cmd)", "for i in range(10):", "    print(i)",
@@ -37,11 +37,13 @@ def lm(tiny_model_dirs):
 
 def make_sae(arch="topk", d_sae=24, seed=0, **prov):
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=32, d_sae=d_sae, architecture=arch, k=4 if arch == "topk" else None))
+    sae = SAE(SAEConfig(d_in=32, d_sae=d_sae, architecture=arch, k=4 if arch in ("topk", "batchtopk") else None))
     with torch.no_grad():
         sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
         if arch == "relu":
             sae.b_enc.fill_(-0.02)  # about a third of the latents fire on a token
+        if arch in ("jumprelu", "batchtopk"):  # thresholds below zero too: no latent may come out negative
+            sae.threshold.copy_(torch.linspace(-0.05, 0.1, d_sae) if arch == "jumprelu" else torch.full((d_sae,), 0.02))
     sae.provenance = {"hook_name": HOOK, "context_size": 16, **prov}
     return sae.eval()
 
@@ -50,7 +52,7 @@ CFG = dict(tokens=1200, batch_size=4, k_top=5, n_quantiles=3, per_quantile=2, n_
            map="pca", explain=False, window_left=5, window_right=2, pool=16)
 
 
-@pytest.fixture(scope="module", params=["topk", "relu"])
+@pytest.fixture(scope="module", params=ARCHITECTURES)
 def analysed(request, lm, corpus, tmp_path_factory):
     sae = make_sae(request.param)
     out = tmp_path_factory.mktemp("db") / "features.db"
@@ -200,8 +202,10 @@ def test_user_errors(lm, corpus):
         contrastive_search(sae, lm, ["a"], [], hook=HOOK)
 
 
-def test_short_corpus_is_reported(lm, corpus, tmp_path):
-    out = analyze(make_sae(), lm, corpus, out=tmp_path / "f.db", progress=False, **{**CFG, "tokens": 10**7})
+def test_short_corpus_is_reported(lm, tmp_path):
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": line}) + "\n" for line in LINES))
+    out = analyze(make_sae(), lm, str(short), out=tmp_path / "f.db", progress=False, **{**CFG, "tokens": 10**7})
     info = FeatureDB.open(out).sae_info()
     assert info["tokens_read"] < 10**7 and "has only" in info["note"]
     assert math.isfinite(info["tokens_per_s"])

@@ -6,6 +6,7 @@ import torch
 
 from saelab import SAE, SAEConfig, load_model
 from saelab.concept import ConceptConfig, calibrate, concept_json, find_concept, pick_strength, select_features
+from saelab.formats import save_sae
 from saelab.hooks import capture, intervene
 from saelab.measures import (ConceptClassifier, DialValue, concept_curve, fit_threshold, keyword_hit,
                              output_scores, repetition_rate)
@@ -258,7 +259,7 @@ def test_batched_generation_matches_one_prompt_at_a_time(lm):
 def planted_dir(tmp_path_factory, tiny_model_dirs, lm):
     sae = planted_sae(lm)
     root = tmp_path_factory.mktemp("concept")
-    sae.save(root / "sae", model_name=str(tiny_model_dirs["llama"]), hook_name=EMBED_HOOK,
+    save_sae(sae, root / "sae", model_name=str(tiny_model_dirs["llama"]), hook_name=EMBED_HOOK,
              feature_max_act=[0.25] * sae.d_sae)
     (root / "pos.txt").write_text("\n".join(p.replace("\n", " ") for p in POSITIVES))
     (root / "neg.txt").write_text("\n".join(p.replace("\n", " ") for p in NEGATIVES))

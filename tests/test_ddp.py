@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from saelab.store import ActivationStore
 from saelab.train import TrainConfig, train
-from test_train import make_store
+from factories import make_synthetic_store
 
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -40,10 +40,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("ddp") / "acts", rows=8192).path
+    return make_synthetic_store(tmp_path_factory.mktemp("ddp") / "acts", rows=8192).path
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu"])
+@pytest.mark.parametrize("arch", [pytest.param("topk", marks=pytest.mark.slow(ci=True)),
+                                  pytest.param("relu", marks=pytest.mark.slow)])
 def test_two_ranks_equal_one_rank(store_path, tmp_path, arch, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -1,11 +1,13 @@
 """End-to-end: every stage of the demo on a tiny random model, then a re-run that skips them all."""
 
 import json
+import pytest
 
 from saelab.demo import DemoConfig, format_summary, run_demo
 from saelab.featuredb import FeatureDB
 
 
+@pytest.mark.slow(ci=True)
 def test_demo_runs_every_stage_then_skips_them(tmp_path, tiny_model_dirs):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -8,6 +8,7 @@ import torch
 from saelab import evaluate
 from saelab.corpus import CorpusSpec, is_validation
 from saelab.eval_report import compare
+from saelab.formats import save_sae
 from saelab.hooks import HookError, intervene, run_to_hooks
 from saelab.models import load_model
 from saelab.sae import SAE, SAEConfig
@@ -296,7 +297,7 @@ def test_cli_evaluates_several_sae_folders(tiny_model_dirs, tmp_path, capsys):
             "corpus": {"source": str(root), "split": "train", "seed": 0}}
     folders = [tmp_path / "a", tmp_path / "b"]
     for folder, sae in zip(folders, [_perfect(32), _topk(32)]):
-        sae.save(folder, **prov)
+        save_sae(sae, folder, **prov)
     assert main(["eval", str(folders[0]), str(folders[1]), "--tokens", "128"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["metric", str(folders[0]), str(folders[1])]
@@ -304,6 +305,6 @@ def test_cli_evaluates_several_sae_folders(tiny_model_dirs, tmp_path, capsys):
     assert saved[0]["reconstruction"]["fvu"] == 0 and saved[1]["reconstruction"]["fvu"] > 0
     assert main(["eval", str(folders[1]), "--tokens", "64", "--json", "--no-save"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == 64
-    _zero(32).save(tmp_path / "c", hook_name=HOOK)
+    save_sae(_zero(32), tmp_path / "c", hook_name=HOOK)
     assert main(["eval", str(tmp_path / "c")]) == 2
     assert "does not record its model" in capsys.readouterr().err

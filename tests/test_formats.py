@@ -102,8 +102,8 @@ def test_save_replaces_atomically_and_keeps_provenance(tmp_path):
     out = tmp_path / "sae"
     save_sae(random_sae("relu", seed=1), out, feature_density=[0.5] * D_SAE)
     loaded = load_sae(out)
-    loaded.save(out, tokens_trained=7)  # re-save over itself: provenance is carried over and extended
-    again = SAE.load(out)
+    save_sae(loaded, out, tokens_trained=7)  # re-save over itself: provenance is carried over and extended
+    again = load_sae(out)
     assert again.provenance["tokens_trained"] == 7 and again.provenance["feature_density"] == [0.5] * D_SAE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temp folders left behind
 

@@ -93,7 +93,7 @@ def run_killed(env, out: Path, kill_at: int, hooks: list[str]) -> None:
 
 
 # os.replace calls into the store: 1 = first manifest, then per shard (shard file, manifest), last = "complete"
-@pytest.mark.parametrize("kill_at", [1, 2, 5, 10])
+@pytest.mark.parametrize("kill_at", [pytest.param(at, marks=pytest.mark.slow(ci=at in (1, 5))) for at in (1, 2, 5, 10)])
 def test_kill_9_then_resume_is_byte_identical(env, kill_at):
     out = env["root"] / f"killed-{kill_at}"
     run_killed(env, out, kill_at, [HOOK])
@@ -106,6 +106,7 @@ def test_kill_9_then_resume_is_byte_identical(env, kill_at):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in env["ref"].path.iterdir())
 
 
+@pytest.mark.slow(ci=True)
 def test_kill_between_hooks_then_resume(env):
     out = env["root"] / "killed-multi"
     run_killed(env, out, 8, [HOOK, HOOK2])  # 2 first manifests, then shard 0 of hook 1 + 2, shard 1 of hook 1

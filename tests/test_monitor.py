@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from saelab import SAE, SAEConfig, load_model
+from saelab import SAE, SAEConfig, load_model, save_sae
 from saelab.monitor import Watchlist, histogram_quantile, read_texts, scan, scan_jsonl, watch_generate
 from saelab.steer import generate_ids, generated_part, prompt_ids
 
@@ -182,7 +182,7 @@ def test_bad_policy(lm):
 def planted_dir(lm, tiny_model_dirs, tmp_path_factory):
     target = lm.tokenizer("os", add_special_tokens=False)["input_ids"][0]
     out = tmp_path_factory.mktemp("planted") / "sae"
-    planted_sae(lm, target).save(out, model_name=str(tiny_model_dirs["llama"]), hook_name=HOOK,
+    save_sae(planted_sae(lm, target), out, model_name=str(tiny_model_dirs["llama"]), hook_name=HOOK,
                                  feature_max_act=[1.0] * 16)
     return out
 

@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from saelab.basis import Basis, NeuronBasis, SparseActs
+from saelab.mining import sparse_latents
 from saelab.sae import ARCHITECTURES, SAE, SAEConfig, jumprelu, step
 
 # A hand-made SAE, d_in=2, d_sae=4. With b_dec = (0.5, -0.5), the inputs below give x − b_dec = (1, 2)
@@ -179,6 +181,65 @@ def test_sparse_path_gradients_equal_dense_gradients():
     sae.decode(sae.encode(x)).pow(2).sum().backward()
     for g_sparse, p in zip(sparse_grads, (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)):
         torch.testing.assert_close(g_sparse, p.grad)
+
+
+# -- the basis interface: one selection rule for every path --------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("theta", ["positive", "below zero"])
+def test_subset_and_sparse_encoders_equal_encode(arch, theta):
+    sae = random_sae(arch, k=4).eval()
+    with torch.no_grad():
+        sae.b_enc.sub_(0.3)  # plenty of pre-activations between a negative θ and 0
+        if theta == "below zero":
+            sae.threshold.copy_(-0.5 * torch.rand(sae.d_sae, generator=torch.Generator().manual_seed(7)))
+    x = torch.randn(3, 16, 8, generator=torch.Generator().manual_seed(8))  # (batch, seq, d_in)
+    z = sae.encode(x)  # (3, 16, d_sae)
+    pre = sae.pre_acts(x)
+    if theta == "below zero" and sae.uses_threshold:
+        assert ((pre < 0) & (pre > sae.threshold)).any()  # the case the old steering encoder got wrong
+    assert (z >= 0).all()
+    features = [31, 0, 5, 17, 5, 2]  # any order, repeats allowed
+    torch.testing.assert_close(sae.subset_encoder(features)(x), z[..., features])
+    values, indices = sae.encode_sparse(x)
+    assert values.shape == indices.shape and values.shape[:2] == (3, 16)
+    if arch == "topk":
+        assert values.shape[-1] == 4
+    torch.testing.assert_close(torch.zeros_like(z).scatter_(-1, indices, values), z)
+
+
+def test_subset_encoder_rejects_unknown_features():
+    with pytest.raises(ValueError, match="32 features"):
+        random_sae("relu").subset_encoder([3, 32])
+
+
+def test_sae_and_neurons_are_bases():
+    neurons = NeuronBasis(8)
+    assert isinstance(random_sae("topk"), Basis) and isinstance(neurons, Basis)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(9))
+    z = neurons.encode(x)
+    torch.testing.assert_close(z, x.clamp_min(0))
+    torch.testing.assert_close(neurons.subset_encoder([4, 1])(x), z[:, [4, 1]])
+    code = neurons.encode_sparse(x)
+    assert isinstance(code, SparseActs)
+    torch.testing.assert_close(torch.zeros_like(z).scatter_(-1, code.indices, code.values), z)
+    with pytest.raises(ValueError, match="positive width"):
+        NeuronBasis(0)
+
+
+@pytest.mark.parametrize("basis", ["neurons", *ARCHITECTURES])
+def test_mining_reads_any_basis(basis):
+    """mining.sparse_latents gives exactly the non-zero entries of encode(x) of kept tokens, for any basis."""
+    b = NeuronBasis(8) if basis == "neurons" else random_sae(basis, k=4).eval()
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(10))
+    keep = torch.ones(20, dtype=torch.bool)
+    keep[::3] = False
+    tok, feat, val, (top_v, top_i) = sparse_latents(b, x, keep, m=3)
+    z = b.encode(x) * keep[:, None]  # (20, d)
+    t_ref, f_ref = z.nonzero(as_tuple=True)  # row-major: sorted by token, then feature
+    assert torch.equal(tok, t_ref) and torch.equal(feat, f_ref)
+    torch.testing.assert_close(val, z[t_ref, f_ref])
+    torch.testing.assert_close(top_v, z.topk(3, dim=1).values)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from saelab import SAE, SAEConfig, load_model
+from saelab import SAE, SAEConfig, load_model, save_sae
 from saelab.hooks import HookError, capture, resolve
 from saelab.steer import (Ablate, Add, Clamp, DialCurve, DialPoint, compare_generations, dial, generate_ids,
                           monotonic_fraction, prompt_ids, steering)
@@ -254,7 +254,7 @@ def test_prompt_longer_than_context(models):
 def sae_dir(tmp_path_factory, tiny_model_dirs):
     sae = make_sae()
     out = tmp_path_factory.mktemp("sae") / "sae"
-    sae.save(out, model_name=str(tiny_model_dirs["llama"]), hook_name=HOOK,
+    save_sae(sae, out, model_name=str(tiny_model_dirs["llama"]), hook_name=HOOK,
              feature_max_act=sae.provenance["feature_max_act"])
     return out
 

@@ -9,54 +9,24 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from factories import D_IN, make_synthetic_store, synthetic_rows
 from saelab import store as st
 from saelab.distributed import World
+from saelab.formats import load_sae
 from saelab.sae import SAE, ARCHITECTURES
 from saelab.sparse_topk import batchtopk_code, sparse_grads, topk_code
 from saelab.train import CHECKPOINT, LOG, TrainConfig, train
 from saelab.trainer import NonFiniteLoss, Trainer
 from saelab.train_config import lr_at
 
-D_IN, N_FEATURES = 16, 48
-
-
-def synthetic_rows(n: int, seed: int = 0) -> torch.Tensor:
-    """Sparse ground truth: each row sums ~2.4 of 48 random unit directions with positive magnitudes."""
-    g = torch.Generator().manual_seed(1234)
-    dirs = torch.randn(N_FEATURES, D_IN, generator=g)
-    dirs /= dirs.norm(dim=1, keepdim=True)
-    g.manual_seed(seed)
-    on = (torch.rand(n, N_FEATURES, generator=g) < 0.05).float()
-    mag = torch.rand(n, N_FEATURES, generator=g) * 2 + 0.5
-    return (on * mag) @ dirs * 3 + 1.0                                # (n, D_IN)
-
-
-def make_store(path: Path, rows: int = 16384, shards: int = 4, seed: int = 0) -> st.ActivationStore:
-    """A real ActivationStore of synthetic rows (sequences of 32 positions)."""
-    header = {"format": st.FORMAT, "version": st.VERSION, "model_name": "synthetic", "hook_name": "blocks.0.hook_x",
-              "hf_hook_name": "model.layers.0", "d_in": D_IN, "dtype": "float32", "context": 32,
-              "corpus": {"source": "synthetic", "split": "train", "seed": seed}}
-    manifest = st.prepare(path, header, resume=False)
-    x = synthetic_rows(rows, seed)
-    per = rows // shards
-    for i in range(shards):
-        seq = torch.arange(i * per, (i + 1) * per) // 32
-        pos = torch.arange(per) % 32
-        manifest = st.append_shard(path, manifest, x[i * per:(i + 1) * per], torch.zeros(per, dtype=torch.int32), seq,
-                                   pos, seq_start=int(seq[0]), seq_end=int(seq[-1]) + 1)
-    st.atomic.write_json(path / st.MANIFEST, {**manifest, "complete": True})
-    return st.ActivationStore.open(path)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> st.ActivationStore:
-    return make_store(tmp_path_factory.mktemp("store") / "acts")
+    return make_synthetic_store(tmp_path_factory.mktemp("store") / "acts")
 
 
 def small_config(arch: str, **kw) -> TrainConfig:
@@ -65,7 +35,7 @@ def small_config(arch: str, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow(ci=a == "topk")) for a in ARCHITECTURES])
 def test_each_architecture_learns(store, tmp_path, arch):
     records = []
     sae = train(store, small_config(arch), out=tmp_path / "sae", progress=False, log=records.append)
@@ -74,7 +44,7 @@ def test_each_architecture_learns(store, tmp_path, arch):
     assert records[0]["fvu"] > held["fvu"]
     if arch == "topk":
         assert held["l0"] <= 4.0
-    loaded = SAE.load(tmp_path / "sae")                  # saved in raw units: same outputs as returned
+    loaded = load_sae(tmp_path / "sae")                  # saved in raw units: same outputs as returned
     x = store.read_shard(0)["acts"][:64]
     assert torch.allclose(loaded(x).x_hat, sae(x).x_hat, atol=1e-4)
     assert loaded.provenance["trained_architecture"] == arch
@@ -165,6 +135,7 @@ def _cli_train(store_path, out, tokens, extra=()):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow(ci=True)
 def test_kill9_and_resume_is_bitwise_equal(store, tmp_path):
     tokens = 64 * 1500
     ref = _cli_train(store.path, tmp_path / "ref", tokens)
@@ -233,7 +204,7 @@ def test_cli_train_on_store_reports_held_out(store, tmp_path):
 
     assert main(["train", "--acts", str(store.path), "--arch", "batchtopk", "--latents", "64", "--k", "4",
                  "--tokens", str(256 * 30), "--batch-size", "256", "--out", str(tmp_path / "sae"), "--json"]) == 0
-    sae = SAE.load(tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae")
     assert sae.cfg.architecture == "jumprelu" and sae.provenance["trained_architecture"] == "batchtopk"
     assert (sae.threshold > 0).all() and sae.provenance["held_out"]["tokens"] > 0
     assert main(["train", "--out", str(tmp_path / "x"), "--tokens", "100"]) == 2     # no data given
@@ -261,6 +232,6 @@ def test_saved_sae_records_bos_exclusion_of_its_store(tmp_path, exclude_bos):
     saved_cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert saved_cfg["metadata"]["exclude_special_tokens"] == recorded     # where a SAELens user looks
     assert saved_cfg["metadata"]["prepend_bos"] is True
-    sae = SAE.load(tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae")
     assert sae.provenance["exclude_special_tokens"] == recorded            # saelab.json
     assert trained_without_bos(sae) is exclude_bos                        # evaluate leaves BOS out likewise

@@ -3,18 +3,16 @@
 
 The run folder is real: a tiny random llama, a tiny TopK SAE saved with save_sae, features.db from
 saelab.analyze over a small corpus folder, eval.json from saelab.evaluate. One feature's explanation
-is replaced by an HTML/script payload to check escaping. ``web_run`` builds it once per session (the
-browser tests reuse it).
+is replaced by an HTML/script payload to check escaping. conftest's ``web_run_dir`` builds it once per
+session (the browser tests reuse it; the builder is in factories.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,117 +21,15 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from factories import HOOK, PAYLOAD, XSS, served  # noqa: E402
 
-XSS = "<img src=x onerror=alert(1)>"
-PAYLOAD = f"{XSS} </script><script>alert(2)</script>"
-HOOK = "blocks.1.hook_resid_post"
 PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
-CORPUS = {
-    "code.py": "import os\n\ndef run(cmd):\n    os.system(cmd)\n    return cmd + 1\n",
-    "page.txt": f"html = '{XSS}'\nend = '</script>'\nprint(html, end)\n",
-    "more.py": "class A:\n    def f(self, x):\n        return self.x * x\n",
-}
-
-
-def build_run(root: Path) -> Path:
-    """A run folder (sae/, features.db, eval.json in sae/) over a tiny model; returns it."""
-    from tiny_models import save_tiny_model
-
-    from saelab.analyze import analyze
-    from saelab.corpus import CorpusSpec
-    from saelab.evaluate import evaluate
-    from saelab.featuredb import FeatureDB
-    from saelab.formats import load_sae, save_sae
-    from saelab.sae import SAE, SAEConfig
-
-    model_dir = save_tiny_model("llama", root / "model")
-    corpus_tokenizer().save_pretrained(str(model_dir))
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in CORPUS.items():
-        (corpus / name).write_text(text * 12)
-    run = root / "run"
-    sae = SAE(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4))
-    sae.reset_parameters(seed=0)
-    save_sae(sae, run / "sae", model_name=str(model_dir), hook_name=HOOK, context_size=32,
-             corpus={"source": str(corpus), "split": "all"})
-    analyze(run / "sae", tokens=1024, context=32, batch_size=8, split="all", progress=False, map="pca")
-    evaluate(load_sae(run / "sae"), tokens=256, context=32, corpus=CorpusSpec(str(corpus), "all"),
-             progress=False).save(run / "sae")
-    # What the trainer writes, for the overview's training curve.
-    (run / "sae" / "train_log.jsonl").write_text("".join(
-        json.dumps({"step": s, "fvu": 1 / (s + 1), "l0": 4.0, "dead_fraction": 0.1, "loss": 2 / (s + 1)}) + "\n"
-        for s in range(0, 50, 10)))
-    with FeatureDB.open(run / "features.db", writable=True) as db:
-        db.set_explanations([(xss_feature(db), PAYLOAD, "test", 0.5)])
-    return run
-
-
-def corpus_tokenizer():
-    """A byte-level BPE tokenizer (96 entries, the tiny model's vocabulary) trained on CORPUS, so that every
-    character of the payload has a token (tiny_models' tokenizer drops characters it never saw)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from tiny_models import VOCAB
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator(list(CORPUS.values()) * 10, trainer)
-    assert tok.get_vocab_size() <= VOCAB
-    special = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special, pad_token=special)
-
-
-def xss_feature(db) -> int:
-    """The first live feature whose top examples show the corpus' ``<img ...>`` and ``</script>`` in full."""
-    for f in db.live_features():
-        texts = ["".join(e["tokens"]) for e in db.examples(f, "top")]
-        if any(XSS in t for t in texts) and any("</script>" in t for t in texts):
-            return f
-    raise AssertionError("no feature's top examples contain the payload lines of the corpus")
-
-
-def web_run(tmp_path_factory) -> Path:
-    """The run folder, built once per test session (shared by the API and browser tests)."""
-    root = tmp_path_factory.getbasetemp() / "web_run"
-    if not (root / "run" / "features.db").exists():
-        root.mkdir(exist_ok=True)
-        build_run(root)
-    return root / "run"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return web_run(tmp_path_factory)
-
-
-@contextmanager
-def served(run_dir, **config):
-    """The app over ``run_dir`` served by uvicorn on a free loopback port: yields (base url, app)."""
-    import uvicorn
-
-    from saelab.web.app import create_app
-    from saelab.web.guard import ServerConfig
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(run_dir, config=ServerConfig(port=port, **config))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
+def run_dir(web_run_dir) -> Path:
+    return web_run_dir
 
 
 def make_client(run_dir, **config) -> TestClient:

@@ -1,5 +1,5 @@
 """The web app in a real browser: Playwright drives Debian's Chromium against the app served by
-uvicorn on loopback, over the run folder of test_web_api (tiny model, SAE, features.db, eval.json).
+uvicorn on loopback, over the shared web run folder (conftest's ``web_run_dir``: tiny model, SAE, features.db, eval.json).
 
 Screenshots go to test-artifacts/ (gitignored) for a person to look at. Chromium comes from
 scripts/install_browser.sh (apt); without /usr/bin/chromium these tests are skipped.
@@ -22,10 +22,12 @@ pytest.importorskip("playwright", reason="browser tests need the playwright pack
 pytest.importorskip("uvicorn")
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
-from test_web_api import PAYLOAD, XSS, served, web_run  # noqa: E402
+from factories import PAYLOAD, XSS, served  # noqa: E402
 
 from saelab.web.pages import DEFAULT_DIAL  # noqa: E402
 
+
+pytestmark = pytest.mark.slow(ci=True)  # heavy (a browser); a plain run and CI run every one of them
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -34,8 +36,8 @@ expect.set_options(timeout=TIMEOUT_MS)  # the model runs on a shared CPU: be pat
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return web_run(tmp_path_factory)
+def run_dir(web_run_dir) -> Path:
+    return web_run_dir
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def _explanations_db(sae: str, db: str | None):
 def _run_inspect(args) -> None:
     from pathlib import Path
 
-    from saelab.analyze import inspect_text
+    from saelab.textfeatures import inspect_text
     from saelab.featuredb import FeatureDB
 
     text = args.text.replace("\\n", "\n").replace("\\t", "\t")
@@ -210,7 +210,7 @@ def _read_texts(path: str) -> list[str]:
 
 def _run_search(args) -> None:
     if args.positive or args.negative:
-        from saelab.analyze import contrastive_search
+        from saelab.textfeatures import contrastive_search
 
         if not (args.positive and args.negative):
             raise ValueError("contrastive search needs both --positive and --negative files")

@@ -128,12 +128,12 @@ def _steer_inputs(args, need_lm_head: bool = True, ids=()):
     """(model, sae, features.db or None) for the steer/monitor subcommands; ``ids`` are checked first."""
     from pathlib import Path
 
+    from saelab.formats import load_sae
     from saelab.models import load_model
-    from saelab.sae import SAE
 
     if getattr(args, "prompt", None) is not None and not args.prompt:
         raise ValueError("--prompt is empty: give the text to continue")
-    sae = SAE.load(args.sae, device=args.device)
+    sae = load_sae(args.sae, device=args.device)
     _check_ids(ids, sae, args.sae)
     name = args.model or sae.provenance.get("model_name") or sae.cfg.metadata.get("model_name")
     if not name:

@@ -121,15 +121,15 @@ def _add_eval(sub) -> None:
 
 def _run_eval(args) -> None:
     from saelab.evaluate import compare, evaluate
+    from saelab.formats import load_sae
     from saelab.models import load_model
     from saelab.provenance import stage_inputs
-    from saelab.sae import SAE
 
     if args.tokens < 1 or args.batch_size < 1:
         raise ValueError("--tokens and --batch-size must be positive")
     models, reports = {}, []
     for folder in args.sae:
-        sae = SAE.load(folder, device=args.device)
+        sae = load_sae(folder, device=args.device)
         try:
             run = stage_inputs(sae, model=args.model, hook=args.hook, corpus=args.corpus, split=args.split)
         except ValueError as e:

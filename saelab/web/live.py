@@ -38,7 +38,7 @@ def segments(tokenizer, text: str) -> tuple[list[str], list[int]]:
 
 @router.post("/inspect", summary="Per-token top features of a text")
 def api_inspect(req: InspectRequest, request: Request):
-    from saelab.analyze import inspect_text
+    from saelab.textfeatures import inspect_text
 
     check_text(request, req.text)
     state, gate = request.app.state.run, request.app.state.gate
@@ -64,7 +64,7 @@ def inspect_json(state, tokenizer, text: str, result) -> dict:
 
 @router.post("/features/{feature_id}/activations", summary="One feature's activation on every token of a text")
 def api_feature_activations(feature_id: int, req: ActivationsRequest, request: Request):
-    from saelab.analyze import text_latents
+    from saelab.textfeatures import text_latents
     from saelab.steer import sae_hook_name
 
     check_text(request, req.text)
