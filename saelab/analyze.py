@@ -26,12 +26,15 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from saelab.hooks import final_norm, resolve
+from saelab.hooks import capture, final_norm, resolve
 from saelab.locks import exclusive
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
 from saelab.positions import PositionRule
 from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
+
+FINAL_RMS_SEQS = 4
+"""Sequences of the first batch run through the whole model to measure the final residual's mean RMS."""
 
 
 @dataclass
@@ -140,9 +143,11 @@ def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = Tr
     rule = PositionRule(bos_token_id(lm.tokenizer) if cfg.skip_bos else None, prov.sink_factor)
     warmup = max(1, math.ceil(cfg.tokens / context / cfg.batch_size) // 20)
     by_split: dict[str, int] = {}
-    start, n_batches = time.perf_counter(), 0
+    start, n_batches, final_rms = time.perf_counter(), 0, None
     with tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="analysing", disable=not progress) as bar:
         for ids, split in token_batches(lm, setup.corpus, cfg, context):
+            if n_batches == 0 and lm.is_causal:      # the final norm's scale for the logit effects
+                final_rms = mean_final_rms(lm, ids[:FINAL_RMS_SEQS], rule)
             x = run_to_hooks(lm.model, ids.to(lm.device), setup.hook)[setup.hook]  # (B, T, d_in)
             keep = rule.keep(ids.to(x.device), torch.linalg.vector_norm(x.float(), dim=-1)).reshape(-1).to(device)
             x = x.reshape(-1, x.shape[-1]).to(device, torch.float32)  # (B·T, d_in)
@@ -161,7 +166,8 @@ def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = Tr
     seconds = time.perf_counter() - start
     total = sum(by_split.values())
     info = {"tokens_analysed": stats.tokens, "tokens_read": total, "tokens_by_split": by_split,
-            "seconds": round(seconds, 2), "tokens_per_s": round(total / max(seconds, 1e-9), 1)}
+            "seconds": round(seconds, 2), "tokens_per_s": round(total / max(seconds, 1e-9), 1),
+            "final_rms": final_rms}
     if total < cfg.tokens:
         info["note"] = f"asked for {cfg.tokens} tokens but split {cfg.split!r} of {setup.corpus!r} has only {total}"
     return stats, info
@@ -184,13 +190,16 @@ def token_strings(tokenizer, n_model: int = 0) -> list[str]:
     return out + [f"<id {i}>" for i in range(n, n_model)]
 
 
-def direct_logit_directions(sae, lm, hook: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def direct_logit_directions(sae, lm, hook: str, rms: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(D [d_sae, d_model], W_U [vocab, d_model])`` with logit effects ``D @ W_Uᵀ``, or None.
 
     D is each decoder direction in the residual stream (mapped through the down projection for an
-    ``mlp.hook_post``-style hook), times the final norm's scale (``1 + w`` for Gemma; LayerNorm also
-    centres it). Approximation: the norm's division by the RMS / standard deviation of the *whole*
-    residual is ignored (it rescales all logits of a token alike), and later layers are skipped.
+    ``mlp.hook_post``-style hook), through the final norm linearised at the residual's mean scale: times
+    the norm's weight (``1 + w`` for Gemma; LayerNorm also centres it) and divided by ``rms``, the mean
+    RMS (LayerNorm: standard deviation) of the final residual (:func:`mean_final_rms`). So an effect is
+    in logits per unit of feature activation, for a token whose residual has the typical scale. The
+    direct path only: the layers between the hook and the head are skipped (at a middle layer that is
+    most of the story, which is why the feature page labels these "direct path").
     """
     model = lm.model
     head = model.get_output_embeddings() if lm.is_causal else None
@@ -214,7 +223,30 @@ def direct_logit_directions(sae, lm, hook: str) -> tuple[torch.Tensor, torch.Ten
             D = D - D.mean(1, keepdim=True)
         scale = norm.weight.detach().float().to(D.device)
         D = D * (1 + scale if lm.family.startswith("gemma") else scale)
+    if rms:
+        D = D / rms
     return D, W_U
+
+
+@torch.no_grad()
+def mean_final_rms(lm, ids: torch.Tensor, rule: PositionRule) -> float | None:
+    """Mean RMS (LayerNorm: standard deviation) of the residual entering the final norm over ``ids
+    [B, T]``, at the positions ``rule`` keeps (a sink's residual is ~100× the rest). None without a norm."""
+    norm = final_norm(lm.model)
+    if norm is None:
+        return None
+    with capture(lm.model, [f"{_path_of(lm.model, norm)}:input"]) as acts:
+        lm.model(input_ids=ids.to(lm.device), use_cache=False)
+    h = next(iter(acts.values())).float()                                          # (B, T, d)
+    if isinstance(norm, torch.nn.LayerNorm):
+        h = h - h.mean(-1, keepdim=True)
+    rms = h.pow(2).mean(-1).sqrt()                                                 # (B, T)
+    keep = rule.keep(ids.to(h.device), torch.linalg.vector_norm(h, dim=-1))
+    return float(rms[keep].mean()) if keep.any() else None
+
+
+def _path_of(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
 
 
 @torch.no_grad()
@@ -262,7 +294,7 @@ def write_db(out: Path, setup: Setup, cfg: AnalyzeConfig, context: int, stats: S
         if r["kind"] == "top":
             top_by_feature.setdefault(r["feature"], []).append(r)
     logit_rows, pos_tokens = [], [[] for _ in range(sae.d_sae)]
-    dirs = direct_logit_directions(sae, lm, setup.hook)
+    dirs = direct_logit_directions(sae, lm, setup.hook, info.get("final_rms"))
     if dirs is not None:
         pv, pi, nv, ni = logit_effects(*dirs, n=cfg.n_logits)
         for sign, vals, ids in ((1, pv, pi), (-1, nv, ni)):
@@ -309,7 +341,8 @@ def _meta(setup: Setup, cfg: AnalyzeConfig, context: int, info: dict, logits: bo
             **sae_identity(sae), "d_in": sae.d_in, "architecture": sae.cfg.architecture, "k": sae.cfg.k,
             "corpus": setup.corpus, "context": context, "config": asdict(cfg), **info,
             "map_method": fmap.method if fmap is not None else None,
-            "logit_effects": ("W_U · (final-norm scale ⊙ W_dec[f]); the norm's division by the RMS is ignored"
+            "logit_effects": ("direct path: W_U · (final-norm weight ⊙ W_dec[f]) / R, R = mean RMS of the final "
+                              f"residual ({info.get('final_rms') or 0:.4g}); the layers after the hook are skipped"
                               if logits else None),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

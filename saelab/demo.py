@@ -1,5 +1,11 @@
 """The main job: every stage on the embedded default, then the browser.
 
+``saelab demo`` runs on the builtin model; ``saelab demo --model smollm2`` on the real chat model
+SmolLM2-135M-Instruct (layer 15 of 30, the ``english`` corpus). A trained SAE for SmolLM2 ships with
+saelab (:data:`SHIPPED`, made by :meth:`DemoConfig.smollm2` with ``full=True``: harvest 409,600
+tokens, train TopK 8192/k 32 on 2M tokens), so the real-model demo evaluates, analyses and serves it
+without the ~25 minutes of harvest and training on two cores; ``--full`` makes it from scratch.
+
     runs/demo/acts/         harvest of the builtin model's middle residual stream on the stdlib corpus
     runs/demo/sae/          a TopK SAE trained on it (SAELens-compatible folder + saelab.json)
     runs/demo/eval.json     its evaluation (also in sae/eval.json)
@@ -25,6 +31,9 @@ from saelab.harvest import harvest
 from saelab.models import load_model
 from saelab.store import ActivationStore
 from saelab.train import TrainConfig, train
+
+SHIPPED = Path(__file__).parent / "shipped"
+"""Trained SAEs that ship with saelab, one folder per model (float16 weights)."""
 
 
 @dataclass
@@ -53,6 +62,16 @@ class DemoConfig:
     """Tokens of the analysis pass (validation split first, then the rest of the corpus)."""
     map_method: str = "auto"
     """Feature map layout: auto (UMAP when installed) | umap | pca."""
+    shipped_sae: Path | None = None
+    """A trained SAE folder to copy in instead of harvesting and training (the real-model demo's)."""
+
+    @classmethod
+    def smollm2(cls, run: Path = Path("runs/demo-smollm2"), full: bool = False) -> "DemoConfig":
+        """The real chat model: SmolLM2-135M-Instruct, the middle of its 30 layers, broad English text."""
+        shipped = SHIPPED / "smollm2"
+        return cls(run=run, model="smollm2", hook="blocks.15.hook_resid_post", corpus="english", context=256,
+                   harvest_tokens=409_600, latents=8192, k=32, eval_tokens=16_384, analyze_tokens=100_000,
+                   shipped_sae=None if full or not (shipped / "cfg.json").is_file() else shipped)
 
     @classmethod
     def quick(cls, run: Path = Path("runs/demo-quick")) -> "DemoConfig":
@@ -101,11 +120,24 @@ def run_demo(config: DemoConfig | None = None, say: Callable[[str], None] = prin
         analyze(sae_dir, lm, out=db_path, tokens=c.analyze_tokens, map=c.map_method)
         return str(db_path)
 
-    _stage("harvest", say, do_harvest, _harvest_complete(acts))
-    _stage("train", say, do_train, (sae_dir / "cfg.json").exists() and (sae_dir / "saelab.json").exists())
+    trained = (sae_dir / "cfg.json").exists() and (sae_dir / "saelab.json").exists()
+    if c.shipped_sae is not None:
+        _stage("sae", say, lambda: _copy_shipped(c.shipped_sae, sae_dir), trained)
+    else:
+        _stage("harvest", say, do_harvest, _harvest_complete(acts))
+        _stage("train", say, do_train, trained)
     _stage("eval", say, do_eval, eval_path.exists())
     _stage("analyze", say, do_analyze, db_path.exists())
     return summary(run)
+
+
+def _copy_shipped(src: Path, sae_dir: Path) -> str:
+    """Copy a shipped SAE folder into the run (whole, then renamed: no half folder on a kill)."""
+    tmp = sae_dir.parent / f".{sae_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("README.md"))
+    tmp.rename(sae_dir)
+    return f"the SAE that ships with saelab ({src}); 'saelab demo --model {src.name} --full' trains one instead"
 
 
 def _harvest_complete(acts: Path) -> bool:

@@ -135,6 +135,15 @@ def _model_output(out) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out[0]
 
 
+class _Logits:
+    """Next-token logits ``[B, T-1, vocab]`` with their log-sum-exp and the CE of ``targets [B, T-1, 1]``."""
+
+    def __init__(self, logits: torch.Tensor, targets: torch.Tensor):
+        self.logits = logits
+        self.lse = logits.logsumexp(-1)                                   # (B, T-1)
+        self.ce_sum = float((self.lse - logits.gather(-1, targets).squeeze(-1)).double().sum())
+
+
 class _Evaluator:
     """Runs the clean, spliced, ablated and error-term forwards of each batch; owns the accumulators."""
 
@@ -219,27 +228,27 @@ class _Evaluator:
             self.sums["checked"] += float(b.shape[0] * (b.shape[1] - 1))
         if not self.causal:
             return
-        targets = b[:, 1:]  # (B, T-1)
-        lp_clean = clean[:, :-1].float().log_softmax(-1)  # (B, T-1, vocab)
-        p_clean = lp_clean.exp()
+        targets = b[:, 1:, None]  # (B, T-1, 1)
+        clean = _Logits(clean[:, :-1].float(), targets)
+        p_clean = (clean.logits - clean.lse[..., None]).exp()  # (B, T-1, vocab)
         self.sums["predictions"] += float(targets.numel())
-        self._score("clean", lp_clean, targets)
+        self.sums["ce_clean"] += clean.ce_sum
         if kept_error is not None:
-            self._score("error", kept_error[:, :-1].float().log_softmax(-1), targets, lp_clean, p_clean)
+            self._score("error", _Logits(kept_error[:, :-1].float(), targets), clean, p_clean)
         splices = {"spliced": x_hat, "zero": torch.zeros_like(x_hat)}
         if "mean" in self.ablations:
             splices["mean"] = self.mean.to(x).expand_as(x)
         for name, values in splices.items():
-            out = self.forward_with(b, keep, values)
-            self._score(name, out[:, :-1].float().log_softmax(-1), targets, lp_clean, p_clean)
+            out = _Logits(self.forward_with(b, keep, values)[:, :-1].float(), targets)
+            # KL only where a figure needs it: the ablations' distributions only enter through their CE
+            self._score(name, out, clean, p_clean if name == "spliced" else None)
 
-    def _score(self, name: str, lp: torch.Tensor, targets: torch.Tensor, lp_clean: torch.Tensor | None = None,
-               p_clean: torch.Tensor | None = None) -> None:
-        """Add the summed CE of log-probs ``lp [B, T-1, vocab]`` and, given the clean ones, KL(clean ‖ lp)."""
-        ce = -lp.gather(-1, targets[..., None]).squeeze(-1)  # (B, T-1)
-        self.sums[f"ce_{name}"] += float(ce.double().sum())
-        if lp_clean is not None:
-            kl = (p_clean * (lp_clean - lp)).sum(-1)  # (B, T-1)
+    def _score(self, name: str, out: "_Logits", clean: "_Logits", p_clean: torch.Tensor | None) -> None:
+        """Add the summed CE of ``out`` and, given ``p_clean``, its KL(clean ‖ out) =
+        Σ_v p_clean (l_clean − l_out) − lse_clean + lse_out, from logits (no log-softmax tensors)."""
+        self.sums[f"ce_{name}"] += out.ce_sum
+        if p_clean is not None:
+            kl = (p_clean * (clean.logits - out.logits)).sum(-1) - clean.lse + out.lse  # (B, T-1)
             self.sums[f"kl_{name}"] += float(kl.double().sum())
 
     def downstream(self) -> Downstream:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from saelab.concept import ConceptConfig, calibrate, find_concept
 from saelab.measures import concept_curve, encode_prompt, generate_batch, output_scores, rate
 from saelab.report import Series, Table, plot_png, write_report
-from saelab.steer import FeatureEncoder, concept_edits, generate_ids, prompt_ids, sae_hook_name, steering
+from saelab.steer import concept_edits, generate_ids, prompt_ids, sae_hook_name, steering
 
 PROMPTS = Path(__file__).parent / "prompts"
 EXPERIMENTS = ("golden-gate", "unsafe-code", "builtin-dial")
@@ -219,7 +219,7 @@ class RowClamp:
     """Row b of the batch clamps feature ``features[b]`` to ``targets[b]`` (error term kept), at every position."""
 
     def __init__(self, sae, features: Sequence[int], targets: torch.Tensor):
-        self.enc = FeatureEncoder(sae, features)
+        self.enc = sae.subset_encoder(features)
         self.W = sae.W_dec.detach()[list(features)].float()  # (B, d_in)
         self.targets = targets  # (B,)
         self.rows = torch.arange(len(features))
@@ -237,7 +237,7 @@ def feature_curves(lm, sae, features: Sequence[int], maxes: torch.Tensor, prompt
 
     hook = sae_hook_name(sae)
     out = torch.zeros(len(features), len(values), 2)
-    enc = FeatureEncoder(sae, features)
+    enc = sae.subset_encoder(features)
     rows = torch.arange(len(features))
     for prompt in prompts:
         ids = prompt_ids(lm, prompt, max_new_tokens)

@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from saelab.hooks import capture, final_norm, intervene
-from saelab.steer import (FeatureEncoder, as_loaded_model, concept_edits, edit_start, generate_ids, generated_part,
+from saelab.steer import (as_loaded_model, concept_edits, edit_start, generate_ids, generated_part,
                           prompt_ids, sae_hook_name, steering)
 
 
@@ -68,14 +68,7 @@ def keyword_hit(text: str, keywords: Sequence[str]) -> bool:
 
 def encode_prompt(model, prompt: str, chat: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
     """``[1, n]`` ids: the prompt with BOS, or the user turn of the model's chat template (generation prompt on)."""
-    if not chat:
-        return prompt_ids(model, prompt, max_new_tokens)
-    tok = model.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"{model.name} has no chat template: drop --chat and give plain prompts")
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    return torch.tensor([list(ids)], device=model.device)
+    return prompt_ids(model, prompt, max_new_tokens, chat=chat)
 
 
 class Answer(NamedTuple):
@@ -108,7 +101,7 @@ def read_answer(model, sae, ids: torch.Tensor, new: torch.Tensor, classifier: Co
     nll = F.cross_entropy(logits[0, n - 1:-1], full[0, n:], reduction="mean")
     score = clf = None
     if classifier is not None:
-        z = FeatureEncoder(sae, classifier.features, full.device)(acts[name][0, n:])  # (m, n_features)
+        z = sae.subset_encoder(classifier.features, full.device)(acts[name][0, n:])  # (m, n_features)
         score = classifier.score(z)
         clf = score >= classifier.threshold
     return Answer(text, float(nll), len(new), repetition_rate(new.tolist()), score, clf, kw,

@@ -13,8 +13,14 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="every stage on the builtin model, then the browser",
                        description="Harvest → train (TopK) → eval → analyse on the builtin model and the stdlib "
                                    "corpus, then serve the feature browser. Completed stages are skipped.")
+    p.add_argument("--model", choices=("builtin", "smollm2"), default="builtin",
+                   help="builtin (default) or smollm2, the real chat model SmolLM2-135M-Instruct (runs/demo-smollm2; "
+                        "uses the SAE that ships with saelab unless --full)")
+    p.add_argument("--full", action="store_true", help="with --model smollm2: harvest and train the SAE here "
+                                                       "(~25 min on 2 cores) instead of using the shipped one")
     p.add_argument("--quick", action="store_true", help="a smaller run for a first look (runs/demo-quick)")
-    p.add_argument("--run", help="run folder (default runs/demo, or runs/demo-quick with --quick)")
+    p.add_argument("--run", help="run folder (default runs/demo, runs/demo-quick with --quick, "
+                                 "runs/demo-smollm2 with --model smollm2)")
     p.add_argument("--no-serve", action="store_true", help="stop after the summary instead of serving")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
@@ -27,7 +33,14 @@ def _run_demo(args) -> None:
 
     from saelab.demo import DemoConfig, format_summary, run_demo
 
-    config = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.model == "smollm2":
+        if args.quick:
+            raise ValueError("--quick is for the builtin model; --model smollm2 already uses a shipped SAE")
+        config = DemoConfig.smollm2(full=args.full)
+    else:
+        if args.full:
+            raise ValueError("--full is for --model smollm2 (the builtin demo always trains its SAE)")
+        config = DemoConfig.quick() if args.quick else DemoConfig()
     if args.run:
         config.run = Path(args.run)
     summary = run_demo(config, say=(lambda m: print(m, file=sys.stderr)) if args.json else print)

@@ -36,6 +36,8 @@ def _add_steer(sub) -> None:
     p.add_argument("--mode", choices=["clamp", "add"], default="clamp", help="how VALUE is applied")
     p.add_argument("--when", metavar="G>T", help="edit only where feature G's activation exceeds T")
     p.add_argument("--samples", type=int, default=1, help="continuations per side")
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message: wrap it in the model's chat template (no doubled BOS)")
     p.add_argument("--positions", choices=["all", "generated"], default="all",
                    help="edit every position (default) or only those that predict new tokens (the prompt is read as is)")
     p.set_defaults(func=_run_steer)
@@ -153,7 +155,7 @@ def _steer_inputs(args, need_lm_head: bool = True, ids=()):
 def _run_steer(args) -> None:
     from dataclasses import replace
 
-    from saelab.steer import Add, compare_generations
+    from saelab.steer import Add, compare_generations, prompt_ids
 
     edits = dict(_parse_edit(s, args.mode) for s in args.feature)
     if args.when:
@@ -161,12 +163,13 @@ def _run_steer(args) -> None:
         edits = {f: replace(e, when=when) for f, e in edits.items()}
     when_ids = [e.when[0] for e in edits.values() if e.when]
     lm, sae, db = _steer_inputs(args, ids=[*edits, *when_ids])
+    ids = prompt_ids(lm, args.prompt, args.max_new_tokens, chat=args.chat)
     pairs = compare_generations(lm, sae, args.prompt, edits, args.max_new_tokens, args.samples, args.seed,
-                                args.temperature, db=db, positions=args.positions)
+                                args.temperature, db=db, positions=args.positions, ids=ids)
     described = {str(f): {"mode": "add" if isinstance(e, Add) else "clamp", "value": e.value,
                           "when": list(e.when) if e.when else None} for f, e in edits.items()}
     if args.json:
-        _print_json({"prompt": args.prompt, "edits": described, "seed": args.seed, "temperature": args.temperature,
+        _print_json({"prompt": args.prompt, "chat": args.chat, "edits": described, "seed": args.seed, "temperature": args.temperature,
                      "samples": [{**p._asdict(), "steered_acts": {str(f): a for f, a in p.steered_acts.items()}}
                                  for p in pairs]})
         return
