@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ _STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota e
 _STORAGE_TEXTS = {"no space left on device": errno.ENOSPC, "storagefull": errno.ENOSPC,
                   "database or disk is full": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
                   "read-only file system": errno.EROFS, "readonlyfilesystem": errno.EROFS,
-                  "attempt to write a readonly database": errno.EROFS, "permission denied": errno.EACCES}
+                  "permission denied": errno.EACCES}
 
 
 def _size(n: int) -> str:
@@ -42,7 +43,8 @@ def storage_error(e: BaseException, target: Path | str, needed: int | None = Non
         code = next((c for t, c in _STORAGE_TEXTS.items() if t in text), None)
     if code is None:
         return None
-    target = Path(target)
+    # name what is being written, not the temporary sibling it is written through
+    target = Path(*(re.sub(r"^\.(.+)\.tmp-\d+$", r"\1", part) for part in Path(target).parts))
     msg = f"cannot write {target}: {_STORAGE[code]}"
     if code in (errno.ENOSPC, errno.EDQUOT):
         folder = next((p for p in (target, *target.parents) if p.is_dir()), None)

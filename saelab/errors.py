@@ -41,3 +41,7 @@ class SAEMismatch(SaelabError, ValueError):
 
 class InvalidSAE(SaelabError, ValueError):
     """An SAE file or folder whose config or weights are malformed or unsafe to load."""
+
+
+class InvalidModel(SaelabError, ValueError):
+    """A model folder saelab will not load (only pickled weights, a broken config)."""

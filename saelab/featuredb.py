@@ -180,8 +180,7 @@ def build(path: Path | str) -> Iterator[Writer]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(path, "analysis"), atomic_path(path) as tmp, storage_errors(path):
         remove_stale_temps(path)   # .features.db.tmp-PID of a killed analysis
-        if tmp.exists():
-            tmp.unlink()
+        tmp.write_bytes(b"")   # fails here, as an OSError, on a read-only folder (SQLite only says "unable to open")
         conn = sqlite3.connect(tmp)
         try:
             conn.execute("PRAGMA journal_mode = OFF")
@@ -229,6 +228,9 @@ MAX_SQL_INT = 2**63 - 1   # SQLite's INTEGER range; a larger Python int raises O
 def _filters(cluster, min_density, max_density) -> tuple[str, list]:
     if cluster is not None and not -MAX_SQL_INT <= int(cluster) <= MAX_SQL_INT:
         raise ValueError(f"cluster {cluster} is out of range")
+    for name, d in (("min_density", min_density), ("max_density", max_density)):
+        if d is not None and not 0.0 <= float(d) <= 1.0:   # NaN fails too
+            raise ValueError(f"{name} must be between 0 and 1, got {d}")
     where, args = [], []
     for clause, value in (("cluster = ?", cluster), ("density >= ?", min_density), ("density <= ?", max_density)):
         if value is not None:
@@ -262,12 +264,12 @@ class FeatureDB:
         self.conn = conn
         self.path = path
         self.conn.row_factory = sqlite3.Row
-        self._info = {r["key"]: json.loads(r["value"]) for r in self._q("SELECT key, value FROM meta")}
+        self._info = {r["key"]: json.loads(r["value"]) for r in self.query("SELECT key, value FROM meta")}
         version = self._info.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(f"{path}: feature database schema version {version}, this saelab reads version "
                              f"{SCHEMA_VERSION}; re-run 'saelab analyze' to rebuild it")
-        self.n_features = int(self._q("SELECT COUNT(*) FROM features").fetchone()[0])
+        self.n_features = int(self.query("SELECT COUNT(*) FROM features").fetchone()[0])
 
     @classmethod
     def open(cls, path: Path | str, writable: bool = False, check: bool = False) -> "FeatureDB":
@@ -293,7 +295,7 @@ class FeatureDB:
         return DatabaseDamaged(f"{self.path}: cannot be read ({e}); it is damaged, or not a saelab feature "
                                "database. Rebuild it with 'saelab analyze SAE_DIR'")
 
-    def _q(self, sql: str, args: Sequence = ()) -> "_Rows":
+    def query(self, sql: str, args: Sequence = ()) -> "_Rows":
         """``conn.execute`` with SQLite's errors turned into :class:`DatabaseDamaged`; rows are fetched
         here, since a damaged page can also fail while iterating."""
         try:
@@ -306,12 +308,12 @@ class FeatureDB:
 
     def check_integrity(self) -> None:
         """PRAGMA quick_check plus every table with the columns this saelab expects; raises DatabaseDamaged."""
-        problems = [r[0] for r in self._q("PRAGMA quick_check") if r[0] != "ok"]
+        problems = [r[0] for r in self.query("PRAGMA quick_check") if r[0] != "ok"]
         if problems:
             raise DatabaseDamaged(f"{self.path}: the feature database is damaged (SQLite quick_check: "
                                   f"{'; '.join(problems[:3])}); rebuild it with 'saelab analyze SAE_DIR'")
         for table, columns in _expected_columns().items():
-            found = [r[1] for r in self._q(f"PRAGMA table_info({table})")]
+            found = [r[1] for r in self.query(f"PRAGMA table_info({table})")]
             if found != columns:
                 what = "is missing" if not found else f"has columns {found}, expected {columns}"
                 raise DatabaseDamaged(f"{self.path}: table {table!r} {what}; this is not a complete saelab "
@@ -356,7 +358,7 @@ class FeatureDB:
 
     def feature(self, i: int) -> dict:
         """One row of ``features`` as a dict (id, count, density, max_act, mean_act, explanation, ...)."""
-        row = self._q("SELECT * FROM features WHERE id = ?", (self._check(i),)).fetchone()
+        row = self.query("SELECT * FROM features WHERE id = ?", (self._check(i),)).fetchone()
         return dict(row)
 
     def features(self, order_by: str = "density", cluster: int | None = None, offset: int = 0, limit: int = 100,
@@ -373,20 +375,20 @@ class FeatureDB:
         # ties go by id in the same direction, so the (column, rowid) index order answers without a sort
         sql = (f"SELECT * FROM features{where} ORDER BY {ORDER_BY[order_by]} {direction}, id {direction} "
                "LIMIT ? OFFSET ?")
-        return [dict(r) for r in self._q(sql, (*args, int(limit), int(offset)))]
+        return [dict(r) for r in self.query(sql, (*args, int(limit), int(offset)))]
 
     def count(self, cluster: int | None = None, min_density: float | None = None,
               max_density: float | None = None) -> int:
         """How many features match the same filters as :meth:`features` (for paging)."""
         where, args = _filters(cluster, min_density, max_density)
-        return int(self._q(f"SELECT COUNT(*) FROM features{where}", args).fetchone()[0])
+        return int(self.query(f"SELECT COUNT(*) FROM features{where}", args).fetchone()[0])
 
     def examples(self, i: int, kind: str = "top") -> list[dict]:
         """Token windows of ``kind`` (top | quantile | random), by rank: dicts with tokens (exact strings),
         token_ids, acts, max_pos (index of the qualifying token in the window), max_act, quantile, seq, pos."""
         if kind not in EXAMPLE_KINDS:
             raise ValueError(f"unknown example kind {kind!r}; choose one of {', '.join(EXAMPLE_KINDS)}")
-        rows = self._q("SELECT * FROM examples WHERE feature = ? AND kind = ? ORDER BY rank",
+        rows = self.query("SELECT * FROM examples WHERE feature = ? AND kind = ? ORDER BY rank",
                                  (self._check(i), kind))
         out = []
         for r in rows:
@@ -399,7 +401,7 @@ class FeatureDB:
     def logit_effects(self, i: int) -> dict:
         """``{"positive": [(token, value)], "negative": [...]}``, strongest first (empty if not computed)."""
         out: dict[str, list] = {"positive": [], "negative": []}
-        for r in self._q("SELECT sign, token, value FROM logit_effects WHERE feature = ? "
+        for r in self.query("SELECT sign, token, value FROM logit_effects WHERE feature = ? "
                                    "ORDER BY sign DESC, rank", (self._check(i),)):
             out["positive" if r["sign"] > 0 else "negative"].append((r["token"], r["value"]))
         return out
@@ -413,17 +415,17 @@ class FeatureDB:
                 raise ValueError(f"unknown neighbour kind {kind!r}; choose one of {', '.join(NEIGHBOUR_KINDS)}")
             sql += " AND kind = ?"
             args.append(kind)
-        return [dict(r) for r in self._q(sql + " ORDER BY kind DESC, rank", args)]
+        return [dict(r) for r in self.query(sql + " ORDER BY kind DESC, rank", args)]
 
     def coactivation(self, i: int, limit: int = 50) -> list[tuple[int, int]]:
         """``(other, count)``: how often ``other`` fired on the same token, most frequent first."""
-        return [(r[0], r[1]) for r in self._q(
+        return [(r[0], r[1]) for r in self.query(
             "SELECT other, count FROM coactivation WHERE feature = ? ORDER BY count DESC LIMIT ?",
             (self._check(i), limit))]
 
     def histogram(self, i: int) -> dict:
         """``{"zeros": n, "edges": [n_bins + 1], "counts": [n_bins]}``: log-spaced bins of non-zero activations."""
-        r = self._q("SELECT zeros, edges, counts FROM histograms WHERE feature = ?",
+        r = self.query("SELECT zeros, edges, counts FROM histograms WHERE feature = ?",
                               (self._check(i),)).fetchone()
         if r is None:
             return {"zeros": 0, "edges": [], "counts": []}
@@ -458,24 +460,24 @@ class FeatureDB:
     def search(self, text: str, limit: int = 20) -> list[dict]:
         """Full-text search over explanations and top tokens (all words must match, last one as a prefix);
         best matches first (BM25). Each hit is a features row plus ``rank`` (lower is better)."""
-        rows = self._q(
+        rows = self.query(
             "SELECT f.*, bm25(features_fts) AS rank FROM features_fts JOIN features f ON f.id = features_fts.rowid "
             "WHERE features_fts MATCH ? ORDER BY rank LIMIT ?", (fts_query(text), int(limit)))
         return [dict(r) for r in rows]
 
     def map_points(self) -> list[tuple[int, float, float, int, float]]:
         """``(id, x, y, cluster, density)`` of every feature with a map position."""
-        return [tuple(r) for r in self._q(
+        return [tuple(r) for r in self.query(
             "SELECT id, x, y, cluster, density FROM features WHERE x IS NOT NULL ORDER BY id")]
 
     def clusters(self) -> list[tuple[int, int]]:
         """``(cluster, n_features)`` for every cluster on the map."""
-        return [tuple(r) for r in self._q(
+        return [tuple(r) for r in self.query(
             "SELECT cluster, COUNT(*) FROM features WHERE cluster IS NOT NULL GROUP BY cluster ORDER BY cluster")]
 
     def live_features(self) -> list[int]:
         """Ids of the features that fired at least once in the analysis pass."""
-        return [r[0] for r in self._q("SELECT id FROM features WHERE count > 0 ORDER BY id")]
+        return [r[0] for r in self.query("SELECT id FROM features WHERE count > 0 ORDER BY id")]
 
     # -- updates -----------------------------------------------------------------------------------
 
@@ -487,7 +489,7 @@ class FeatureDB:
         rows = [(self._check(i), str(text), str(source), None if score is None else float(score))
                 for i, text, source, score in rows]
         try:
-            with self.conn:
+            with storage_errors(self.path), self.conn:
                 self.conn.executemany("UPDATE features SET explanation = ?, explanation_source = ?, score = ? "
                                       "WHERE id = ?", [(t, s, sc, i) for i, t, s, sc in rows])
                 self.conn.executemany("DELETE FROM features_fts WHERE rowid = ?", [(i,) for i, *_ in rows])

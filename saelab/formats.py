@@ -19,6 +19,7 @@ folded exactly is refused with an error naming the file and the setting. Nothing
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -30,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from saelab.atomic import atomic_dir, write_json, write_tensors
+from saelab.errors import InvalidSAE
 from saelab.sae import SAE, SAEConfig
 
 CFG, WEIGHTS, SPARSITY, PROVENANCE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "saelab.json"
@@ -48,6 +50,14 @@ SAELENS_LLM_METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hoo
 _SAVED_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
 _OUR_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 _DENSITY_EPS = 1e-10  # SAELens' epsilon inside log10(density + eps)
+_INT, _STR, _BOOL, _DICT = ("an integer", int), ("a string", str), ("true or false", bool), ("an object", dict)
+CFG_FIELDS = {"d_in": _INT, "d_sae": _INT, "k": _INT, "num_latents": _INT, "expansion_factor": _INT,
+              "architecture": _STR, "activation": _STR, "activation_fn": _STR, "dtype": _STR, "device": _STR,
+              "sae_lens_version": _STR, "hook_name": _STR, "hook_point": _STR, "model_name": _STR,
+              "context_size": _INT, "apply_b_dec_to_input": _BOOL, "finetuning_scaling_factor": _BOOL,
+              "rescale_acts_by_decoder_norm": _BOOL, "transcode": _BOOL, "skip_connection": _BOOL, "signed": _BOOL,
+              "metadata": _DICT, "activation_fn_kwargs": _DICT}
+"""The type each known cfg.json key (top level or in metadata) must have when present and not null."""
 
 
 class Parsed(NamedTuple):
@@ -194,7 +204,26 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file}: not a readable safetensors file ({e}); re-save or re-download it") from e
+    ints = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in tensors.items() if not v.is_floating_point()]
+    if ints:   # converting would load them silently as weights they were never meant to be
+        raise InvalidSAE(f"{file}: tensor(s) {', '.join(ints)} are not floating point; SAE weights are float "
+                         "tensors. The file is damaged or not an SAE")
     return {k: v.float() for k, v in tensors.items()}
+
+
+def _check_fields(cfg: dict, file: Path, where: str = "") -> None:
+    """Each known key of ``cfg`` has its type (:data:`CFG_FIELDS`); numbers are finite. Names the file and key."""
+    for key, value in cfg.items():
+        if key not in CFG_FIELDS or value is None:
+            continue
+        what, kind = CFG_FIELDS[key]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is int and isinstance(value, float) and math.isfinite(value) and value == int(value):
+            ok = True   # 4096.0 from a JSON writer that only knows floats
+        if not ok:
+            raise InvalidSAE(f"{file}: {where}{key} must be {what}, got {value!r}; fix or regenerate the config")
+    if isinstance(cfg.get("metadata"), dict) and not where:
+        _check_fields(cfg["metadata"], file, "metadata.")
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], where, what_to_do: str) -> None:
@@ -235,7 +264,8 @@ def _int_field(cfg: dict, key: str, file: Path) -> int:
     if key not in cfg:
         raise ValueError(f"{file}: missing key {key!r}; the config is incomplete")
     value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value) or value < 1):
         raise ValueError(f"{file}: {key} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -246,6 +276,7 @@ def _int_field(cfg: dict, key: str, file: Path) -> int:
 def _read_saelens(folder: Path) -> Parsed:
     file = folder / CFG
     cfg = _read_json(file)
+    _check_fields(cfg, file)
     version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
     if version and _major(version) >= 6:
         spec = {**cfg, "metadata": dict(cfg.get("metadata") or {})}
@@ -338,6 +369,7 @@ def _read_sparsify(folder: Path) -> Parsed:
     """
     file = folder / CFG
     cfg = _read_json(file)
+    _check_fields(cfg, file)
     for flag, why in (("transcode", "a transcoder (it does not subtract b_dec and predicts another hook)"),
                       ("skip_connection", "a skip connection (W_skip)"), ("signed", "signed activations")):
         if cfg.get(flag):

@@ -197,6 +197,8 @@ def load_model(name_or_path: str = BUILTIN, device: str | torch.device = "cpu",
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     source, path = resolve_path(name_or_path)
+    if path is not None:
+        _refuse_pickled_weights(path)
     config = AutoConfig.from_pretrained(source)
     is_causal = _is_causal(config)
     cls = AutoModelForCausalLM if is_causal else AutoModel
@@ -210,6 +212,23 @@ def load_model(name_or_path: str = BUILTIN, device: str | torch.device = "cpu",
         if dtype == torch.float32:        # the hash was taken of the float32 weights at conversion
             lm._weights_hash = known["weights_sha256"]
     return lm
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _refuse_pickled_weights(path: Path) -> None:
+    """A local folder whose weights exist only as pickles (pytorch_model.bin): refused, never unpickled,
+    since unpickling a file can run any code in it."""
+    if any(path.glob("*.safetensors")):
+        return                          # transformers then reads the safetensors, never the pickles
+    pickles = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        from saelab.errors import InvalidModel
+
+        raise InvalidModel(f"{path}: the weights are only in pickle files ({', '.join(pickles[:3])}); saelab never "
+                           "unpickles files, as that can run code hidden in them. Convert the folder to safetensors "
+                           "where you trust it (model.save_pretrained(folder, safe_serialization=True))")
 
 
 def _is_causal(config) -> bool:

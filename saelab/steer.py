@@ -38,6 +38,7 @@ from saelab.hooks import as_module, capture, intervene, resolve, run_to_hooks
 from saelab.positions import window_median
 from saelab.provenance import Provenance
 
+MIN_TEMPERATURE = 1e-3   # logits / T overflow float32 below about this (1e-45 gave inf/nan probabilities)
 DIAL_VALUES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
 POSITIONS = ("all", "generated")
 
@@ -350,8 +351,9 @@ def generate_ids(model, ids: torch.Tensor, *, max_new_tokens: int = 40, temperat
     """HF ``generate`` (KV cache on): greedy when ``temperature == 0``, else plain sampling from a
     fixed seed (no top-k/top-p) without touching the caller's RNG. ``[samples, n + new]``, or
     ``[rows, n + new]`` for ``ids [rows, n]`` with ``samples=1`` (``attention_mask`` masks left padding)."""
-    if temperature < 0 or max_new_tokens < 1 or samples < 1:
-        raise ValueError("need temperature >= 0, max_new_tokens >= 1, samples >= 1")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf) or max_new_tokens < 1 or samples < 1:
+        raise ValueError(f"need temperature 0 (greedy) or >= {MIN_TEMPERATURE} (smaller ones overflow the logits), "
+                         f"max_new_tokens >= 1, samples >= 1; got {temperature}, {max_new_tokens}, {samples}")
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \

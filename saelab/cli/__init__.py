@@ -3,14 +3,16 @@
 Each stage has an ``_add_<stage>(sub)`` function that registers its subcommand(s) and sets
 ``func`` to a ``_run_<stage>(args)`` function; they live in the module of their pipeline step
 (``data``, ``train_eval``, ``features``, ``steering``, ``concepts``, ``app``) and are listed in ``STAGES`` below.
-Library errors a user can cause (bad path, wrong hook, corrupt file) are printed as one line
-``saelab: error: ...`` with exit code 2, never a traceback.
+Library errors a user can cause (bad path, wrong hook, corrupt file, a busy folder, a full disk:
+:class:`saelab.errors.SaelabError` and the builtin errors the library raises for them) are printed as
+one line ``saelab: error: ...`` with exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 import warnings
 
@@ -20,6 +22,7 @@ from saelab.cli.data import _add_builtin, _add_harvest, _add_hooks
 from saelab.cli.features import _add_analyze, _add_explain
 from saelab.cli.steering import _add_steer
 from saelab.cli.train_eval import _add_eval, _add_train
+from saelab.errors import SaelabError
 from saelab.runtime import tune_allocator
 
 
@@ -61,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     try:
         args.func(args)
+    except SaelabError as e:
+        print(f"saelab: error: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as e:   # a features.db read outside FeatureDB's checked queries
+        print(f"saelab: error: a feature database cannot be read ({e}); it is damaged: rebuild it with "
+              "'saelab analyze SAE_DIR'", file=sys.stderr)
+        return 2
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"saelab: error: {msg}", file=sys.stderr)

@@ -149,6 +149,7 @@ def _steer_inputs(args, need_lm_head: bool = True, ids=()):
         from saelab.featuredb import FeatureDB
 
         db = FeatureDB.open(db_path)
+        db.check_sae(sae, args.sae)   # another SAE's max activations would steer by the wrong amounts
     return lm, sae, db
 
 

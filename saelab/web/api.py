@@ -9,54 +9,71 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from saelab.steer import MIN_TEMPERATURE
 from saelab.web.state import RunState, train_curve
 
 router = APIRouter(prefix="/api")
 MAX_TOP = 32
 MAX_WATCH = 64
 DIAL_RANGE = (-10.0, 20.0)
+# Every number a request carries is bounded, so none reaches SQLite (64-bit integers) or sampling out of range.
+MAX_ID = 2**31 - 1             # feature ids and clusters
+MAX_OFFSET = 10_000_000
 
 
-class InspectRequest(BaseModel):
+class _Body(BaseModel):
+    """Request bodies: NaN and ±inf are refused (Python's JSON reader accepts them)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class InspectRequest(_Body):
     text: str = Field(min_length=1, description="text to run through the model (capped by the server's limit)")
     top: int = Field(8, ge=1, le=MAX_TOP, description="features listed per token")
 
 
-class ActivationsRequest(BaseModel):
+class ActivationsRequest(_Body):
     text: str = Field(min_length=1, description="text to run through the model (capped by the server's limit)")
 
 
-class SteerFeature(BaseModel):
-    id: int = Field(ge=0, description="feature id")
+class SteerFeature(_Body):
+    id: int = Field(ge=0, le=MAX_ID, description="feature id")
     value: float = Field(10.0, ge=DIAL_RANGE[0], le=DIAL_RANGE[1], description="dial: multiple of the max activation")
     mode: Literal["clamp", "add", "ablate"] = Field("clamp", description="clamp z_f := v·max, add v·max·W_dec[f], or ablate")
 
 
-class SteerConcept(BaseModel):
+class SteerConcept(_Body):
     features: list[int] = Field(min_length=1, description="the concept's feature ids (e.g. from `saelab concept`)")
     value: float = Field(1.5, ge=DIAL_RANGE[0], le=DIAL_RANGE[1], description="one dial for all: × each one's max act")
     mode: Literal["clamp", "add", "ablate"] = Field("clamp", description="how the dial is applied to every feature")
 
 
-class SteerRequest(BaseModel):
+class SteerRequest(_Body):
     prompt: str = Field(min_length=1, description="prompt to continue")
     features: list[SteerFeature] = Field(default_factory=list, description="the dials")
     concept: SteerConcept | None = Field(None, description="a feature set turned by one dial, beside the dials")
-    max_new_tokens: int = Field(40, ge=1, description="tokens to generate (capped by the server's limit)")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
+    max_new_tokens: int = Field(40, ge=1, le=MAX_ID, description="tokens to generate (capped by the server's limit)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description=f"0 is greedy; else at least {MIN_TEMPERATURE}")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed, the same for both continuations")
 
+    @field_validator("temperature")
+    @classmethod
+    def _not_underflowing(cls, t: float) -> float:
+        if 0.0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return t
 
-class WatchItem(BaseModel):
-    feature: int = Field(ge=0, description="feature id")
+
+class WatchItem(_Body):
+    feature: int = Field(ge=0, le=MAX_ID, description="feature id")
     threshold: float | None = Field(None, description="alert above this activation; null for the feature's default")
 
 
-class ScanRequest(BaseModel):
+class ScanRequest(_Body):
     text: str = Field(min_length=1, description="text to scan")
     watch: list[WatchItem] = Field(min_length=1, max_length=MAX_WATCH, description="the watchlist")
 
@@ -137,9 +154,9 @@ def api_info(request: Request):
 @router.get("/features", summary="Search (full text), sort, filter and page features")
 def api_features(request: Request, q: str = Query("", max_length=200),
                  order_by: Literal["density", "max_act", "mean_act", "score", "id"] = "density",
-                 cluster: int | None = None, min_density: float | None = Query(None, ge=0, le=1),
-                 max_density: float | None = Query(None, ge=0, le=1), offset: int = Query(0, ge=0),
-                 limit: int = Query(50, ge=1, le=500)):
+                 cluster: int | None = Query(None, ge=-MAX_ID, le=MAX_ID),
+                 min_density: float | None = Query(None, ge=0, le=1), max_density: float | None = Query(None, ge=0, le=1),
+                 offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500)):
     state = request.app.state.run
     rows = feature_list(state, q=q, order_by=order_by, cluster=cluster, min_density=min_density,
                         max_density=max_density, offset=offset, limit=limit)
@@ -148,12 +165,12 @@ def api_features(request: Request, q: str = Query("", max_length=200),
 
 
 @router.get("/features/{feature_id}", summary="A feature's page: examples, histogram, logit effects, neighbours")
-def api_feature(request: Request, feature_id: int):
+def api_feature(request: Request, feature_id: int = Path(ge=0, le=MAX_ID)):
     return feature_detail(request.app.state.run, feature_id)
 
 
 @router.get("/features/{feature_id}/summary", summary="A feature's row (explanation, density, max act, ...)")
-def api_feature_summary(request: Request, feature_id: int):
+def api_feature_summary(request: Request, feature_id: int = Path(ge=0, le=MAX_ID)):
     return request.app.state.run.db.feature(feature_id)
 
 
@@ -163,7 +180,7 @@ def api_map(request: Request):
 
 
 @router.get("/map/neighbourhood/{feature_id}", summary="A feature and its nearest features, laid out locally")
-def api_neighbourhood(request: Request, feature_id: int, n: int = Query(30, ge=1, le=200)):
+def api_neighbourhood(request: Request, feature_id: int = Path(ge=0, le=MAX_ID), n: int = Query(30, ge=1, le=200)):
     from saelab.fmap import neighbourhood_map
 
     state = request.app.state.run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import sqlite3
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from saelab.errors import SaelabError
 from saelab.web.guard import Busy, GuardMiddleware, ModelGate, ServerConfig
 from saelab.web.state import RunState
 
@@ -66,6 +68,16 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(Busy)
     def busy(request: Request, exc: Busy):
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"retry-after": "5"})
+
+    @app.exception_handler(SaelabError)
+    def user_error(request: Request, exc: SaelabError):  # saelab's own: mismatch, damaged db, busy folder, ...
+        return _error(request, exc.http_status, str(exc))
+
+    @app.exception_handler(sqlite3.DatabaseError)
+    def damaged(request: Request, exc: sqlite3.DatabaseError):  # a query outside FeatureDB's checked ones
+        log.error("features.db query failed: %s", exc)
+        return _error(request, 500, f"the feature database cannot be read ({exc}); it is damaged: rebuild it "
+                                    "with 'saelab analyze SAE_DIR' and restart the server")
 
     @app.exception_handler(KeyError)
     def missing(request: Request, exc: KeyError):  # unknown feature ids

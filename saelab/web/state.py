@@ -82,10 +82,11 @@ class RunState:
 
     def __init__(self, db_path: Path, sae_path: Path | None = None, *, sae=None, model=None,
                  eval_path: Path | None = None):
-        self.db = FeatureDB.open(db_path)
+        self.db = FeatureDB.open(db_path, check=True)   # a damaged database stops the server at start
         self.db_path = db_path
         self.sae_path = sae_path
         self._sae = sae
+        self._sae_checked = False
         self._model = model if not isinstance(model, str) else None
         self._model_name = model if isinstance(model, str) else None
         self._load_lock = threading.Lock()
@@ -132,7 +133,12 @@ class RunState:
                                       "inspect, steer and monitor need one")
                 from saelab.formats import load_sae
 
-                self._sae = load_sae(self.sae_path).eval()
+                sae = load_sae(self.sae_path).eval()
+                self.db.check_sae(sae, self.sae_path)
+                self._sae = sae
+            elif not self._sae_checked:
+                self.db.check_sae(self._sae, "given to the server")
+            self._sae_checked = True
             return self._sae
 
     def model_name(self) -> str:
@@ -159,6 +165,7 @@ class RunState:
         """Load the SAE and the model now; returns why not (None when both loaded or there is no SAE)."""
         if not self.has_sae:
             return "no SAE folder"
+        self.sae()   # a features.db of another SAE is refused here, before the server starts
         try:
             self.model()
         except (OSError, ValueError, LookupError) as e:
@@ -170,7 +177,7 @@ class RunState:
     def stats(self) -> dict[str, np.ndarray]:
         """density and max_act of every feature, by id."""
         if self._stats is None:
-            rows = self.db.conn.execute("SELECT density, max_act FROM features ORDER BY id").fetchall()
+            rows = self.db.query("SELECT density, max_act FROM features ORDER BY id")
             arr = np.array([tuple(r) for r in rows], dtype=np.float64).reshape(-1, 2)
             self._stats = {"density": arr[:, 0], "max_act": arr[:, 1]}
         return self._stats
