@@ -484,3 +484,14 @@ def test_serve_command_user_errors(tmp_path, capsys):
     assert "no such run folder" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 2
     assert "no feature database" in capsys.readouterr().err
+
+
+def test_degenerate_continuations_are_named():
+    from saelab.web.live import degenerate
+
+    assert degenerate("") and degenerate("\n\n   \n")
+    assert "repeats" in degenerate(" foo bar baz foo bar baz foo bar baz foo bar baz")
+    assert "repeats 'f'" in degenerate("ffffffffffffff") and "repeats 'fhtml'" in degenerate("fhtml" * 6)
+    assert "ends up repeating '\\n'" in degenerate("import subprocess\n" + "\n" * 40)
+    assert "one character" in degenerate("a=b a=b a==c aaaaaa d aaaaaaa")
+    assert degenerate("\n    return subprocess.call(cmd, shell=True)\n") is None
