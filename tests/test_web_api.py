@@ -354,6 +354,25 @@ def test_inspect_returns_tokens_with_features(client):
     assert r["max_act"] == max(t["features"][0]["act"] for t in r["tokens"] if t["features"])
 
 
+def test_feature_activations_follow_one_feature_over_every_token(client):
+    text = "def run(cmd):\n    os.system(cmd)\n"
+    top = client.post("/api/inspect", json={"text": text, "top": 3}).json()["tokens"]
+    fid = next(t["features"][0]["id"] for t in top if t["features"])
+    r = client.post(f"/api/features/{fid}/activations", json={"text": text}).json()
+    assert r["feature"] == fid and "".join(t["text"] for t in r["tokens"]) == text
+    for mine, listed in zip(r["tokens"], top):  # where inspect lists the feature, the value is the same
+        for f in listed["features"]:
+            if f["id"] == fid:
+                assert abs(mine["act"] - f["act"]) < 1e-5
+    assert client.post("/api/features/99999/activations", json={"text": text}).status_code == 404
+    assert client.post(f"/api/features/{fid}/activations", json={"text": ""}).status_code == 422
+
+
+def test_steer_checks_feature_ids_before_the_model(client):
+    r = client.post("/api/steer", json={"prompt": "x", "max_new_tokens": 4, "features": [{"id": 64, "value": 1}]})
+    assert r.status_code == 422 and "features 0-63" in r.json()["detail"]
+
+
 def _live_feature(client) -> int:
     return client.get("/api/features", params={"order_by": "max_act", "limit": 1}).json()["features"][0]["id"]
 
