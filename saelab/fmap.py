@@ -197,7 +197,7 @@ def explanation_terms(text: str) -> set[str]:
     terms = set()
     for quoted, word in _TERM.findall(text):
         if quoted:
-            terms.add(f"`{quoted}`")
+            terms.add(f"`{quoted}`" if quoted.strip() else f"`{quoted.replace(' ', '␣')}`")  # a space token, visible
         elif word.lower() not in STOPWORDS:
             terms.add(word.lower())
     return terms

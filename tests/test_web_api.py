@@ -250,6 +250,25 @@ def test_inspect_returns_tokens_with_features(client):
     assert r["max_act"] == max(t["features"][0]["act"] for t in r["tokens"] if t["features"])
 
 
+def test_feature_activations_follow_one_feature_over_every_token(client):
+    text = "def run(cmd):\n    os.system(cmd)\n"
+    top = client.post("/api/inspect", json={"text": text, "top": 3}).json()["tokens"]
+    fid = next(t["features"][0]["id"] for t in top if t["features"])
+    r = client.post(f"/api/features/{fid}/activations", json={"text": text}).json()
+    assert r["feature"] == fid and "".join(t["text"] for t in r["tokens"]) == text
+    for mine, listed in zip(r["tokens"], top):  # where inspect lists the feature, the value is the same
+        for f in listed["features"]:
+            if f["id"] == fid:
+                assert abs(mine["act"] - f["act"]) < 1e-5
+    assert client.post("/api/features/99999/activations", json={"text": text}).status_code == 404
+    assert client.post(f"/api/features/{fid}/activations", json={"text": ""}).status_code == 422
+
+
+def test_steer_checks_feature_ids_before_the_model(client):
+    r = client.post("/api/steer", json={"prompt": "x", "max_new_tokens": 4, "features": [{"id": 64, "value": 1}]})
+    assert r.status_code == 422 and "features 0-63" in r.json()["detail"]
+
+
 def _live_feature(client) -> int:
     return client.get("/api/features", params={"order_by": "max_act", "limit": 1}).json()["features"][0]["id"]
 
@@ -392,3 +411,14 @@ def test_serve_command_user_errors(tmp_path, capsys):
     assert "no such run folder" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 2
     assert "no feature database" in capsys.readouterr().err
+
+
+def test_degenerate_continuations_are_named():
+    from saelab.web.live import degenerate
+
+    assert degenerate("") and degenerate("\n\n   \n")
+    assert "repeats" in degenerate(" foo bar baz foo bar baz foo bar baz foo bar baz")
+    assert "repeats 'f'" in degenerate("ffffffffffffff") and "repeats 'fhtml'" in degenerate("fhtml" * 6)
+    assert "ends up repeating '\\n'" in degenerate("import subprocess\n" + "\n" * 40)
+    assert "one character" in degenerate("a=b a=b a==c aaaaaa d aaaaaaa")
+    assert degenerate("\n    return subprocess.call(cmd, shell=True)\n") is None

@@ -214,3 +214,139 @@ def test_payload_in_model_text_renders_as_text(tab, base_url, payload_id):
     assert page.evaluate(injected) == {"imgs": 0, "inline": 0}
     shot(page, "monitor-scan")
     assert not tab.dialogs and not tab.errors
+
+
+# -- pages that explain themselves (issue 16) ---------------------------------------------------------
+
+def test_map_names_clusters_labels_by_zoom_and_lists_neighbours(tab, base_url):
+    import httpx
+
+    page = tab.page
+    data = httpx.get(base_url + "/api/map", timeout=30).json()
+    named = [c for c in data["clusters"] if c["name"]]
+    assert named, "the test run's features have explanations, so its clusters have names"
+    page.goto(base_url + "/map", wait_until="networkidle")
+    expect(page.locator("#map-status")).to_contain_text("64 features")
+    legend = page.locator("#map-legend tr[data-cluster]")
+    expect(legend).to_have_count(len(data["clusters"]))
+    expect(legend.first).to_contain_text(data["clusters"][0]["name"] or f"cluster {data['clusters'][0]['id']}")
+    labels = page.evaluate("document.getElementById('map-plot').data[1].text")
+    assert labels and set(labels) <= {c["name"][:39] + "…" if len(c["name"]) > 40 else c["name"] for c in named}
+    # zoomed in on one point, the points in view carry their own explanations
+    i = 0
+    page.evaluate(f"""() => {{ const gd = document.getElementById('map-plot'), x = {data['x'][i]}, y = {data['y'][i]};
+        return Plotly.relayout(gd, {{'xaxis.range': [x - 1e-4, x + 1e-4], 'yaxis.range': [y - 1e-4, y + 1e-4]}}); }}""")
+    expect(page.locator("#map-status")).to_contain_text("64 features")
+    page.wait_for_function("document.getElementById('map-plot').data[1].text.some(t => t.startsWith('#'))")
+    assert f"#{data['ids'][i]} " in " ".join(page.evaluate("document.getElementById('map-plot').data[1].text")) + " "
+    # colour by density: dead features are not painted as the rarest live ones
+    page.locator("#color-by").select_option("density")
+    live = sum(d > 0 for d in data["density"])
+    assert page.evaluate("document.getElementById('map-plot').data[0].x.length") == live
+    expect(page.locator("#legend-title")).to_have_text("Density")
+    page.locator("#focus-id").fill(str(data["ids"][0]))
+    page.locator("#show-neighbourhood").click()
+    expect(page.locator("#map-status")).to_contain_text(f"nearest #{data['ids'][0]}")
+    rows = page.locator("#map-legend tr")
+    expect(rows).to_have_count(41)
+    nb = httpx.get(f"{base_url}/api/map/neighbourhood/{data['ids'][0]}?n=40", timeout=30).json()
+    assert rows.locator("td.expl").all_text_contents() == [e or "no explanation" for e in nb["explanations"]]
+    shot(page, "map-neighbourhood-list")
+    assert not tab.errors and not tab.dialogs
+
+
+def test_feature_page_shows_values_legend_and_runs_your_text(tab, base_url, run_dir):
+    import httpx
+
+    from saelab.featuredb import FeatureDB
+
+    with FeatureDB.open(run_dir / "features.db") as db:
+        fid = max(db.live_features(), key=lambda i: db.feature(i)["count"])  # fires on the text tried below
+        top = db.examples(fid, "top")
+    page = tab.page
+    page.goto(f"{base_url}/features/{fid}", wait_until="networkidle")
+    acts = page.locator(".examples[data-kind=top] .ex-act").all_text_contents()
+    assert acts == [f"{e['max_act']:.2f}" for e in top]  # each example's value on the page, not in a tooltip
+    expect(page.locator("#feature-stats")).to_contain_text("denser than")
+    for term in ("score", "q0.80", "J"):
+        expect(page.locator(f"#feature-legend dt:text-is('{term}')")).to_have_count(1)
+    text = "import os\ndef run(cmd):\n    os.system(cmd)\n"
+    page.locator("#try-text").fill(text)
+    page.locator("#try-run").click()
+    expect(page.locator("#try-status")).to_contain_text("tokens")
+    api = httpx.post(f"{base_url}/api/features/{fid}/activations", json={"text": text}, timeout=60).json()
+    toks = page.locator("#try-tokens .tok")
+    expect(toks).to_have_count(len(api["tokens"]))
+    values = page.locator("#try-tokens sub.v").all_text_contents()
+    assert values == [f"{t['act']:.2f}" for t in api["tokens"] if t["act"] > 0]
+    shown = page.evaluate("""() => Array.from(document.querySelectorAll('#try-tokens .tok'))
+        .map(n => n.firstChild.textContent).join('')""")
+    assert shown == text
+    shot(page, "feature-try")
+    assert not tab.errors and not tab.dialogs
+
+
+def test_inspect_follows_a_feature_over_the_whole_text(tab, base_url):
+    import httpx
+
+    page = tab.page
+    page.goto(base_url + "/inspect", wait_until="networkidle")
+    page.locator("#inspect-run").click()
+    expect(page.locator("#inspect-status")).to_contain_text("tokens")
+    n_tokens = page.locator("#inspect-tokens .tok").count()
+    row = page.locator("#token-features tbody tr").first
+    fid = int(row.locator("a").text_content().lstrip("#"))
+    assert row.locator("td.expl").text_content() == httpx.get(f"{base_url}/api/features/{fid}/summary").json()["explanation"]
+    row.locator("td").nth(1).click()  # the row, not its link
+    expect(page.locator("#follow")).to_be_visible()
+    expect(page.locator("#follow-title")).to_contain_text(f"#{fid}")
+    expect(page.locator("#follow-tokens .tok")).to_have_count(n_tokens)
+    assert page.locator("#follow-tokens sub.v").count() >= 1  # it fires where it was listed, at least
+    shot(page, "inspect-follow")
+    assert not tab.errors and not tab.dialogs
+
+
+def test_overview_in_words_and_features_list_readable_first(tab, base_url, run_dir):
+    import json
+
+    page = tab.page
+    page.goto(base_url + "/", wait_until="networkidle")
+    report = json.loads((run_dir / "sae" / "eval.json").read_text())
+    rows = page.locator("#eval-words tr")
+    assert rows.locator("th").all_text_contents()[:1] == ["FVU"]
+    assert rows.first.locator("b").text_content() == f"{report['reconstruction']['fvu']:.3f}"
+    words = page.locator("#eval-words").text_content()
+    assert "variance unexplained" in words and "features active per token" in words
+    assert f"{report['sparsity']['dead']} of {report['sparsity']['d_sae']} features" in words
+    page.goto(base_url + "/features", wait_until="networkidle")
+    expect(page.locator("#feature-count")).to_contain_text("64 features, highest explanation score first")
+    scores = [float(s) if s != "–" else -1.0
+              for s in page.locator("#feature-table tbody tr td:nth-child(3)").all_text_contents()]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    assert not tab.errors and not tab.dialogs
+
+
+def test_steer_ablate_option_default_strength_and_degenerate_notice(tab, base_url, payload_id):
+    from saelab.web.live import degenerate
+
+    page = tab.page
+    page.goto(f"{base_url}/steer?feature={payload_id}", wait_until="networkidle")
+    dial = page.locator(".dial").first
+    assert float(dial.locator("input[type=range]").input_value()) == DEFAULT_DIAL
+    dial.locator("select").select_option("ablate")
+    expect(dial.locator(".value")).to_have_text("off")
+    expect(dial.locator("input[type=range]")).to_be_disabled()
+    dial.locator("select").select_option("clamp")
+    dial.locator("input[type=range]").fill("20")
+    page.locator("#steer-tokens").fill("12")
+    page.locator("#steer-run").click()
+    expect(page.locator("#steer-status")).to_have_text("done")
+    texts = {side: page.locator(f"#out-{side} .continuation").text_content() for side in ("default", "steered")}
+    notes = {side: degenerate(t) for side, t in texts.items()}
+    assert notes["steered"], f"precondition: 20x on the tiny model gives degenerate text, got {texts['steered']!r}"
+    notice = page.locator("#steer-notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text(f"The steered continuation is {notes['steered']}.")
+    assert ("The default continuation" in notice.text_content()) == bool(notes["default"])
+    shot(page, "steer-notice")
+    assert not tab.errors and not tab.dialogs

@@ -123,13 +123,27 @@ def api_steer(req: SteerRequest, request: Request):
             "steered_tokens": c.steered_tokens, "steered_acts": {str(k): v for k, v in c.steered_acts.items()}}
 
 
+def _period(text: str) -> int | None:
+    """The shortest p such that ``text`` is a unit of p characters repeated at least 3 times (the last
+    repeat may be cut short), or None."""
+    for p in range(1, len(text) // 3 + 1):
+        if text[p:] == text[:-p]:
+            return p
+    return None
+
+
 def degenerate(text: str, n: int = 3) -> str | None:
     """Why a continuation is not readable text, or None: empty, only whitespace, or stuck repeating itself
-    (fewer than half of its word ``n``-grams distinct, or one character making up most of it)."""
+    (a short unit over and over, at least in its second half; fewer than half of its word ``n``-grams
+    distinct; or one character making up most of it)."""
     if not text:
         return "empty: the model ended the text at once"
     if not text.strip():
         return "only whitespace"
+    tail = text[len(text) // 2:]
+    for part, where in ((text, "repeats"), (tail, "ends up repeating")):
+        if len(part) >= 12 and (p := _period(part)):
+            return f"degenerate: it {where} {part[:p][:20]!r} over and over"
     words = text.split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     if len(grams) >= 6 and len(set(grams)) < 0.5 * len(grams):

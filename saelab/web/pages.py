@@ -89,8 +89,8 @@ def eval_summary(report: dict | None) -> list[tuple[str, str, str]]:
                                                   f"of that rise{loss}"))
     l0, d_sae = _num(report, "sparsity", "l0"), _num(report, "sparsity", "d_sae")
     if l0 is not None:
-        of = f" of {d_sae:,}" if d_sae else ""
-        out.append(("L0", f"{l0:.1f}", f"features active per token, on average{of}"))
+        of = f" (of {d_sae:,})" if d_sae else ""
+        out.append(("L0", f"{l0:.1f}", f"features active per token on average{of}"))
     dead = _num(report, "sparsity", "dead")
     if dead is not None and d_sae:
         out.append(("dead", f"{dead:,}", f"{dead:,} of {d_sae:,} features ({dead / d_sae:.1%}) never fired{over}"))

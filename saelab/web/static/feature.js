@@ -14,7 +14,7 @@
     }], {
       margin: { l: 56, r: 8, t: 8, b: 44 }, bargap: 0.02, font: { size: 12 },
       xaxis: { title: { text: "activation (when it fires)" }, type: h.log_x ? "log" : "linear" },
-      yaxis: { type: "log", title: { text: "tokens (log scale)" }, exponentformat: "power" },
+      yaxis: { type: "log", title: { text: "tokens (log scale)" }, dtick: 1 },  // ticks at powers of 10 only
     }, saelab.plotConfig);
   }
 
