@@ -41,8 +41,9 @@ DANGEROUS = {
     "exec": r"(?<![\w.])exec\s*\(",
     "pickle.load(s)": r"\b(?:c?pickle|dill)\.loads?\s*\(",
     "yaml.load without SafeLoader": r"\byaml\.load\s*\((?![^)]*(?:Safe|CSafe)Loader)",
-    "SQL by string formatting": r"(?i)\bexecute\s*\(\s*(?:f[\"']|[\"'][^\"']*\b(?:select|insert|update|delete)\b[^\"']*"
-                                r"[\"']\s*(?:%|\+|\.format))",
+    # an f-string with SQL and a {field}, or a SQL string literal followed by %, + or .format(
+    "SQL by string formatting": r"(?i)(?:\bf[\"'][^\n]*?\b(?:select|insert|update|delete)\b[^\n]*?\{|[\"'][^\n]*?"
+                                r"\b(?:select|insert|update|delete)\b[^\n]*?[\"']\s*(?:%|\+|\.format\s*\())",
 }
 
 
