@@ -217,7 +217,8 @@ def unsafe_code(run, out, cfg: ExperimentConfig, command: str, model: str | None
 # -- builtin-dial: many single-feature curves in batched generations ----------------------------------
 
 class RowClamp:
-    """Row b of the batch clamps feature ``features[b]`` to ``targets[b]`` (error term kept), at every position."""
+    """Row b of the batch clamps feature ``features[b]`` to ``targets[b]`` (error term kept), at every position but
+    the BOS that starts the text (the attention sink steering never edits, :mod:`saelab.positions`)."""
 
     def __init__(self, sae, features: Sequence[int], targets: torch.Tensor):
         self.enc = FeatureEncoder(sae, features)
@@ -227,7 +228,10 @@ class RowClamp:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, seq, d_in)
         z = self.enc(x)[self.rows, :, self.rows]  # (B, seq) each row's own feature
-        return x + ((self.targets[:, None] - z)[..., None] * self.W[:, None, :]).to(x.dtype)
+        coef = self.targets[:, None] - z  # (B, seq)
+        if x.shape[1] > 1:  # a forward from the text's start: position 0 is BOS
+            coef[:, 0] = 0.0
+        return x + (coef[..., None] * self.W[:, None, :]).to(x.dtype)
 
 
 @torch.no_grad()

@@ -68,14 +68,7 @@ def keyword_hit(text: str, keywords: Sequence[str]) -> bool:
 
 def encode_prompt(model, prompt: str, chat: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
     """``[1, n]`` ids: the prompt with BOS, or the user turn of the model's chat template (generation prompt on)."""
-    if not chat:
-        return prompt_ids(model, prompt, max_new_tokens)
-    tok = model.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"{model.name} has no chat template: drop --chat and give plain prompts")
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    return torch.tensor([list(ids)], device=model.device)
+    return prompt_ids(model, prompt, max_new_tokens, chat=chat)
 
 
 class Answer(NamedTuple):
