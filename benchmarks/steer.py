@@ -6,7 +6,7 @@
 ``speed``: steered against plain generation of the same length, same run. Both sides run HF
 ``generate`` greedily with the KV cache on and exactly ``--tokens`` new tokens (``min_new_tokens``).
 The steered side clamps one feature (other rows: adds one, clamps one only where another fires,
-clamps four) at the SAE's hook. Plain and steered runs alternate; the ratio of the fastest run of each
+clamps four, a concept of four features on one dial, clamps one at generated positions only) at the SAE's hook. Plain and steered runs alternate; the ratio of the fastest run of each
 side is reported (the minimum is the estimate least disturbed by other processes on a shared CPU),
 beside the median, and the hook's own time per call measured alone. Goal: ratio ≤ 1.25. Without
 ``--sae`` a random TopK SAE (8 × d_model latents, k = 32) at ``blocks.1.hook_resid_post`` stands in:
@@ -32,7 +32,7 @@ import torch
 from saelab.formats import load_sae
 from saelab.models import load_model
 from saelab.sae import SAE, SAEConfig
-from saelab.steer import Add, Clamp, dial, generate_ids, monotonic_fraction, prompt_ids, steering
+from saelab.steer import Add, Clamp, concept_edits, dial, edit_start, generate_ids, monotonic_fraction, prompt_ids, steering
 
 PROMPT = "import os\n\n\ndef run_command(cmd):\n    "
 DIAL_PROMPTS = ["import os\n\n\ndef main():\n    ", "class Parser:\n    def __init__(self, text):\n        ",
@@ -63,7 +63,10 @@ def speed(args) -> None:
         "add 1 feature 4x": {7: Add(4)},
         "clamp 1 when another fires": {7: Clamp(10, when=(11, 0.1))},
         "clamp 4 features": {7: Clamp(10), 11: Clamp(5), 13: Clamp(0), 17: Clamp(2)},
+        "concept: 4 features, one dial": concept_edits([7, 11, 13, 17], 1.5),
+        "clamp 1, generated positions": {7: Clamp(10)},
     }
+    starts = {"clamp 1, generated positions": edit_start("generated", ids.shape[1])}
     print(f"model {lm.name}, SAE {args.sae or 'random topk'} ({sae.cfg.architecture}, d_sae={sae.d_sae}) at "
           f"{sae.provenance['hook_name']}; {ids.shape[1]}-token prompt + {args.tokens} new tokens, "
           f"{torch.get_num_threads()} threads, {args.reps} alternating runs per side")
@@ -71,15 +74,16 @@ def speed(args) -> None:
     x = torch.randn(1, 1, lm.config.hidden_size)
     for name, edits in cases.items():
         plain, steered = [], []
-        with steering(lm, sae, edits) as hook:
+        start = starts.get(name, 0)
+        with steering(lm, sae, edits, start=start) as hook:
             run()  # warm-up of the steered path
             hook_s = min(timed(lambda: [hook(x) for _ in range(200)]) for _ in range(3)) / 200
         for _ in range(args.reps):  # alternate, so that load changes hit both sides alike
             plain.append(timed(run))
-            with steering(lm, sae, edits):
+            with steering(lm, sae, edits, start=start):
                 steered.append(timed(run))
         p, s = min(plain), min(steered)
-        print(f"  {name:<27} plain {p * 1e3 / args.tokens:6.2f} ms/token  steered {s * 1e3 / args.tokens:6.2f} "
+        print(f"  {name:<31} plain {p * 1e3 / args.tokens:6.2f} ms/token  steered {s * 1e3 / args.tokens:6.2f} "
               f"ms/token  ratio {s / p:.3f} (medians: {statistics.median(steered) / statistics.median(plain):.3f})  "
               f"hook alone {hook_s * 1e6:5.0f} us/call", flush=True)
 
