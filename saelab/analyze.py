@@ -109,7 +109,8 @@ def resolve_inputs(sae, model=None, corpus=None, hook: str | None = None) -> Set
 
 def token_batches(lm, corpus: str, cfg: AnalyzeConfig, context: int) -> Iterator[tuple[torch.Tensor, str]]:
     """``[B, context]`` id batches and the split they came from, until ``cfg.tokens`` tokens."""
-    from saelab.corpus import CorpusSpec, sequences
+    from saelab.corpus import CorpusSpec
+    from saelab.token_cache import sequences
 
     splits = ["validation", "train"] if cfg.split == "auto" else [cfg.split]
     n_seqs = math.ceil(cfg.tokens / context)
