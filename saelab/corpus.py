@@ -40,6 +40,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
+from saelab import english
+
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 WINDOW_START = "bos"
 """How windows start (recorded in stores as ``bos.window_start``): a BOS token, then ``context - 1`` tokens."""
@@ -116,8 +118,6 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
     if spec.source.startswith("hf:"):
         return None
     if spec.source == "english":
-        from saelab import english   # builds the corpus file on first use
-
         path = english.corpus_path()
         return path, [path]
     path = Path(spec.source).expanduser()

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from saelab.atomic import atomic_path
+from saelab.atomic import atomic_path, write_json
 
 SCHEMA_VERSION = 1
 EXAMPLE_KINDS = ("top", "quantile", "random")
@@ -358,8 +358,6 @@ def export_neuronpedia(db: "FeatureDB | Path | str", out: Path | str, *, model_i
     bands; each with ``tokens``, ``values`` and ``qualifying_token_index``). ``explanations.json``: a list
     of ``{modelId, layer, index, description, explanationModelName, typeName}``. Returns the files written.
     """
-    from saelab.atomic import write_json
-
     db = db if isinstance(db, FeatureDB) else FeatureDB.open(db)
     info = db.sae_info()
     model_id = model_id or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(info.get("model_name", "model"))).name)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.builtin import MODEL_DIR
 from saelab.runtime import cache_root
 
 BUILTIN = "builtin"
@@ -174,8 +175,6 @@ def resolve_path(name_or_path: str) -> tuple[str, Path | None]:
         folder = gguf_folder(name_or_path)
         return str(folder), folder
     if name_or_path == BUILTIN:
-        from saelab.builtin import MODEL_DIR
-
         if not (MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
                 f"the builtin model is missing from {MODEL_DIR}; reinstall saelab or run 'saelab builtin train'"

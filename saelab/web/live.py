@@ -17,6 +17,9 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
+from saelab.monitor import Watchlist, scan
+from saelab.steer import Ablate, Add, Clamp, compare_generations, generate_ids, prompt_ids, steering
+from saelab.textfeatures import inspect_text
 from saelab.web.api import InspectRequest, ScanRequest, SteerRequest, check_text, explanations
 
 router = APIRouter(prefix="/api")
@@ -37,8 +40,6 @@ def segments(tokenizer, text: str) -> tuple[list[str], list[int]]:
 
 @router.post("/inspect", summary="Per-token top features of a text")
 def api_inspect(req: InspectRequest, request: Request):
-    from saelab.textfeatures import inspect_text
-
     check_text(request, req.text)
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():
@@ -64,8 +65,6 @@ def inspect_json(state, tokenizer, text: str, result) -> dict:
 # -- steer ---------------------------------------------------------------------------------------
 
 def edits_of(req: SteerRequest, request: Request) -> dict:
-    from saelab.steer import Ablate, Add, Clamp
-
     cfg = request.app.state.config
     check_text(request, req.prompt, "prompt")
     if req.max_new_tokens > cfg.max_new_tokens:
@@ -82,8 +81,6 @@ def edits_of(req: SteerRequest, request: Request) -> dict:
 
 @router.post("/steer", summary="Default and steered continuations side by side (whole texts)")
 def api_steer(req: SteerRequest, request: Request):
-    from saelab.steer import compare_generations
-
     edits = edits_of(req, request)
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():
@@ -129,8 +126,6 @@ class _QueueStreamer(BaseStreamer):
 
 
 def _generate_both(state, model, sae, ids, edits, req: SteerRequest, out: queue.Queue, cancel, gate) -> None:
-    from saelab.steer import generate_ids, steering
-
     try:
         for side, side_edits in (("default", {}), ("steered", edits)):
             out.put({"type": "status", "text": f"generating the {side} continuation…"})
@@ -161,8 +156,6 @@ def _events(out: queue.Queue, cancel: threading.Event):
              description="Events are JSON lines after 'data: ': {type: token, side: default|steered, text}, "
                          "{type: status, text}, {type: error, detail}, {type: done}.")
 def api_steer_stream(req: SteerRequest, request: Request):
-    from saelab.steer import prompt_ids, steering
-
     edits = edits_of(req, request)
     state, gate = request.app.state.run, request.app.state.gate
     gate.acquire()
@@ -187,8 +180,6 @@ def api_steer_stream(req: SteerRequest, request: Request):
 
 @router.post("/monitor/scan", summary="Scan a text against a watchlist; alerts per token and feature")
 def api_scan(req: ScanRequest, request: Request):
-    from saelab.monitor import Watchlist, scan
-
     check_text(request, req.text)
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():

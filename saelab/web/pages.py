@@ -11,6 +11,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
 from saelab.featuredb import ORDER_BY
+from saelab.web.api import feature_detail, feature_list, overview_info
+from saelab.web.apidoc import operations, schemas
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 50
@@ -64,8 +66,6 @@ def eval_rows(report: dict | None) -> list[tuple[str, str]]:
 
 @router.get("/", response_class=HTMLResponse)
 def overview(request: Request):
-    from saelab.web.api import overview_info
-
     info = overview_info(request.app.state.run)
     model_rows = [(k, fmt(info["model"].get(k))) for k in ("model_name", "family", "hook_name", "hook_io",
                                                             "context_size") if info["model"].get(k) is not None]
@@ -88,8 +88,6 @@ def _row(f: dict) -> dict:
 def features_page(request: Request, q: str = Query("", max_length=200), order_by: str = "density",
                   cluster: str = "", min_density: str = "", max_density: str = "",
                   offset: int = Query(0, ge=0, le=10_000_000)):
-    from saelab.web.api import feature_list
-
     # Empty form fields arrive as "", so the optional numbers are parsed here (422 on junk).
     filters = {"cluster": _opt(cluster, int, "cluster"), "min_density": _opt(min_density, float, "min_density"),
                "max_density": _opt(max_density, float, "max_density")}
@@ -131,8 +129,6 @@ def _examples(examples: list[dict], kind: str, max_act: float) -> list[dict]:
 
 @router.get("/features/{feature_id}", response_class=HTMLResponse)
 def feature_page(request: Request, feature_id: int):
-    from saelab.web.api import feature_detail
-
     d = feature_detail(request.app.state.run, feature_id)
     f, ex = d["feature"], d["examples"]
     stats = [("density", fmt(f["density"], ".3g")), ("max act", fmt(f["max_act"], ".3g")),
@@ -185,8 +181,6 @@ def monitor_page(request: Request):
 @router.get("/docs", response_class=HTMLResponse)
 def docs_page(request: Request):
     """The OpenAPI schema as a plain page (FastAPI's Swagger UI loads its assets from a CDN)."""
-    from saelab.web.apidoc import operations, schemas
-
     spec = request.app.openapi()
     return render(request, "docs.html", active="API", page_title="API", openapi_version=spec.get("openapi", ""),
                   operations=operations(spec), schemas=schemas(spec))

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from saelab.featuredb import FeatureDB
+from saelab.formats import load_sae
+from saelab.models import load_model
 
 TRAIN_LOG_NAMES = ("train_log.jsonl", "train.jsonl", "log.jsonl", "metrics.jsonl")
 TRAIN_METRICS = ("fvu", "l0", "dead_fraction", "loss", "mse", "aux")
@@ -130,8 +132,6 @@ class RunState:
                 if self.sae_path is None:
                     raise LookupError("this server has no SAE folder (start it with a run folder or --sae SAE_DIR); "
                                       "inspect, steer and monitor need one")
-                from saelab.formats import load_sae
-
                 self._sae = load_sae(self.sae_path).eval()
             return self._sae
 
@@ -150,8 +150,6 @@ class RunState:
         self.sae()
         with self._load_lock:
             if self._model is None:
-                from saelab.models import load_model
-
                 self._model = load_model(self.model_name())
             return self._model
 
