@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from saelab.corpus import CorpusSpec, sequences
+from saelab.corpus import CorpusSpec
 from saelab.harvest import harvest
 from saelab.hooks import run_to_hooks
 from saelab.models import load_model
 from saelab.runtime import tune_allocator
+from saelab.token_cache import sequences
 
 
 def bare_forward(lm, batches: list[torch.Tensor], hook: str) -> tuple[float, float]:

@@ -25,13 +25,22 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
+from tqdm import tqdm
 
-from saelab.hooks import capture, final_norm, resolve
+from saelab.corpus import CorpusSpec, bos_token_id
+from saelab.dashboard import band_rows, correlation_rows, logit_histograms
+from saelab.explain import explain_and_score, record_from_db
+from saelab.featuredb import FeatureDB, build, sae_identity
+from saelab.fmap import decoder_neighbours, layout
+from saelab.formats import load_sae
+from saelab.hooks import capture, final_norm, resolve, run_to_hooks
 from saelab.locks import exclusive
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
+from saelab.models import LoadedModel, load_model
 from saelab.positions import PositionRule
 from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
+from saelab.token_cache import sequences
 
 FINAL_RMS_SEQS = 4
 """Sequences of the first batch run through the whole model to measure the final residual's mean RMS."""
@@ -98,12 +107,8 @@ class Setup(NamedTuple):
 
 def resolve_inputs(sae, model=None, corpus=None, hook: str | None = None) -> Setup:
     """Accept an SAE or its folder; default the model, hook and corpus from the SAE's provenance."""
-    from saelab.models import LoadedModel, load_model
-
     sae_path = None
     if isinstance(sae, (str, Path)):
-        from saelab.formats import load_sae
-
         sae_path = Path(sae).resolve()
         sae = load_sae(sae_path)
     given = model.name if isinstance(model, LoadedModel) else model
@@ -114,8 +119,6 @@ def resolve_inputs(sae, model=None, corpus=None, hook: str | None = None) -> Set
 
 def token_batches(lm, corpus: str, cfg: AnalyzeConfig, context: int) -> Iterator[tuple[torch.Tensor, str]]:
     """``[B, context]`` id batches and the split they came from, until ``cfg.tokens`` tokens."""
-    from saelab.corpus import CorpusSpec, sequences
-
     splits = ["validation", "train"] if cfg.split == "auto" else [cfg.split]
     n_seqs = math.ceil(cfg.tokens / context)
     seqs = itertools.chain.from_iterable(
@@ -129,11 +132,6 @@ def token_batches(lm, corpus: str, cfg: AnalyzeConfig, context: int) -> Iterator
 @torch.no_grad()
 def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = True) -> tuple[Stats, dict]:
     """Stream the corpus through model → hook → SAE and accumulate :class:`Stats`."""
-    from tqdm import tqdm
-
-    from saelab.corpus import bos_token_id
-    from saelab.hooks import run_to_hooks
-
     sae, lm = setup.sae, setup.lm
     device = sae.W_dec.device
     prov = Provenance.of(sae)
@@ -276,11 +274,6 @@ def summary_tokens(top_rows: list[dict], logit_tokens: list[str], n: int = 12) -
 
 def write_db(out: Path, setup: Setup, cfg: AnalyzeConfig, context: int, stats: Stats, info: dict,
              progress: bool) -> None:
-    from saelab.corpus import bos_token_id
-    from saelab.dashboard import band_rows, correlation_rows, logit_histograms
-    from saelab.featuredb import FeatureDB, build
-    from saelab.fmap import decoder_neighbours, layout
-
     sae, lm = setup.sae, setup.lm
     vocab = getattr(lm.model.config, "vocab_size", 0) or 0
     strings, bos = token_strings(lm.tokenizer, vocab), bos_token_id(lm.tokenizer)
@@ -332,8 +325,6 @@ def write_db(out: Path, setup: Setup, cfg: AnalyzeConfig, context: int, stats: S
 
 
 def _meta(setup: Setup, cfg: AnalyzeConfig, context: int, info: dict, logits: bool, fmap) -> dict:
-    from saelab.featuredb import sae_identity
-
     sae, lm = setup.sae, setup.lm
     prov = Provenance.of(sae)
     return {"model_name": lm.name, "model_weights_sha256": prov.model_weights_sha256,
@@ -348,14 +339,8 @@ def _meta(setup: Setup, cfg: AnalyzeConfig, context: int, info: dict, logits: bo
 
 
 def write_explanations(db, progress: bool = True) -> int:
-    """Offline explanations and detection scores for every live feature, via ``saelab.explain`` when it is
-    importable (else nothing; returns the number written)."""
-    try:
-        from saelab.explain import explain_and_score, record_from_db
-    except ImportError:
-        return 0
-    from tqdm import tqdm
-
+    """Offline explanations and detection scores (:mod:`saelab.explain`) for every live feature; returns the
+    number written."""
     rows = []
     for f in tqdm(db.live_features(), desc="explaining", unit="feat", disable=not progress):
         result = explain_and_score(record_from_db(db, f))

@@ -21,8 +21,9 @@ models park attention on their first position (an "attention sink" whose residua
 rest: 25,000 vs ~180 at SmolLM2's layer 15), whatever token is there; starting each window with BOS
 puts that sink on a token that every stage excludes (:data:`WINDOW_START`), rather than on a word
 that happened to be cut first. The same spec, split, tokenizer and seed always give the same sequences.
-Local corpora are tokenised once, whole, into the token cache (:mod:`saelab.token_cache`) and packed
-from there; ``hf:`` datasets are tokenised as they stream.
+:func:`saelab.token_cache.sequences` is the entry point: local corpora are tokenised once, whole, into
+the token cache and packed from there; ``hf:`` datasets are tokenised as they stream (:func:`pack` of
+:func:`token_stream`, which this module provides).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
-import numpy as np
 import torch
+
+from saelab import english
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 WINDOW_START = "bos"
@@ -76,7 +78,7 @@ def is_validation(relative_name: str) -> bool:
     return int(digest[:8], 16) % VALIDATION_ONE_IN == 0
 
 
-def _in_split(name: str, split: str) -> bool:
+def in_split(name: str, split: str) -> bool:
     return split == "all" or (split == "validation") == is_validation(name)
 
 
@@ -87,7 +89,7 @@ def stdlib_root() -> Path:
 def _read_text_files(root: Path, paths: Iterable[Path], split: str) -> Iterator[Document]:
     for path in paths:
         name = path.relative_to(root).as_posix() if path != root else path.name
-        if not _in_split(name, split):
+        if not in_split(name, split):
             continue
         try:
             text = path.read_bytes().decode("utf-8")
@@ -116,8 +118,6 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
     if spec.source.startswith("hf:"):
         return None
     if spec.source == "english":
-        from saelab import english   # builds the corpus file on first use
-
         path = english.corpus_path()
         return path, [path]
     path = Path(spec.source).expanduser()
@@ -140,7 +140,7 @@ def _jsonl_documents(path: Path, split: str) -> Iterator[Document]:
             if not line.strip():
                 continue
             name = f"{path.name}:{lineno}"
-            if not _in_split(name, split):
+            if not in_split(name, split):
                 continue
             try:
                 record = json.loads(line)
@@ -197,54 +197,6 @@ def pack(stream: Iterable[int], context: int, bos_id: int) -> Iterator[torch.Ten
         if len(buf) == context:
             yield torch.tensor(buf, dtype=torch.long)
             buf = [bos_id]
-
-
-def sequences(spec: CorpusSpec | str, tokenizer, context: int, seed: int = 0, *,
-              cache: bool = True) -> Iterator[torch.Tensor]:
-    """Packed ``[context]`` token sequences of a corpus; deterministic for a given seed.
-
-    Local corpora are read from the token cache (:mod:`saelab.token_cache`, built on first use);
-    ``cache=False`` or an uncacheable corpus tokenises on the fly. Both give the same sequences.
-    """
-    from saelab import token_cache
-
-    spec = CorpusSpec(spec) if isinstance(spec, str) else spec
-    bos = bos_token_id(tokenizer)
-    if context < 2:
-        raise ValueError(f"context must be at least 2 tokens, got {context}")
-    cached = token_cache.tokenized(spec, tokenizer) if cache else None
-    if cached is None:
-        return pack(token_stream(documents(spec), tokenizer, bos, seed), context, bos)
-    return _pack_cached(cached, spec.split, bos, context, seed)
-
-
-def _pack_cached(corpus, split: str, bos: int, context: int, seed: int | None,
-                 chunk_windows: int = 64) -> Iterator[torch.Tensor]:
-    """:func:`pack` of :func:`token_stream` over cached documents, cut a chunk of windows at a time."""
-    piece = context - 1                                                  # each window: BOS + piece tokens
-    order = [i for i, name in enumerate(corpus.names) if _in_split(name, split)]
-    if seed is not None:
-        random.Random(seed).shuffle(order)   # the same permutation token_stream applies to the documents
-    bos_piece = np.array([bos], dtype=np.int64)
-    pieces: list[np.ndarray] = []
-    have = 0
-    for i in order:
-        doc = corpus.tokens[corpus.offsets[i]:corpus.offsets[i + 1]]
-        pieces += [bos_piece, doc]
-        have += 1 + len(doc)
-        if have >= chunk_windows * piece:
-            flat = np.concatenate(pieces).astype(np.int64)             # (have,)
-            n = have // piece
-            yield from _bos_led(flat[:n * piece].reshape(n, piece), bos)
-            pieces, have = [flat[n * piece:]], have - n * piece
-    if have >= piece:                                                    # the last whole windows; a short tail is dropped
-        n = have // piece
-        yield from _bos_led(np.concatenate(pieces).astype(np.int64)[:n * piece].reshape(n, piece), bos)
-
-
-def _bos_led(pieces: np.ndarray, bos: int) -> torch.Tensor:
-    """``[n, context]`` windows from ``pieces [n, context - 1]``: a BOS column first."""
-    return torch.from_numpy(np.concatenate([np.full((len(pieces), 1), bos, dtype=np.int64), pieces], axis=1))
 
 
 def bos_token_id(tokenizer) -> int:

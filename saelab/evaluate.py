@@ -43,13 +43,14 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from saelab.corpus import CorpusSpec, bos_token_id, sequences
+from saelab.corpus import CorpusSpec, bos_token_id
 from saelab.eval_report import Downstream, EvalReport, Reconstruction, SelfCheck, Sparsity, compare
 from saelab.hooks import HookError, PrefixReplay, capture, hook_shapes, intervene, resolve, run_to_hooks
 from saelab.models import LoadedModel, load_model
 from saelab.positions import PositionRule
 from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
+from saelab.token_cache import sequences
 
 __all__ = ["compare", "Downstream", "EvalReport", "evaluate", "Reconstruction", "SelfCheck", "Sparsity",
            "trained_without_bos"]

@@ -22,6 +22,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from saelab.featuredb import FeatureDB
+from saelab.formats import load_sae
+
 METHODS = ("auto", "umap", "pca")
 
 
@@ -138,15 +141,11 @@ def _decoder_of(db_or_sae) -> torch.Tensor:
     """W_dec of an SAE, or of the SAE a features.db was made from (its meta ``sae_path``)."""
     if hasattr(db_or_sae, "W_dec"):
         return db_or_sae.W_dec
-    from saelab.featuredb import FeatureDB
-
     db = FeatureDB.open(db_or_sae) if isinstance(db_or_sae, (str, Path)) else db_or_sae
     sae_path = db.sae_info().get("sae_path")
     if not sae_path or not Path(sae_path).exists():
         raise FileNotFoundError(f"{db.path}: the SAE it was made from ({sae_path or 'not recorded'}) is not on disk; "
                                 "the neighbourhood map needs its decoder: pass the SAE instead")
-    from saelab.formats import load_sae
-
     return load_sae(sae_path).W_dec
 
 

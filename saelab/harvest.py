@@ -31,12 +31,13 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from saelab import store as st
-from saelab.corpus import WINDOW_START, CorpusSpec, bos_token_id, sequences, tokenizer_identity
+from saelab.corpus import WINDOW_START, CorpusSpec, bos_token_id, tokenizer_identity
 from saelab.hooks import HookPoint, hook_shapes, resolve, run_to_hooks
 from saelab.locks import exclusive
 from saelab.models import LoadedModel, load_model
 from saelab.positions import SINK_FACTOR, PositionRule
 from saelab.runtime import tune_allocator
+from saelab.token_cache import sequences
 
 NAN_POLICIES = ("fail", "skip")
 SHARD_BYTES = 64 << 20  # default shard size: large writes, bounded memory

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.builtin import MODEL_DIR
 from saelab.runtime import cache_root
 
 BUILTIN = "builtin"
@@ -134,8 +135,8 @@ def gguf_folder(gguf: Path | str) -> Path:
     if (final / GGUF_RECORD).is_file():
         return final
     try:
+        import gguf  # noqa: F401  (transformers needs it: say so here, not deep inside transformers)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        import gguf as _gguf  # noqa: F401  (transformers needs it; say so before it fails deep inside)
     except ImportError:
         raise ImportError(f"reading {gguf.name} needs transformers' GGUF support: pip install 'saelab[gguf]' "
                           "(packages gguf and accelerate)") from None
@@ -174,8 +175,6 @@ def resolve_path(name_or_path: str) -> tuple[str, Path | None]:
         folder = gguf_folder(name_or_path)
         return str(folder), folder
     if name_or_path == BUILTIN:
-        from saelab.builtin import MODEL_DIR
-
         if not (MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
                 f"the builtin model is missing from {MODEL_DIR}; reinstall saelab or run 'saelab builtin train'"

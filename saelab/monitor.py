@@ -25,9 +25,11 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence, TextIO
 
 import torch
 
+from saelab.corpus import bos_token_id
+from saelab.featuredb import FeatureDB
 from saelab.hooks import as_module, intervene, resolve, run_to_hooks
-from saelab.steer import (as_loaded_model, check_feature, check_width, generate_ids, generated_part,
-                          max_activations, model_context, prompt_ids, sae_hook_name)
+from saelab.steer import (as_loaded_model, check_feature, check_width, generate_ids, generated_part, max_activations,
+                          model_context, prompt_ids, sae_hook_name)
 
 DEFAULT_QUANTILE = 0.999
 FALLBACK_FRACTION = 0.5
@@ -36,8 +38,6 @@ POLICIES = ("log", "ablate", "abort")
 
 def _open_db(db):
     if isinstance(db, (str, Path)):
-        from saelab.featuredb import FeatureDB
-
         return FeatureDB.open(db)
     return db
 
@@ -136,8 +136,6 @@ def scan(model, sae, texts: Iterable[str], watchlist: Watchlist, *, hook: str | 
 
     Texts longer than the context are read in consecutive windows (each starting with BOS).
     """
-    from saelab.corpus import bos_token_id
-
     model = as_loaded_model(model, need_lm_head=False)  # reading needs no LM head: encoders work too
     name = hook or sae_hook_name(sae)
     resolve(model.model, name)

@@ -34,6 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from saelab.corpus import bos_token_id
+from saelab.formats import feature_max_activations
 from saelab.hooks import as_module, capture, intervene, resolve, run_to_hooks
 from saelab.positions import window_median
 from saelab.provenance import Provenance
@@ -125,8 +126,6 @@ def max_activations(sae, features, override=None, db=None) -> dict[int, float]:
         else:
             missing.append(f)
     if missing:
-        from saelab.formats import feature_max_activations
-
         table = feature_max_activations(sae)  # (d_sae,); ValueError with a clear message when absent
         out.update({f: float(table[f]) for f in missing})
     return out

@@ -11,6 +11,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from saelab.analyze import resolve_inputs
+from saelab.corpus import bos_token_id
+from saelab.hooks import run_to_hooks
 
 
 class TokenFeatures(NamedTuple):
@@ -28,9 +30,6 @@ class TokenFeatures(NamedTuple):
 @torch.no_grad()
 def text_latents(sae, lm, text: str, hook: str) -> tuple[list[int], torch.Tensor]:
     """Token ids of ``text`` (without the BOS the model sees first) and their latents ``[n_tokens, d_sae]``."""
-    from saelab.corpus import bos_token_id
-    from saelab.hooks import run_to_hooks
-
     ids = lm.tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise ValueError(f"text {text[:40]!r} has no tokens")

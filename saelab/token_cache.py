@@ -16,6 +16,7 @@ else ``~/.cache/saelab``; ``SAELAB_TOKEN_CACHE=0`` turns the cache off. Corpora 
 
 A cache that cannot be written (read-only or full disk) or fails its checksum is reported with a
 warning and the corpus is tokenised on the fly: the cache only ever changes speed, never tokens.
+:func:`sequences` packs a corpus' sequences from the cache when there is one, else on the fly.
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
+import torch
 
 from saelab import atomic
 from saelab.runtime import cache_root
-from saelab.corpus import CorpusSpec, documents, source_files, tokenizer_identity
+from saelab.corpus import (CorpusSpec, bos_token_id, documents, in_split, pack, source_files, token_stream,
+                           tokenizer_identity)
 
 FORMAT = "saelab-token-cache"
 VERSION = 1
@@ -179,3 +183,51 @@ def clear() -> int:
     freed = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
     shutil.rmtree(root, ignore_errors=True)
     return freed
+
+
+# -- packed sequences, from the cache when there is one --------------------------------------------------
+
+def sequences(spec: CorpusSpec | str, tokenizer, context: int, seed: int = 0, *,
+              cache: bool = True) -> Iterator[torch.Tensor]:
+    """Packed ``[context]`` token sequences of a corpus; deterministic for a given seed.
+
+    Local corpora are read from this token cache (built on first use);
+    ``cache=False`` or an uncacheable corpus tokenises on the fly. Both give the same sequences.
+    """
+    spec = CorpusSpec(spec) if isinstance(spec, str) else spec
+    bos = bos_token_id(tokenizer)
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens, got {context}")
+    cached = tokenized(spec, tokenizer) if cache else None
+    if cached is None:
+        return pack(token_stream(documents(spec), tokenizer, bos, seed), context, bos)
+    return _pack_cached(cached, spec.split, bos, context, seed)
+
+
+def _pack_cached(corpus, split: str, bos: int, context: int, seed: int | None,
+                 chunk_windows: int = 64) -> Iterator[torch.Tensor]:
+    """:func:`pack` of :func:`token_stream` over cached documents, cut a chunk of windows at a time."""
+    piece = context - 1                                                  # each window: BOS + piece tokens
+    order = [i for i, name in enumerate(corpus.names) if in_split(name, split)]
+    if seed is not None:
+        random.Random(seed).shuffle(order)   # the same permutation token_stream applies to the documents
+    bos_piece = np.array([bos], dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    have = 0
+    for i in order:
+        doc = corpus.tokens[corpus.offsets[i]:corpus.offsets[i + 1]]
+        pieces += [bos_piece, doc]
+        have += 1 + len(doc)
+        if have >= chunk_windows * piece:
+            flat = np.concatenate(pieces).astype(np.int64)             # (have,)
+            n = have // piece
+            yield from _bos_led(flat[:n * piece].reshape(n, piece), bos)
+            pieces, have = [flat[n * piece:]], have - n * piece
+    if have >= piece:                                                    # the last whole windows; a short tail is dropped
+        n = have // piece
+        yield from _bos_led(np.concatenate(pieces).astype(np.int64)[:n * piece].reshape(n, piece), bos)
+
+
+def _bos_led(pieces: np.ndarray, bos: int) -> torch.Tensor:
+    """``[n, context]`` windows from ``pieces [n, context - 1]``: a BOS column first."""
+    return torch.from_numpy(np.concatenate([np.full((len(pieces), 1), bos, dtype=np.int64), pieces], axis=1))

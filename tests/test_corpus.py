@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from saelab.corpus import CorpusSpec, documents, is_validation, pack, sequences, token_stream
+from saelab.corpus import CorpusSpec, documents, is_validation, pack, token_stream
+from saelab.token_cache import sequences
 from tiny_models import tiny_tokenizer
 
 

@@ -12,7 +12,7 @@ import torch
 
 from saelab import store as st
 from saelab.cli import main as cli_main
-from saelab.corpus import sequences
+from saelab.token_cache import sequences
 from saelab.harvest import NonFiniteActivation, harvest, store_dir, stream_activations
 from saelab.hooks import HookError, intervene, run_to_hooks
 from saelab.models import load_model

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from saelab.analyze import analyze
-from saelab.corpus import CorpusSpec, sequences
+from saelab.corpus import CorpusSpec
 from saelab.evaluate import evaluate
 from saelab.harvest import harvest
 from saelab.hooks import intervene, run_to_hooks
@@ -24,6 +24,7 @@ from saelab.models import load_model
 from saelab.positions import PositionRule, window_median
 from saelab.sae import SAE, SAEConfig
 from saelab.steer import Clamp, prompt_ids, steering
+from saelab.token_cache import sequences
 from saelab.train import store_provenance
 
 HOOK = "blocks.1.hook_resid_post"

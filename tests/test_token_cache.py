@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from saelab import token_cache
-from saelab.corpus import CorpusSpec, documents, sequences
+from saelab.corpus import CorpusSpec, documents
+from saelab.token_cache import sequences
 from tiny_models import tiny_tokenizer
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from saelab.steer import MIN_TEMPERATURE
+from saelab.fmap import neighbourhood_map
 from saelab.web.state import RunState, train_curve
 
 router = APIRouter(prefix="/api")
@@ -181,8 +182,6 @@ def api_map(request: Request):
 
 @router.get("/map/neighbourhood/{feature_id}", summary="A feature and its nearest features, laid out locally")
 def api_neighbourhood(request: Request, feature_id: int = Path(ge=0, le=MAX_ID), n: int = Query(30, ge=1, le=200)):
-    from saelab.fmap import neighbourhood_map
-
     state = request.app.state.run
     state.db.feature(feature_id)  # 404 for unknown ids before any work
     pts = neighbourhood_map(state.sae() if state.has_sae else state.db, feature_id, n)

@@ -20,7 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saelab.errors import SaelabError
+from saelab.web import api, live, pages
 from saelab.web.guard import Busy, GuardMiddleware, ModelGate, ServerConfig
+from saelab.web.pages import render
 from saelab.web.state import RunState
 
 STATIC = Path(__file__).parent / "static"
@@ -59,7 +61,6 @@ def _error(request: Request, status: int, message: str) -> Response:
     """JSON for the API, a small HTML page for the browser pages."""
     if _is_api(request) or request.method != "GET":
         return JSONResponse({"detail": message}, status_code=status)
-    from saelab.web.pages import render
 
     return render(request, "error.html", status=status, page_title=str(status), code=status, message=message)
 
@@ -111,8 +112,6 @@ def create_app(run_dir=None, *, db=None, sae=None, model=None, config: ServerCon
     :class:`saelab.LoadedModel`); the model defaults to the one named in the SAE's provenance and is
     loaded on first use. ``config`` sets the bound host/port (checked against the Host header) and limits.
     """
-    from saelab.web import api, live, pages
-
     config = config or ServerConfig()
     state = RunState.open(run_dir, db=db, sae=sae, model=model)
     static = load_static()

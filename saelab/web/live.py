@@ -19,6 +19,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from saelab.web.api import (ActivationsRequest, InspectRequest, ScanRequest, SteerRequest, check_text,
                             explanations)
+from saelab.monitor import Watchlist, scan
+from saelab.steer import Ablate, Add, Clamp, compare_generations, generate_ids, prompt_ids, sae_hook_name, steering
+from saelab.textfeatures import inspect_text, text_latents
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger(__name__)
@@ -38,8 +41,6 @@ def segments(tokenizer, text: str) -> tuple[list[str], list[int]]:
 
 @router.post("/inspect", summary="Per-token top features of a text")
 def api_inspect(req: InspectRequest, request: Request):
-    from saelab.textfeatures import inspect_text
-
     check_text(request, req.text)
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():
@@ -64,9 +65,6 @@ def inspect_json(state, tokenizer, text: str, result) -> dict:
 
 @router.post("/features/{feature_id}/activations", summary="One feature's activation on every token of a text")
 def api_feature_activations(feature_id: int, req: ActivationsRequest, request: Request):
-    from saelab.textfeatures import text_latents
-    from saelab.steer import sae_hook_name
-
     check_text(request, req.text)
     state, gate = request.app.state.run, request.app.state.gate
     row = state.db.feature(feature_id)  # 404 for an unknown id, before the model loads
@@ -85,8 +83,6 @@ def api_feature_activations(feature_id: int, req: ActivationsRequest, request: R
 # -- steer ---------------------------------------------------------------------------------------
 
 def edits_of(req: SteerRequest, request: Request) -> dict:
-    from saelab.steer import Ablate, Add, Clamp
-
     cfg = request.app.state.config
     check_text(request, req.prompt, "prompt")
     if req.max_new_tokens > cfg.max_new_tokens:
@@ -109,8 +105,6 @@ def edits_of(req: SteerRequest, request: Request) -> dict:
 
 @router.post("/steer", summary="Default and steered continuations side by side (whole texts)")
 def api_steer(req: SteerRequest, request: Request):
-    from saelab.steer import compare_generations
-
     edits = edits_of(req, request)
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():
@@ -189,8 +183,6 @@ class _QueueStreamer(BaseStreamer):
 
 
 def _generate_both(state, model, sae, ids, edits, req: SteerRequest, out: queue.Queue, cancel, gate) -> None:
-    from saelab.steer import generate_ids, steering
-
     try:
         notes = {}
         for side, side_edits in (("default", {}), ("steered", edits)):
@@ -226,8 +218,6 @@ def _events(out: queue.Queue, cancel: threading.Event):
                          "{type: status, text}, {type: error, detail}, {type: done, notes: {side: why the text "
                          "is empty or degenerate}}.")
 def api_steer_stream(req: SteerRequest, request: Request):
-    from saelab.steer import prompt_ids, steering
-
     edits = edits_of(req, request)
     state, gate = request.app.state.run, request.app.state.gate
     gate.acquire()
@@ -252,8 +242,6 @@ def api_steer_stream(req: SteerRequest, request: Request):
 
 @router.post("/monitor/scan", summary="Scan a text against a watchlist; alerts per token and feature")
 def api_scan(req: ScanRequest, request: Request):
-    from saelab.monitor import Watchlist, scan
-
     check_text(request, req.text)
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():

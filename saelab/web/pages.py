@@ -11,6 +11,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
 from saelab.featuredb import ORDER_BY
+from saelab.web.api import feature_detail, feature_list, overview_info
+from saelab.web.apidoc import operations, schemas
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 50
@@ -99,8 +101,6 @@ def eval_summary(report: dict | None) -> list[tuple[str, str, str]]:
 
 @router.get("/", response_class=HTMLResponse)
 def overview(request: Request):
-    from saelab.web.api import overview_info
-
     info = overview_info(request.app.state.run)
     model_rows = [(k, fmt(info["model"].get(k))) for k in ("model_name", "family", "hook_name", "hook_io",
                                                             "context_size") if info["model"].get(k) is not None]
@@ -129,8 +129,6 @@ DEFAULT_ORDER = "score"  # readable features first: by density, "fires on divers
 def features_page(request: Request, q: str = Query("", max_length=200), order_by: str = DEFAULT_ORDER,
                   cluster: str = "", min_density: str = "", max_density: str = "",
                   offset: int = Query(0, ge=0, le=10_000_000)):
-    from saelab.web.api import feature_list
-
     # Empty form fields arrive as "", so the optional numbers are parsed here (422 on junk).
     filters = {"cluster": _opt(cluster, int, "cluster"), "min_density": _opt(min_density, float, "min_density"),
                "max_density": _opt(max_density, float, "max_density")}
@@ -189,8 +187,6 @@ def density_percentile(densities, density: float) -> float | None:
 
 @router.get("/features/{feature_id}", response_class=HTMLResponse)
 def feature_page(request: Request, feature_id: int):
-    from saelab.web.api import feature_detail
-
     state = request.app.state.run
     d = feature_detail(state, feature_id)
     f, ex = d["feature"], d["examples"]
@@ -250,8 +246,6 @@ def monitor_page(request: Request):
 @router.get("/docs", response_class=HTMLResponse)
 def docs_page(request: Request):
     """The OpenAPI schema as a plain page (FastAPI's Swagger UI loads its assets from a CDN)."""
-    from saelab.web.apidoc import operations, schemas
-
     spec = request.app.openapi()
     return render(request, "docs.html", active="API", page_title="API", openapi_version=spec.get("openapi", ""),
                   operations=operations(spec), schemas=schemas(spec))

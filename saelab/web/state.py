@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from saelab.featuredb import FeatureDB
+from saelab.fmap import cluster_names
+from saelab.formats import load_sae
+from saelab.models import load_model
 
 TRAIN_LOG_NAMES = ("train_log.jsonl", "train.jsonl", "log.jsonl", "metrics.jsonl")
 TRAIN_METRICS = ("fvu", "l0", "dead_fraction", "loss", "mse", "aux")
@@ -131,8 +134,6 @@ class RunState:
                 if self.sae_path is None:
                     raise LookupError("this server has no SAE folder (start it with a run folder or --sae SAE_DIR); "
                                       "inspect, steer and monitor need one")
-                from saelab.formats import load_sae
-
                 sae = load_sae(self.sae_path).eval()
                 self.db.check_sae(sae, self.sae_path)
                 self._sae = sae
@@ -156,8 +157,6 @@ class RunState:
         self.sae()
         with self._load_lock:
             if self._model is None:
-                from saelab.models import load_model
-
                 self._model = load_model(self.model_name())
             return self._model
 
@@ -221,7 +220,6 @@ def _short(text: str) -> str:
 def _clusters(cluster, x, y, texts) -> list[dict]:
     """Clusters, largest first: id, name (from the members' explanations; "" when none is explained), size,
     and the median position of the members (where the map writes the name)."""
-    from saelab.fmap import cluster_names
 
     names = cluster_names(cluster, texts)
     members: dict[int, list[int]] = {}
