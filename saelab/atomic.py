@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from saelab.errors import StorageError
+from saelab.runtime import pid_alive
 
 # errno → what the user reads; the texts are how safetensors (Rust io::Error) and SQLite report the same
 _STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -160,8 +161,6 @@ def remove_stale_temps(target: Path | str) -> list[Path]:
     """Delete the temporary siblings of ``target`` (``.<name>.tmp-PID`` files or folders, and
     ``.<name>.old-PID`` folders once ``target`` exists again) left by killed processes: only those
     whose PID is no longer running. Returns what was removed."""
-    from saelab.locks import pid_alive
-
     target = Path(target)
     removed = []
     if not target.parent.is_dir():

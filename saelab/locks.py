@@ -19,6 +19,7 @@ from typing import Iterator
 
 from saelab.atomic import storage_errors
 from saelab.errors import FolderLocked
+from saelab.runtime import pid_alive
 
 try:
     import fcntl
@@ -42,19 +43,6 @@ def holder(target: Path | str) -> int | None:
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (a zombie counts as alive until reaped)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # exists, owned by someone else
-        return True
-    return True
 
 
 @contextmanager
