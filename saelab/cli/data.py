@@ -14,7 +14,7 @@ def _add_hooks(sub) -> None:
     p = sub.add_parser("hooks", help="list a model's canonical hook points with their widths",
                        description="List the canonical hook names of a model (builtin, hub id, or local HF folder), "
                                    "the HF module each resolves to, and the activation width.")
-    p.add_argument("model", nargs="?", default="builtin", help="builtin | hub id | path to an HF model folder")
+    p.add_argument("model", nargs="?", default="builtin", help="builtin | smollm2 | hub id | HF model folder | .gguf file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run_hooks)
 
@@ -90,9 +90,9 @@ def _add_harvest(sub) -> None:
     p = sub.add_parser("harvest", help="record a model's activations at hook points into activation stores",
                        description="Run a model over a corpus and store the activations at one or more hooks "
                                    "(one forward pass). With several --hook, each store is OUT/<hook>/.")
-    p.add_argument("--model", default="builtin", help="builtin | hub id | path to an HF model folder")
+    p.add_argument("--model", default="builtin", help="builtin | smollm2 | hub id | HF model folder | .gguf file")
     p.add_argument("--hook", action="append", required=True, help="hook name (repeat for several, one pass)")
-    p.add_argument("--corpus", default="stdlib", help="stdlib | folder | text file | .jsonl | hf:NAME")
+    p.add_argument("--corpus", default="stdlib", help="stdlib | english | folder | text file | .jsonl | hf:NAME")
     p.add_argument("--split", default="train", choices=["train", "validation", "all"], help="corpus split")
     p.add_argument("--tokens", type=int, required=True, help="positions to harvest (rounded up to whole sequences)")
     p.add_argument("--context", type=int, default=256, help="tokens per sequence")

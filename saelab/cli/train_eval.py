@@ -17,7 +17,7 @@ def _add_train(sub) -> None:
                                    "Data-parallel under torchrun.")
     data = p.add_argument_group("data (one of)")
     data.add_argument("--acts", help="activation store folder (from 'saelab harvest')")
-    data.add_argument("--model", help="model to stream from instead (builtin | hub id | HF folder)")
+    data.add_argument("--model", help="model to stream from instead (builtin | smollm2 | hub id | HF folder | .gguf)")
     data.add_argument("--hook", help="hook point to stream (with --model), e.g. blocks.2.hook_resid_post")
     data.add_argument("--corpus", default="stdlib", help="corpus to stream (with --model; default stdlib)")
     data.add_argument("--context", type=int, default=256, help="tokens per sequence when streaming (default 256)")
@@ -102,7 +102,7 @@ def _add_eval(sub) -> None:
                                    "error-term self-check. Model, hook, context and corpus come from each SAE's "
                                    "provenance unless given. Each report is saved as eval.json in its SAE folder.")
     p.add_argument("sae", nargs="+", help="SAE folder(s); several are shown side by side")
-    p.add_argument("--model", help="builtin | hub id | HF folder (default: model_name in the SAE's provenance)")
+    p.add_argument("--model", help="builtin | smollm2 | hub id | HF folder | .gguf (default: model_name in the SAE's provenance)")
     p.add_argument("--corpus", help="corpus source (default: the SAE's training corpus, else stdlib)")
     p.add_argument("--split", default="validation", choices=("train", "validation", "all"),
                    help="corpus split (default: validation)")
