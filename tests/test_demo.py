@@ -35,3 +35,55 @@ def test_demo_runs_every_stage_then_skips_them(tmp_path, tiny_model_dirs):
     said.clear()
     run_demo(config, say=said.append)
     assert all("skipped" in m for m in said) and len(said) == 4
+
+
+def test_demo_with_a_shipped_sae_skips_harvest_and_training(tmp_path, tiny_model_dirs):
+    """The real-model demo's path: a trained SAE folder is copied in; eval and analysis run on it."""
+    import torch
+
+    from saelab.formats import save_sae
+    from saelab.sae import SAE, SAEConfig
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 8)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(32, 64, "topk", k=4))
+    shipped = tmp_path / "shipped" / "tiny"
+    save_sae(sae.half(), shipped, model_name=str(tiny_model_dirs["llama"]), hook_name="blocks.1.hook_resid_post",
+             corpus={"source": str(corpus), "split": "train", "seed": 0}, context_size=32,
+             feature_max_act=[1.0] * 64)
+    (shipped / "README.md").write_text("how it was made")
+    config = DemoConfig(run=tmp_path / "run", model=str(tiny_model_dirs["llama"]), hook="blocks.1.hook_resid_post",
+                        corpus=str(corpus), context=32, eval_tokens=1024, analyze_tokens=2048, map_method="pca",
+                        shipped_sae=shipped)
+    said = []
+    run_demo(config, say=said.append)
+    assert any(m.startswith("[sae] done") for m in said) and not any(m.startswith(("[harvest]", "[train]")) for m in said)
+    assert not (config.run / "acts").exists() and (config.run / "features.db").is_file()
+    assert {p.name for p in (config.run / "sae").iterdir()} >= {"cfg.json", "sae_weights.safetensors", "saelab.json"}
+    assert not (config.run / "sae" / "README.md").exists()
+    said.clear()
+    run_demo(config, say=said.append)
+    assert all("skipped" in m for m in said) and len(said) == 3
+
+
+def test_demo_cli_refuses_mixed_options(capsys):
+    from saelab.cli import main
+
+    assert main(["demo", "--model", "smollm2", "--quick", "--no-serve"]) == 2
+    assert "--quick is for the builtin model" in capsys.readouterr().err
+    assert main(["demo", "--full", "--no-serve"]) == 2
+    assert "--full is for --model smollm2" in capsys.readouterr().err
+
+
+def test_smollm2_demo_config_uses_the_shipped_sae():
+    from saelab.demo import SHIPPED
+
+    c = DemoConfig.smollm2()
+    assert c.shipped_sae == SHIPPED / "smollm2" and (c.shipped_sae / "cfg.json").is_file()
+    assert c.model == "smollm2" and c.corpus == "english" and c.hook == "blocks.15.hook_resid_post"
+    assert DemoConfig.smollm2(full=True).shipped_sae is None
+    size = sum(p.stat().st_size for p in c.shipped_sae.iterdir())
+    assert size < 25 * 2**20                                     # the budget for committed weights
