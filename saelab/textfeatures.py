@@ -13,6 +13,9 @@ import torch
 from saelab.analyze import resolve_inputs
 from saelab.corpus import bos_token_id
 from saelab.hooks import run_to_hooks
+from saelab.positions import PositionRule
+from saelab.provenance import Provenance
+from saelab.steer import prompt_ids
 
 
 class TokenFeatures(NamedTuple):
@@ -28,20 +31,30 @@ class TokenFeatures(NamedTuple):
 
 
 @torch.no_grad()
-def text_latents(sae, lm, text: str, hook: str) -> tuple[list[int], torch.Tensor]:
-    """Token ids of ``text`` (without the BOS the model sees first) and their latents ``[n_tokens, d_sae]``."""
-    ids = lm.tokenizer.encode(text, add_special_tokens=False)
-    if not ids:
+def text_latents(sae, lm, text: str, hook: str, chat: bool = False) -> tuple[list[int], torch.Tensor]:
+    """Token ids of ``text`` (without the BOS the model sees first) and their latents ``[n_tokens, d_sae]``.
+
+    The text is read as every stage reads a window: BOS first (``chat``: the user turn of the model's
+    chat template), and the positions :class:`saelab.positions.PositionRule` leaves out — BOS tokens and
+    attention sinks — get no latents (all zero), as in training and analysis.
+    """
+    ids = prompt_ids(lm, text, chat=chat)                                      # (1, n + 1), BOS first
+    if ids.shape[1] < 2:
         raise ValueError(f"text {text[:40]!r} has no tokens")
-    x = torch.tensor([[bos_token_id(lm.tokenizer), *ids]], device=lm.device)  # documents start with BOS
-    acts = run_to_hooks(lm.model, x, hook)[hook][0, 1:].to(sae.W_dec.device, torch.float32)  # (n, d_in)
-    return ids, sae.encode(acts)  # (n, d_sae)
+    x = run_to_hooks(lm.model, ids, hook)[hook]                                # (1, n + 1, d_in)
+    rule = PositionRule(bos_token_id(lm.tokenizer), Provenance.of(sae).sink_factor)
+    keep = rule.keep(ids, torch.linalg.vector_norm(x.float(), dim=-1))[0, 1:]  # (n,)
+    z = sae.encode(x[0, 1:].to(sae.W_dec.device, torch.float32))              # (n, d_sae)
+    z[~keep.to(z.device)] = 0
+    return ids[0, 1:].tolist(), z
 
 
-def inspect_text(sae, model=None, text: str = "", top: int = 5, hook: str | None = None) -> list[TokenFeatures]:
-    """Per token of ``text`` (exact token strings), the ``top`` most active features and their activations."""
+def inspect_text(sae, model=None, text: str = "", top: int = 5, hook: str | None = None,
+                 chat: bool = False) -> list[TokenFeatures]:
+    """Per token of ``text`` (exact token strings), the ``top`` most active features and their activations
+    (``chat``: the text is a user message in the model's chat template, whose tokens are listed too)."""
     setup = resolve_inputs(sae, model, "stdlib", hook)
-    ids, z = text_latents(setup.sae, setup.lm, text, setup.hook)
+    ids, z = text_latents(setup.sae, setup.lm, text, setup.hook, chat=chat)
     vals, feats = z.topk(min(top, z.shape[1]), dim=1)
     strings = [setup.lm.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
     return [TokenFeatures(p, i, s, [(f, v) for f, v in zip(fr, vr) if v > 0])

@@ -147,3 +147,13 @@ def test_window_median_ignores_left_out_positions():
     rule = PositionRule(bos_id=0, sink_factor=5.0)
     ids = torch.tensor([[0, 4, 4, 4, 4]])
     assert rule.keep(ids, norms[:1]).tolist() == [[False, True, True, True, False]]
+
+
+def test_inspected_text_has_no_latents_at_the_sinks(sunk):
+    from saelab.textfeatures import text_latents
+
+    lm, sae = sunk["lm"], sunk["sae"]
+    ids, z = text_latents(sae, lm, "def f1(x):\n    return x * 2\n", HOOK)
+    assert len(ids) == z.shape[0] > SINK_POS
+    fired = (z != 0).any(1)
+    assert not fired[SINK_POS - 1] and fired[: SINK_POS - 1].all()      # BOS is not listed: the sink is one earlier

@@ -45,6 +45,8 @@ def _add_analyze(sub) -> None:
     p.add_argument("sae", help="SAE folder")
     p.add_argument("--text", required=True, help=r"the text (\n and \t are read as newline and tab)")
     p.add_argument("--top", type=int, default=5, help="features listed per token (default 5)")
+    p.add_argument("--chat", action="store_true", help="the text is a user message: read it in the model's chat "
+                                                       "template (its tokens are listed too)")
     p.add_argument("--model", help="model (default: the SAE's model_name)")
     p.add_argument("--db", help="features.db for explanations (default: features.db beside the SAE folder, if any)")
     p.add_argument("--json", action="store_true")
@@ -165,7 +167,7 @@ def _run_inspect(args) -> None:
     if not Path(args.sae).exists():
         raise FileNotFoundError(f"{args.sae}: no such SAE folder")
     db_path = _explanations_db(args.sae, args.db)
-    rows = inspect_text(args.sae, args.model, text, top=args.top)
+    rows = inspect_text(args.sae, args.model, text, top=args.top, chat=args.chat)
     names: dict[int, str] = {}
     if db_path is not None:
         with FeatureDB.open(db_path) as db:
