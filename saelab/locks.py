@@ -76,7 +76,11 @@ def exclusive(target: Path | str, what: str = "job") -> Iterator[None]:
 def _acquire(path: Path, target: Path | str, what: str) -> int:
     """Open and flock ``path``; returns the descriptor. Retries when the file was replaced meanwhile."""
     with storage_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:    # a file where a folder must go
+            raise OSError(f"cannot create the folder {path.parent} for {Path(target).name}: "
+                          f"{e.strerror or e} ({e.filename})") from None
     while True:
         with storage_errors(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # no O_TRUNC: the holder's PID must survive
