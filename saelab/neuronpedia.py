@@ -21,7 +21,8 @@ Per feature, every key of ``NeuronpediaDashboardFeature`` is written with saelab
   are log-spaced, 10 per decade; ``*_values`` are the bins' geometric centres);
 - ``activations``: the top examples (``bin_min = bin_contains = -1``, ``bin_max`` the feature's max),
   then the quantile bands from the highest (edges as sampled, ``bin_contains`` the share of analysed
-  tokens whose activation falls in the band), then uniformly random firing examples as the interval
+  tokens on which the feature fires within the band; SAEDashboard's lowest interval, starting at 0,
+  also counts the tokens where it does not fire), then uniformly random firing examples as the interval
   ``(0, max]`` with ``bin_contains`` the density;
 - ``decoder_weights_dist`` (SAEDashboard: a per-attention-head split of ``W_dec[f]``, only for ``hook_z``
   SAEs, which saelab does not train) and ``vector`` (only for steering-vector sets) stay empty, as
