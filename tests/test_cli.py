@@ -43,10 +43,8 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 # -- what a newcomer meets: explanations, checks before the model loads, quiet output ----------------
 
 @pytest.fixture(scope="module")
-def served_run(tmp_path_factory):
-    from test_web_api import web_run
-
-    return web_run(tmp_path_factory)
+def served_run(web_run_dir):
+    return web_run_dir
 
 
 def test_inspect_shows_explanations_from_the_features_db_beside_the_sae(served_run, capsys):

@@ -8,10 +8,8 @@ from saelab.experiments import ExperimentConfig, dangerous_calls, monotone_to_st
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from test_web_api import web_run
-
-    return web_run(tmp_path_factory)
+def run_dir(web_run_dir):
+    return web_run_dir
 
 
 def test_prompt_sets_are_big_enough_and_distinct():

@@ -346,11 +346,9 @@ def test_damaged_or_incomplete_database_is_refused_with_one_line(tmp_path, capsy
 # -- 5, 2, 4 on the web -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def web_copy(tmp_path_factory):
+def web_copy(tmp_path_factory, web_run_dir):
     """A private copy of the web tests' run folder (the shared one must stay intact)."""
-    from test_web_api import web_run
-
-    src = web_run(tmp_path_factory)
+    src = web_run_dir
     dst = tmp_path_factory.mktemp("rel") / "run"
     shutil.copytree(src, dst)
     return dst
