@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from saelab.analyze import AnalyzeConfig, analyze
-from saelab.corpus import bos_token_id, sequences
+from saelab.corpus import bos_token_id
+from saelab.token_cache import sequences
 from saelab.evaluate import evaluate
 from saelab.featuredb import FeatureDB
 from saelab.formats import load_sae

@@ -27,6 +27,10 @@ import torch
 from torch.nn import functional as F
 
 from saelab.concept import ConceptConfig, calibrate, find_concept
+from saelab.featuredb import FeatureDB
+from saelab.formats import load_sae
+from saelab.models import load_model
+from saelab.provenance import Provenance
 from saelab.measures import concept_curve, encode_prompt, generate_batch, output_scores, rate
 from saelab.report import Series, Table, plot_png, write_report
 from saelab.steer import concept_edits, generate_ids, prompt_ids, sae_hook_name, steering
@@ -81,17 +85,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def load_run(run: Path | str, model: str | None = None):
     """(model, SAE, features.db or None) of a run folder (``RUN/sae``, ``RUN/features.db``)."""
-    from saelab.models import load_model
-    from saelab.formats import load_sae
-
     run = Path(run)
     sae = load_sae(run / "sae")
-    name = model or sae.provenance.get("model_name") or sae.cfg.metadata.get("model_name")
+    name = model or Provenance.of(sae).model_name
     if not name:
         raise ValueError(f"{run / 'sae'}: the SAE does not name its model; pass --model")
     db = None
     if (run / "features.db").is_file():
-        from saelab.featuredb import FeatureDB
 
         db = FeatureDB.open(run / "features.db")
     return load_model(name), sae, db

@@ -81,7 +81,7 @@ def save_sae(sae: SAE, path, **provenance) -> None:
     Input scaling must already be folded into the weights (``sae.fold_input_scale``); record the factor
     as ``input_scale``.
     """
-    prov = _jsonable({**getattr(sae, "provenance", {}), **provenance}, "provenance")
+    prov = _jsonable({**sae.provenance, **provenance}, "provenance")
     arch = sae.cfg.architecture
     prov.setdefault("trained_architecture", arch)
     for key in ("feature_density", "feature_max_act"):
@@ -430,7 +430,7 @@ def _read_gemma_scope(file: Path) -> Parsed:
 
 def feature_max_activations(sae: SAE) -> torch.Tensor:
     """Per-feature max activation ``[d_sae]`` recorded in saelab.json (``feature_max_act``)."""
-    values = getattr(sae, "provenance", {}).get("feature_max_act")
+    values = sae.provenance.get("feature_max_act")
     if values is None:
         raise ValueError("this SAE has no per-feature max activations (saelab.json 'feature_max_act'); run the "
                          "analysis pass (features.db has them) or re-save the SAE with feature_max_act=...")

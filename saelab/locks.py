@@ -19,7 +19,6 @@ from typing import Iterator
 
 from saelab.atomic import storage_errors
 from saelab.errors import FolderLocked
-from saelab.runtime import pid_alive
 
 try:
     import fcntl

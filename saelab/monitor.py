@@ -28,6 +28,7 @@ import torch
 from saelab.corpus import bos_token_id
 from saelab.featuredb import FeatureDB
 from saelab.hooks import as_module, intervene, resolve, run_to_hooks
+from saelab.provenance import DEFAULT_CONTEXT, Provenance
 from saelab.steer import (as_loaded_model, check_feature, check_width, generate_ids, generated_part, max_activations,
                           model_context, prompt_ids, sae_hook_name)
 
@@ -117,10 +118,11 @@ class Alert(NamedTuple):
 
 
 def _context(model, sae, context: int | None) -> int:
-    prov = getattr(sae, "provenance", None) or {}
-    ctx = context or prov.get("context_size") or sae.cfg.metadata.get("context_size") or model_context(model.model)
+    """The window for scanning texts: the caller's, else the SAE's training context, else the default every
+    stage uses; capped at the model's positions."""
     limit = model_context(model.model)
-    return int(min(ctx, limit) if limit else ctx or 1024)
+    ctx = int(context or Provenance.of(sae).context or DEFAULT_CONTEXT)
+    return min(ctx, limit) if limit else ctx
 
 
 def _firings(fire: torch.Tensor, z: torch.Tensor, feats: Sequence[int]):

@@ -197,7 +197,7 @@ def test_cli_monitor(planted_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
     assert rows and all(r["feature"] == PLANTED and r["token"] == "os" for r in rows)
     assert main(["monitor", str(planted_dir), "--watch", "99", "--input", str(src)]) == 2
-    assert "unknown feature id 99" in capsys.readouterr().err
+    assert "feature 99 does not exist" in capsys.readouterr().err
 
 
 def test_cli_generate(planted_dir, capsys):

@@ -132,12 +132,13 @@ def _steer_inputs(args, need_lm_head: bool = True, ids=()):
 
     from saelab.formats import load_sae
     from saelab.models import load_model
+    from saelab.provenance import Provenance
 
     if getattr(args, "prompt", None) is not None and not args.prompt:
         raise ValueError("--prompt is empty: give the text to continue")
     sae = load_sae(args.sae, device=args.device)
     _check_ids(ids, sae, args.sae)
-    name = args.model or sae.provenance.get("model_name") or sae.cfg.metadata.get("model_name")
+    name = args.model or Provenance.of(sae).model_name
     if not name:
         raise ValueError(f"{args.sae}: the SAE does not name the model it was trained on; pass --model")
     lm = load_model(name, device=args.device)

@@ -81,7 +81,7 @@ def _run_train(args) -> None:
                       log_every=args.log_every, deterministic=args.deterministic, device=args.device,
                       wandb_project=args.wandb)
     sae = train(source, cfg, out=args.out, resume=args.resume, progress=not args.json, provenance=prov)
-    held = getattr(sae, "provenance", {}).get("held_out")
+    held = sae.provenance.get("held_out")
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return
     if args.json:

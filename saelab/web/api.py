@@ -98,7 +98,7 @@ def overview_info(state: RunState) -> dict:
     model = {k: info.get(k) for k in MODEL_KEYS if info.get(k) is not None}
     if state.has_sae:
         sae = state.sae()
-        prov = getattr(sae, "provenance", None) or {}
+        prov = sae.provenance   # the whole training record (saelab.json): shown, not interpreted
         sae_desc.update({"architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                          "k": sae.cfg.k})
         sae_desc.update({k: prov[k] for k in SAE_KEYS if k in prov and k not in sae_desc})

@@ -16,6 +16,7 @@ import numpy as np
 from saelab.featuredb import FeatureDB
 from saelab.fmap import cluster_names
 from saelab.formats import load_sae
+from saelab.provenance import Provenance
 from saelab.models import load_model
 
 TRAIN_LOG_NAMES = ("train_log.jsonl", "train.jsonl", "log.jsonl", "metrics.jsonl")
@@ -146,8 +147,7 @@ class RunState:
         if self._model_name:
             return self._model_name
         info = self.db.sae_info()
-        prov = getattr(self._sae, "provenance", None) or {}
-        name = prov.get("model_name") or info.get("model_name")
+        name = (Provenance.of(self._sae).model_name if self._sae is not None else None) or info.get("model_name")
         if not name:
             raise LookupError("cannot tell which model this SAE reads (no model_name in saelab.json or features.db); "
                               "start the server with --model NAME")
