@@ -422,3 +422,12 @@ def test_degenerate_continuations_are_named():
     assert "ends up repeating '\\n'" in degenerate("import subprocess\n" + "\n" * 40)
     assert "one character" in degenerate("a=b a=b a==c aaaaaa d aaaaaaa")
     assert degenerate("\n    return subprocess.call(cmd, shell=True)\n") is None
+
+
+def test_chat_needs_a_chat_template(client):
+    """The tiny model has no chat template: asking for one is a clear 422, not a crash; plain text still works."""
+    for path, body in (("/api/inspect", {"text": "import os", "chat": True}),
+                       ("/api/steer", {"prompt": "import os", "chat": True, "max_new_tokens": 2})):
+        r = client.post(path, json=body)
+        assert r.status_code == 422 and "no chat template" in r.json()["detail"]
+    assert client.post("/api/inspect", json={"text": "import os", "chat": False}).status_code == 200

@@ -35,10 +35,14 @@ class _Body(BaseModel):
 class InspectRequest(_Body):
     text: str = Field(min_length=1, description="text to run through the model (capped by the server's limit)")
     top: int = Field(8, ge=1, le=MAX_TOP, description="features listed per token")
+    chat: bool = Field(False, description="read the text as a user message in the model's chat template "
+                                          "(its BOS is not doubled)")
 
 
 class ActivationsRequest(_Body):
     text: str = Field(min_length=1, description="text to run through the model (capped by the server's limit)")
+    chat: bool = Field(False, description="read the text as a user message in the model's chat template "
+                                          "(its BOS is not doubled)")
 
 
 class SteerFeature(_Body):
@@ -57,6 +61,8 @@ class SteerRequest(_Body):
     prompt: str = Field(min_length=1, description="prompt to continue")
     features: list[SteerFeature] = Field(default_factory=list, description="the dials")
     concept: SteerConcept | None = Field(None, description="a feature set turned by one dial, beside the dials")
+    chat: bool = Field(False, description="read the text as a user message in the model's chat template "
+                                          "(its BOS is not doubled)")
     max_new_tokens: int = Field(40, ge=1, le=MAX_ID, description="tokens to generate (capped by the server's limit)")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description=f"0 is greedy; else at least {MIN_TEMPERATURE}")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed, the same for both continuations")

@@ -45,7 +45,7 @@ def api_inspect(req: InspectRequest, request: Request):
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():
         model, sae = state.model(), state.sae()
-        result = inspect_text(sae, model, req.text, req.top)
+        result = inspect_text(sae, model, req.text, req.top, chat=req.chat)
     return inspect_json(state, model.tokenizer, req.text, result)
 
 
@@ -70,7 +70,7 @@ def api_feature_activations(feature_id: int, req: ActivationsRequest, request: R
     row = state.db.feature(feature_id)  # 404 for an unknown id, before the model loads
     with gate.held():
         model, sae = state.model(), state.sae()
-        ids, z = text_latents(sae, model, req.text, sae_hook_name(sae))  # z: (tokens, d_sae)
+        ids, z = text_latents(sae, model, req.text, sae_hook_name(sae), chat=req.chat)  # z: (tokens, d_sae)
     pieces = [model.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
     if "".join(pieces) != req.text:  # a character split across tokens decodes to U+FFFD piecewise
         cut, _ = segments(model.tokenizer, req.text)
@@ -109,8 +109,9 @@ def api_steer(req: SteerRequest, request: Request):
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():
         model, sae = state.model(), state.sae()
+        ids = prompt_ids(model, req.prompt, req.max_new_tokens, chat=req.chat)
         (c,) = compare_generations(model, sae, req.prompt, edits, max_new_tokens=req.max_new_tokens, samples=1,
-                                   seed=req.seed, temperature=req.temperature, db=state.db)
+                                   seed=req.seed, temperature=req.temperature, db=state.db, ids=ids)
     notes = {side: note for side, text in (("default", c.default_text), ("steered", c.steered_text))
              if (note := degenerate(text))}
     return {"prompt": req.prompt, "default": c.default_text, "steered": c.steered_text, "notes": notes,
@@ -223,7 +224,7 @@ def api_steer_stream(req: SteerRequest, request: Request):
     gate.acquire()
     try:
         model, sae = state.model(), state.sae()
-        ids = prompt_ids(model, req.prompt, req.max_new_tokens)  # ValueError (too long) → 422
+        ids = prompt_ids(model, req.prompt, req.max_new_tokens, chat=req.chat)  # ValueError (too long) → 422
         with steering(model, sae, edits, db=state.db):  # unknown or dead features, bad hook: 422 before streaming
             pass
     except BaseException:

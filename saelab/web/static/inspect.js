@@ -29,7 +29,7 @@
   async function follow(id) {
     saelab.status("inspect-status", "following #" + id + "…");
     try {
-      const r = await saelab.api("/api/features/" + id + "/activations", { text: result.text });
+      const r = await saelab.api("/api/features/" + id + "/activations", { text: result.text, chat: result.chat });
       document.getElementById("follow-title").textContent = "Feature #" + id + " on every token";
       const expl = document.getElementById("follow-explanation");
       saelab.clear(expl);
@@ -69,8 +69,10 @@
       const text = document.getElementById("inspect-text").value;
       result = await saelab.api("/api/inspect", {
         text: text, top: Number(document.getElementById("inspect-top").value),
+        chat: document.getElementById("inspect-chat").checked,
       });
       result.text = text;
+      result.chat = document.getElementById("inspect-chat").checked;
       document.getElementById("follow").hidden = true;
       render();
       saelab.status("inspect-status", result.tokens.length + " tokens");

@@ -110,6 +110,7 @@
     const prompt = document.getElementById("steer-prompt").value;
     const body = {
       prompt: prompt, features: readDials(), concept: readConcept(),
+      chat: document.getElementById("steer-chat").checked,
       max_new_tokens: Number(document.getElementById("steer-tokens").value),
       temperature: Number(document.getElementById("steer-temperature").value),
       seed: Number(document.getElementById("steer-seed").value),
