@@ -9,7 +9,9 @@ Lines (all over the same BOS-led windows of the SAE's corpus, validation split, 
   C  the analysis pass (forward + SAE encode + streaming statistics: ``info["tokens_per_s"]``)
   F  full-depth forward (logits): the floor for evaluation
   E  ``saelab.evaluate`` (clean + spliced + zero-ablated; the self-check on the first batch)
-Ratios B/A, C/A and E/F are per round, rounds alternate the order. Then the independent check:
+Every line runs with saelab's malloc tuning (the library's long jobs apply it; so must the floors) after
+one warm-up batch. Ratios B/A, C/A and E/F are per round; odd rounds run the lines in reverse order, so a
+load that rises or falls during a round favours neither side. Then the independent check:
 CE clean / spliced / zero-ablated from plain HF forwards with ``labels=`` (its own shift), the SAE's
 reconstruction put in by an intervention at the positions the SAE's position rule keeps.
 """
@@ -37,6 +39,7 @@ from saelab.hooks import intervene, run_to_hooks
 from saelab.models import load_model
 from saelab.positions import PositionRule
 from saelab.provenance import stage_inputs
+from saelab.runtime import tune_allocator
 
 
 def timed(fn) -> float:
@@ -72,6 +75,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
+    tune_allocator()
     sae = load_sae(args.sae)
     run = stage_inputs(sae)
     lm = load_model(run.model_name)
@@ -91,19 +95,29 @@ def main() -> None:
             for b in ids.split(args.batch_size):
                 lm.model(input_ids=b, use_cache=False)
 
+    with torch.no_grad():
+        lm.model(input_ids=ids[:args.batch_size], use_cache=False)          # warm-up
     ratios = {"B/A harvest": [], "C/A analysis": [], "E/F eval": []}
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            a = timed(bare_to_hook)
-            b = timed(lambda: harvest(lm, run.hook, run.corpus, tokens=n_tok, out=Path(tmp) / "acts", context=ctx,
-                                      batch_size=args.batch_size, dtype="float16", progress=False))
             cfg = AnalyzeConfig(tokens=n_tok, batch_size=args.batch_size, split="validation", map="none",
                                 explain=False)
-            db = analyze(sae, lm, run.corpus.source, out=Path(tmp) / "f.db", config=cfg, progress=False)
-            with FeatureDB.open(db) as fdb:
-                c_tps = fdb.sae_info()["tokens_per_s"]
-            f = timed(bare_full)
-            e = timed(lambda: evaluate(sae, lm, ids, tokens=n_tok, batch_size=args.batch_size, progress=False))
+
+            def analysis() -> float:
+                db = analyze(sae, lm, run.corpus.source, out=Path(tmp) / "f.db", config=cfg, progress=False)
+                with FeatureDB.open(db) as fdb:
+                    return n_tok / fdb.sae_info()["tokens_per_s"]           # seconds of the pass itself
+
+            lines = {"A": bare_to_hook, "B": lambda: harvest(
+                         lm, run.hook, run.corpus, tokens=n_tok, out=Path(tmp) / "acts", context=ctx,
+                         batch_size=args.batch_size, dtype="float16", progress=False),
+                     "C": analysis, "F": bare_full,
+                     "E": lambda: evaluate(sae, lm, ids, tokens=n_tok, batch_size=args.batch_size, progress=False)}
+            secs = {}
+            for name in (list(lines) if r % 2 == 0 else list(reversed(lines))):
+                secs[name] = lines[name]() if name == "C" else timed(lines[name])
+        a, b, f, e = secs["A"], secs["B"], secs["F"], secs["E"]
+        c_tps = n_tok / secs["C"]
         ratios["B/A harvest"].append(a / b)
         ratios["C/A analysis"].append(c_tps / (n_tok / a))
         ratios["E/F eval"].append(f / e)

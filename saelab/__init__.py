@@ -3,7 +3,7 @@
 Public API (re-exported names only; each lives in its stage's module).
 """
 
-from saelab.analyze import AnalyzeConfig, analyze
+from saelab.analyze import analyze
 from saelab.corpus import CorpusSpec
 from saelab.evaluate import EvalReport, evaluate
 from saelab.explain import detection_score, offline_explanation
@@ -17,6 +17,7 @@ from saelab.models import LoadedModel, load_model
 from saelab.monitor import Watchlist, scan
 from saelab.neuronpedia import export_neuronpedia
 from saelab.sae import SAE, SAEConfig
+from saelab.stage_config import AnalyzeConfig, EvalConfig, HarvestConfig
 from saelab.store import ActivationStore
 from saelab.steer import Ablate, Add, Clamp, steering
 from saelab.textfeatures import contrastive_search, inspect_text
@@ -33,11 +34,13 @@ __all__ = [
     "contrastive_search",
     "CorpusSpec",
     "detection_score",
+    "EvalConfig",
     "EvalReport",
     "evaluate",
     "export_neuronpedia",
     "FeatureDB",
     "harvest",
+    "HarvestConfig",
     "hook_names",
     "inspect_text",
     "intervene",

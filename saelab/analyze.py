@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -39,59 +39,12 @@ from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows
 from saelab.models import LoadedModel, load_model
 from saelab.positions import PositionRule
 from saelab.provenance import Provenance, stage_inputs
+from saelab.stage_config import AnalyzeConfig, with_overrides
 from saelab.runtime import tune_allocator
 from saelab.token_cache import sequences
 
 FINAL_RMS_SEQS = 4
 """Sequences of the first batch run through the whole model to measure the final residual's mean RMS."""
-
-
-@dataclass
-class AnalyzeConfig:
-    """Knobs of the analysis pass (defaults suit a 1M-token pass on CPU)."""
-
-    tokens: int = 1_000_000
-    """Tokens to analyse (rounded up to whole sequences)."""
-    context: int | None = None
-    """Sequence length; default the SAE's training context_size (else saelab.provenance.DEFAULT_CONTEXT)."""
-    batch_size: int = 32
-    """Sequences per forward pass."""
-    split: str = "auto"
-    """validation | train | all | auto (validation first, then train once it runs out)."""
-    seed: int = 0
-    """Document order and reservoir sampling."""
-    k_top: int = 20
-    """Top-activating contexts kept per feature."""
-    n_quantiles: int = 5
-    """Activation bands (equal fractions of the max) sampled per feature."""
-    per_quantile: int = 4
-    """Examples kept per band."""
-    n_random: int = 6
-    """Uniformly random firing examples per feature, and as many windows from a shared pool of uniformly
-    random corpus windows (mostly non-firing: the negatives for detection scoring)."""
-    pool: int = 256
-    """Size of that shared pool of random windows."""
-    window_left: int = 12
-    """Tokens kept before the chosen token."""
-    window_right: int = 4
-    """Tokens kept after it."""
-    skip_bos: bool = True
-    """Leave BOS tokens out of stats and examples (attention sinks above the SAE's recorded sink_factor
-    × their window's median norm are left out too: :mod:`saelab.positions`)."""
-    coact_top: int = 8
-    """Strongest latents per token counted for co-activation."""
-    coact_max_pairs: int = 4_000_000
-    """Pair-table size that triggers pruning to top partners."""
-    coact_partners: int = 32
-    """Partners kept per feature when pruning, and stored in the coactivation table."""
-    n_logits: int = 10
-    """Top and bottom logit-effect tokens stored."""
-    n_neighbours: int = 10
-    """Decoder / co-activation neighbours stored."""
-    map: str = "auto"
-    """auto | umap | pca | none."""
-    explain: bool = True
-    """Write offline explanations (and their detection scores) when saelab.explain is available."""
 
 
 # -- the pass ----------------------------------------------------------------------------------------
@@ -358,11 +311,7 @@ def analyze(sae, model=None, corpus=None, *, out: Path | str | None = None, hook
     (``tokens=``, ``context=``, ``batch_size=``, ``k_top=``, ``n_quantiles=``, ``seed=``, ``split=`` ...).
     """
     tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
-    names = {f.name for f in fields(AnalyzeConfig)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise TypeError(f"analyze() got unknown options {sorted(unknown)}; valid: {sorted(names)}")
-    cfg = AnalyzeConfig(**{**(asdict(config) if config else {}), **overrides})
+    cfg = with_overrides(AnalyzeConfig, config, overrides)
     setup = resolve_inputs(sae, model, corpus, hook)
     if out is None:
         if setup.sae_path is None:

@@ -106,6 +106,8 @@ class EvalReport:
     exclude_bos: bool
     positions: dict
     """The positions left out (:class:`saelab.positions.PositionRule` and counts of BOS and sink positions)."""
+    config: dict
+    """The :class:`saelab.stage_config.EvalConfig` it ran with, whole."""
     reconstruction: Reconstruction
     sparsity: Sparsity
     downstream: Downstream | None

@@ -37,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
+from dataclasses import asdict
 from itertools import islice
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -50,6 +52,7 @@ from saelab.models import LoadedModel, load_model
 from saelab.positions import PositionRule
 from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
+from saelab.stage_config import EvalConfig, with_overrides
 from saelab.token_cache import sequences
 
 __all__ = ["compare", "Downstream", "EvalReport", "evaluate", "Reconstruction", "SelfCheck", "Sparsity",
@@ -312,95 +315,103 @@ def _token_ids(spec: CorpusSpec, lm: LoadedModel, context: int, tokens: int, see
 
 # -- the public functions --------------------------------------------------------------------------
 
-@torch.no_grad()
-def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | str | torch.Tensor | None = None, *,
-             tokens: int = 200_000, context: int | None = None, batch_size: int = 8, seed: int = 0,
-             hook: str | None = None, exclude_bos: bool | None = None, progress: bool = True,
-             name: str | None = None, ablations: tuple[str, ...] = ("zero",)) -> EvalReport:
-    """Reconstruction, sparsity and downstream metrics of ``sae`` at its hook in ``model``.
+class _Inputs(NamedTuple):
+    """What one evaluation runs on, resolved from the SAE's provenance, the caller and the model."""
 
-    ``model``: a LoadedModel or a name for :func:`load_model` (default: the SAE's ``model_name``).
-    ``corpus``: a CorpusSpec, a source string (its validation split), or token ids ``[n, context]``;
-    default: the SAE's training corpus, validation split. ``tokens`` are rounded up to whole sequences
-    of ``context`` (default: the SAE's ``context_size``, else 256, capped at the model's positions).
-    ``batch_size`` sequences per forward: peak memory is a few ``[batch, context, vocab]`` logits.
-    ``exclude_bos``: default from the SAE's provenance (see the module docstring).
-    ``ablations``: the baselines for CE recovered: ``"zero"`` always, ``"mean"`` on request (one more
-    pass to the hook, and one more forward per batch).
-    """
-    unknown = set(ablations) - {"zero", "mean"}
-    if unknown or "zero" not in ablations:
-        raise ValueError(f"ablations must be ('zero',) or ('zero', 'mean'), got {ablations}")
-    tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
-    warnings: list[str] = []
+    lm: LoadedModel
+    hook: str
+    ids: torch.Tensor
+    """``[n_seq, context]`` BOS-led token ids (a few MB at most: the only thing held for the whole pass)."""
+    corpus: dict
+    rule: PositionRule
+
+
+def _inputs(sae, model, corpus, cfg: EvalConfig, hook: str | None, warnings: list[str]) -> _Inputs:
     given_ids = corpus if isinstance(corpus, torch.Tensor) else None
+    context = cfg.context
     if given_ids is not None:
         if given_ids.dim() != 2 or given_ids.shape[1] < 2:
             raise ValueError(f"token ids must be [n_seq, context >= 2], got shape {tuple(given_ids.shape)}")
         context, corpus = given_ids.shape[-1], None  # given token ids set the context
-    model_name = None if isinstance(model, LoadedModel) else model
-    run = stage_inputs(sae, model=model_name or (model.name if isinstance(model, LoadedModel) else None),
-                       hook=hook, corpus=corpus, context=context, exclude_bos=exclude_bos)
+    name = model.name if isinstance(model, LoadedModel) else model
+    run = stage_inputs(sae, model=name, hook=hook, corpus=corpus, context=context, exclude_bos=cfg.exclude_bos)
     prov = run.provenance
     if hook and prov.hook_read and hook != prov.hook_read:
         warnings.append(f"evaluated at hook {hook!r}, but the SAE was trained on {prov.hook_read!r}")
     lm = model if isinstance(model, LoadedModel) else load_model(run.model_name)
-    hook = run.hook
-    _check_fits(sae, lm, hook, prov.model_name)
+    _check_fits(sae, lm, run.hook, prov.model_name)
     context = run.context
     if lm.max_positions and context > lm.max_positions and given_ids is None:
         warnings.append(f"context {context} exceeds the model's {lm.max_positions} positions; using {lm.max_positions}")
         context = lm.max_positions
     if given_ids is not None:
-        ids, corpus_json = given_ids[:max(1, math.ceil(tokens / context))].long(), {"source": "token ids",
-                                                                                     "split": "given"}
+        ids, corpus_json = given_ids[:max(1, math.ceil(cfg.tokens / context))].long(), {"source": "token ids",
+                                                                                         "split": "given"}
     else:
-        ids, corpus_json = _token_ids(run.corpus, lm, context, tokens, seed), {**run.corpus.to_json(), "seed": seed}
-    if ids.numel() < tokens:
-        warnings.append(f"the corpus gave only {ids.numel():,} of the {tokens:,} tokens asked for")
-    exclude_bos = run.exclude_bos
-    rule = PositionRule(bos_token_id(lm.tokenizer) if exclude_bos else None, prov.sink_factor)
-    recorded_hash = prov.model_weights_sha256
-    if recorded_hash and recorded_hash != lm.weights_hash:
+        ids = _token_ids(run.corpus, lm, context, cfg.tokens, cfg.seed)
+        corpus_json = {**run.corpus.to_json(), "seed": cfg.seed}
+    if ids.numel() < cfg.tokens:
+        warnings.append(f"the corpus gave only {ids.numel():,} of the {cfg.tokens:,} tokens asked for")
+    if prov.model_weights_sha256 and prov.model_weights_sha256 != lm.weights_hash:
         warnings.append(f"model {lm.name!r} has other weights than the SAE was trained on "
-                        f"(sha256 {lm.weights_hash[:12]}…, provenance says {recorded_hash[:12]}…)")
-    ev = _Evaluator(sae, lm, hook, rule, tuple(ablations))
+                        f"(sha256 {lm.weights_hash[:12]}…, provenance says {prov.model_weights_sha256[:12]}…)")
+    rule = PositionRule(bos_token_id(lm.tokenizer) if run.exclude_bos else None, prov.sink_factor)
+    return _Inputs(lm, run.hook, ids, corpus_json, rule)
+
+
+@torch.no_grad()
+def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | str | torch.Tensor | None = None, *,
+             config: EvalConfig | None = None, hook: str | None = None, progress: bool = True,
+             name: str | None = None, **overrides) -> EvalReport:
+    """Reconstruction, sparsity and downstream metrics of ``sae`` at its hook in ``model``.
+
+    ``model``: a LoadedModel or a name for :func:`load_model` (default: the SAE's ``model_name``).
+    ``corpus``: a CorpusSpec, a source string (its validation split), or token ids ``[n, context]``;
+    default: the SAE's training corpus, validation split. ``config``: an :class:`EvalConfig` (tokens,
+    context, batch size, seed, BOS rule, ablations); its fields can also be given as keywords
+    (``evaluate(sae, lm, tokens=16_384)``). The report records it whole (``config``).
+    """
+    cfg = with_overrides(EvalConfig, config, overrides)
+    tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
+    warnings: list[str] = []
+    inp = _inputs(sae, model, corpus, cfg, hook, warnings)
+    ev = _Evaluator(sae, inp.lm, inp.hook, inp.rule, cfg.ablations)
     was_training = sae.training
     sae.eval()  # batchtopk uses its learned threshold at inference
+    label, ids = name or "sae", inp.ids
     try:
-        label = name or "sae"
         if ev.causal and "mean" in ev.ablations:
             with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: mean activation", disable=not progress,
                       leave=False) as bar:
-                ev.mean_activation(ids, batch_size, bar)
+                ev.mean_activation(ids, cfg.batch_size, bar)
         with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: evaluating", disable=not progress,
                   leave=False) as bar:
-            for b in ids.split(batch_size):
+            for b in ids.split(cfg.batch_size):
                 ev.step(b)
                 bar.update(b.numel())
     finally:
         sae.train(was_training)
-    return _report(ev, name or "sae", lm, hook, corpus_json, ids, seed, exclude_bos, warnings)
+    return _report(ev, label, inp, cfg, warnings)
 
 
-def _report(ev: _Evaluator, name, lm, hook, corpus_json, ids, seed, exclude_bos, warnings) -> EvalReport:
+def _report(ev: _Evaluator, name: str, inp: _Inputs, cfg: EvalConfig, warnings: list[str]) -> EvalReport:
     sparsity, density = ev.sparsity.result()
     check = ev.self_check()
     if not check.ok:
         warnings.append(f"SELF-CHECK FAILED: splicing x_hat + (x - x_hat) changed the model's {check.output} by "
                         f"{check.relative_diff:.2e} (relative; tolerance {check.tolerance:.0e}): the activation "
-                        f"replaced at {hook!r} is not the one the SAE read, so the spliced metrics are wrong")
+                        f"replaced at {inp.hook!r} is not the one the SAE read, so the spliced metrics are wrong")
     unavailable = {}
     if not ev.causal:
-        why = f"model {lm.name!r} has no LM head (loaded without one): no next-token distribution"
+        why = f"model {inp.lm.name!r} has no LM head (loaded without one): no next-token distribution"
         unavailable = {m: why for m in ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated",
                                         "ce_recovered", "delta_loss", "kl")}
     elif "mean" not in ev.ablations:
         unavailable = {m: "not asked for (--mean-ablation)" for m in ("ce_mean_ablated", "ce_recovered_mean")}
     positions = {**ev.rule.to_json(), "excluded_bos": int(ev.sums["excluded_bos"]),
                  "excluded_sinks": int(ev.sums["excluded_sink"])}
-    return EvalReport(sae=name, model=lm.name, hook=hook, corpus=corpus_json, context=int(ids.shape[1]),
-                      tokens=ids.numel(), seed=seed, exclude_bos=exclude_bos, positions=positions,
-                      reconstruction=ev.recon.result(),
+    return EvalReport(sae=name, model=inp.lm.name, hook=inp.hook, corpus=inp.corpus, context=int(inp.ids.shape[1]),
+                      tokens=inp.ids.numel(), seed=cfg.seed, exclude_bos=ev.rule.bos_id is not None,
+                      positions=positions, config=asdict(cfg), reconstruction=ev.recon.result(),
                       sparsity=sparsity, downstream=ev.downstream() if ev.causal else None, self_check=check,
                       unavailable=unavailable, warnings=warnings, feature_density=density)

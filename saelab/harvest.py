@@ -25,10 +25,12 @@ import os
 import queue
 import threading
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import torch
+from tqdm import tqdm
 
 from saelab import store as st
 from saelab.corpus import WINDOW_START, CorpusSpec, bos_token_id, tokenizer_identity
@@ -37,9 +39,9 @@ from saelab.locks import exclusive
 from saelab.models import LoadedModel, load_model
 from saelab.positions import SINK_FACTOR, PositionRule
 from saelab.runtime import tune_allocator
+from saelab.stage_config import HarvestConfig, with_overrides
 from saelab.token_cache import sequences
 
-NAN_POLICIES = ("fail", "skip")
 SHARD_BYTES = 64 << 20  # default shard size: large writes, bounded memory
 STATS_CHUNK = 16384     # rows per statistics update (bounds the float64 temporaries)
 PREFETCH_BATCHES = 4    # token batches prepared ahead by the tokenising thread
@@ -99,13 +101,12 @@ class _Sink:
                 writer.raise_error()
 
     def add(self, act: torch.Tensor, norms: torch.Tensor, ids: torch.Tensor, seq0: int, keep: torch.Tensor,
-            shard: int, opts: dict, writer: "_Writer") -> None:
+            shard: int, rule: PositionRule, writer: "_Writer") -> None:
         """Copy the kept rows of ``act [b, ctx, d]`` (row ``norms [b, ctx]``; ``keep [b, ctx]``: finite
         sequences) into the shard buffer."""
         if shard < self.first_new_shard:
             return
         b, ctx, d = act.shape
-        rule: PositionRule = opts["rule"]
         counted = rule.keep(ids, norms)
         if rule.bos_id is not None:
             self.excluded["bos"] += int((keep & (ids == rule.bos_id)).sum())
@@ -272,21 +273,6 @@ def _batched(it: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
         yield torch.stack(chunk)                                            # (b, ctx)
 
 
-def _check_args(tokens, context, batch_size, dtype, nan_policy, sink_factor, lm) -> None:
-    if tokens < 1 or context < 2 or batch_size < 1:
-        raise ValueError(f"tokens, batch_size must be positive and context >= 2 (got {tokens}, {batch_size}, "
-                         f"{context})")
-    if dtype not in st.DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(st.DTYPES)}")
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"unknown nan_policy {nan_policy!r}; choose fail or skip")
-    if sink_factor is not None and not sink_factor > 1:
-        raise ValueError(f"sink_factor must be > 1 (a multiple of the window's median norm), got {sink_factor}")
-    limit = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
-    if limit and context > limit:
-        raise ValueError(f"context {context} is longer than the model's {limit} positions")
-
-
 def _check_multi_out(out: Path, points: list[HookPoint]) -> None:
     """A multi-hook ``out`` may hold only this harvest's per-hook folders (checked before writing)."""
     if not out.is_dir():
@@ -298,39 +284,42 @@ def _check_multi_out(out: Path, points: list[HookPoint]) -> None:
                               f"there, but it already holds {', '.join(foreign[:5])}; choose an empty or new --out")
 
 
-def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec | str, *, tokens: int,
-            out: Path | str, context: int = 256, batch_size: int = 32, dtype: str = "float32", seed: int = 0,
-            resume: bool = False, exclude_bos: bool = True, sink_factor: float | None = SINK_FACTOR,
-            nan_policy: str = "fail", shard_rows: int | None = None, progress: bool = True):
-    """Harvest ``tokens`` positions (rounded up to whole sequences) at ``hooks`` into stores.
+def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec | str, *, out: Path | str,
+            config: HarvestConfig | None = None, resume: bool = False, progress: bool = True, **overrides):
+    """Harvest ``config.tokens`` positions (rounded up to whole sequences) at ``hooks`` into stores.
 
-    Returns the :class:`ActivationStore` (one hook) or ``{hook: ActivationStore}`` (several).
+    ``config``: a :class:`HarvestConfig`; its fields can also be given (or overridden) as keywords:
+    ``harvest(lm, hook, corpus, out=..., tokens=400_000, dtype="float16")``. The store's manifest records
+    it whole (``harvest``). Returns the :class:`ActivationStore` (one hook) or ``{hook: ActivationStore}``.
     """
     tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
+    if config is None and "tokens" not in overrides:
+        raise TypeError("harvest() needs tokens=... (or a HarvestConfig)")
+    cfg = with_overrides(HarvestConfig, config, overrides)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     names = [hooks] if isinstance(hooks, str) else list(hooks)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"give one or more distinct hooks, got {names}")
     points = [resolve(lm.model, n) for n in names]
     spec = CorpusSpec(corpus) if isinstance(corpus, str) else corpus
-    _check_args(tokens, context, batch_size, dtype, nan_policy, sink_factor, lm)
-    seq_iter = sequences(spec, lm.tokenizer, context, seed)   # a missing corpus path fails here
+    if lm.max_positions and cfg.context > lm.max_positions:
+        raise ValueError(f"context {cfg.context} is longer than the model's {lm.max_positions} positions")
+    seq_iter = sequences(spec, lm.tokenizer, cfg.context, cfg.seed)   # a missing corpus path fails here
     widths = hook_shapes(lm.model, names)
-    itemsize = st.DTYPES[dtype].itemsize
-    target = shard_rows or max(1, SHARD_BYTES // (max(widths.values()) * itemsize))
-    seqs_per_shard = batch_size * max(1, round(target / (batch_size * context)))
+    itemsize = st.DTYPES[cfg.dtype].itemsize
+    target = cfg.shard_rows or max(1, SHARD_BYTES // (max(widths.values()) * itemsize))
+    seqs_per_shard = cfg.batch_size * max(1, round(target / (cfg.batch_size * cfg.context)))
     bos_id = bos_token_id(lm.tokenizer)
-    rule = PositionRule(bos_id if exclude_bos else None, sink_factor)
+    rule = PositionRule(bos_id if cfg.exclude_bos else None, cfg.sink_factor)
     common = {"format": st.FORMAT, "version": st.VERSION, "model_name": lm.name, "model_family": lm.family,
               "model_weights_sha256": lm.weights_hash, "gguf_sha256": lm.gguf_sha256,
               "tokenizer": tokenizer_identity(lm.tokenizer),
-              "context": context, "dtype": dtype,
+              "context": cfg.context, "dtype": cfg.dtype,
               "bos": {"token_id": bos_id, "prepended_per_document": True, "window_start": WINDOW_START,
-                      "excluded": exclude_bos},
+                      "excluded": cfg.exclude_bos},
               "positions": rule.to_json(),
-              "corpus": {**spec.to_json(), "seed": seed},
-              "harvest": {"tokens": tokens, "batch_size": batch_size, "seqs_per_shard": seqs_per_shard,
-                          "nan_policy": nan_policy}}
+              "corpus": {**spec.to_json(), "seed": cfg.seed},
+              "harvest": {**asdict(cfg), "seqs_per_shard": seqs_per_shard}}
     out = Path(out).expanduser()
     with exclusive(out, "harvest"):     # one writer per store folder, for the whole harvest
         if len(points) > 1:
@@ -340,17 +329,15 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
             path = out if len(points) == 1 else store_dir(out, p.name)
             header = {**common, "hook_name": p.name, "hf_hook_name": p.hf_hook_name, "hook_module": p.module_path,
                       "hook_io": p.io, "d_in": widths[p.name]}
-            sinks.append(_Sink(p, path, st.prepare(path, header, resume), st.DTYPES[dtype]))
-        _run(lm, sinks, seq_iter, n_seqs=math.ceil(tokens / context), seqs_per_shard=seqs_per_shard,
-             batch_size=batch_size, rule=rule, nan_policy=nan_policy, progress=progress)
+            sinks.append(_Sink(p, path, st.prepare(path, header, resume), st.DTYPES[cfg.dtype]))
+        _run(lm, sinks, seq_iter, cfg, rule, seqs_per_shard=seqs_per_shard, progress=progress)
     stores = {s.point.name: st.ActivationStore.open(s.path) for s in sinks}
     return stores[names[0]] if len(names) == 1 else stores
 
 
-def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], *, n_seqs: int,
-         seqs_per_shard: int, batch_size: int, rule: PositionRule, nan_policy: str, progress: bool) -> None:
-    from tqdm import tqdm
-
+def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], cfg: HarvestConfig,
+         rule: PositionRule, *, seqs_per_shard: int, progress: bool) -> None:
+    n_seqs, batch_size = math.ceil(cfg.tokens / cfg.context), cfg.batch_size
     # Resume from the store that is furthest behind (a kill can fall between two hooks' writes).
     behind = min(sinks, key=lambda s: len(s.manifest["shards"]))
     shard = len(behind.manifest["shards"])
@@ -362,7 +349,6 @@ def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], 
     writer = _Writer(background)
     bar = tqdm(total=n_seqs * context, initial=min(seq0, n_seqs) * context, unit="tok", unit_scale=True,
                disable=not progress, desc="harvest")
-    opts = {"rule": rule}
     # Packing (and tokenising, for uncached corpora) runs in its own thread when a core is spare.
     batches = _batched(itertools.islice(seq_iter, seq0, n_seqs), batch_size)
     if PREFETCH_BATCHES and background:
@@ -371,11 +357,11 @@ def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], 
         for ids in batches:
             acts = run_to_hooks(lm.model, ids.to(device), names)
             norms = {name: _row_norms(a).cpu() for name, a in acts.items()}   # (b, ctx) each
-            keep, skipped = _finite_rows(acts, norms, seq0, nan_policy)
+            keep, skipped = _finite_rows(acts, norms, seq0, cfg.nan_policy)
             for sink in sinks:
                 if shard >= sink.first_new_shard:
                     sink.skipped.extend(skipped)
-                sink.add(acts[sink.point.name], norms[sink.point.name], ids, seq0, keep, shard, opts, writer)
+                sink.add(acts[sink.point.name], norms[sink.point.name], ids, seq0, keep, shard, rule, writer)
             seq0 += ids.shape[0]
             bar.update(ids.numel())
             if seq0 - shard * seqs_per_shard == seqs_per_shard:

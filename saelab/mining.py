@@ -31,12 +31,11 @@ feature's activations around the chosen token, cut from the batch's sparse laten
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-if TYPE_CHECKING:  # annotation only: analyze imports this module
-    from saelab.analyze import AnalyzeConfig
+from saelab.stage_config import AnalyzeConfig
 
 HIST_LO, HIST_HI, HIST_PER_DECADE = -6, 6, 10
 N_BINS = (HIST_HI - HIST_LO) * HIST_PER_DECADE

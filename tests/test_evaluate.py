@@ -308,3 +308,14 @@ def test_cli_evaluates_several_sae_folders(tiny_model_dirs, tmp_path, capsys):
     save_sae(_zero(32), tmp_path / "c", hook_name=HOOK)
     assert main(["eval", str(tmp_path / "c")]) == 2
     assert "does not record its model" in capsys.readouterr().err
+
+
+def test_config_is_checked_first_and_recorded_whole(llama):
+    from saelab.stage_config import EvalConfig
+
+    with pytest.raises(ValueError, match="ablations"):
+        EvalConfig(ablations=("mean",))
+    with pytest.raises(TypeError, match="unknown options"):
+        _run(_topk(32), llama, tokenz=5)
+    r = _run(_topk(32), llama, config=EvalConfig(batch_size=3), seed=4)
+    assert r.config["batch_size"] == 3 and r.config["seed"] == 4 and list(r.to_json()["config"]["ablations"]) == ["zero"]

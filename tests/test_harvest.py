@@ -319,3 +319,20 @@ def test_float16_overflow_refused(env, tmp_path):
     with intervene(env["lm"], {HOOK: huge}):
         with pytest.raises(ValueError, match="exceed the float16 range.*bfloat16"):
             harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "s", dtype="float16", **ARGS)
+
+
+def test_config_recorded_whole_in_the_manifest(env, tmp_path):
+    from saelab.stage_config import HarvestConfig
+
+    cfg = HarvestConfig(**ARGS_CONFIG)
+    store = harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "s", config=cfg, progress=False)
+    recorded = store.manifest["harvest"]
+    assert {k: recorded[k] for k in ARGS_CONFIG} == ARGS_CONFIG and recorded["seqs_per_shard"] == 8
+    assert shard_bytes(tmp_path / "s") == shard_bytes(env["ref"].path)     # the same harvest as by keywords
+    with pytest.raises(ValueError, match="sink_factor"):
+        HarvestConfig(tokens=10, sink_factor=0.5)
+    with pytest.raises(TypeError, match="needs tokens"):
+        harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "t")
+
+
+ARGS_CONFIG = {k: v for k, v in ARGS.items() if k != "progress"}

@@ -135,12 +135,14 @@ def _run_harvest(args) -> None:
     from saelab.corpus import CorpusSpec
     from saelab.harvest import harvest
     from saelab.models import load_model
+    from saelab.stage_config import HarvestConfig
 
+    config = HarvestConfig(tokens=args.tokens, context=args.context, batch_size=args.batch_size, dtype=args.dtype,
+                           seed=args.seed, exclude_bos=args.exclude_bos, sink_factor=args.sink_factor or None,
+                           nan_policy=args.nan_policy, shard_rows=args.shard_rows)   # checked before the model loads
     lm = load_model(args.model, device=args.device)
-    result = harvest(lm, args.hook, CorpusSpec(args.corpus, args.split), tokens=args.tokens, out=args.out,
-                     context=args.context, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
-                     resume=args.resume, exclude_bos=args.exclude_bos, sink_factor=args.sink_factor or None,
-                     nan_policy=args.nan_policy, shard_rows=args.shard_rows, progress=True)
+    result = harvest(lm, args.hook, CorpusSpec(args.corpus, args.split), out=args.out, config=config,
+                     resume=args.resume, progress=True)
     for store in result.values() if isinstance(result, dict) else [result]:
         print(f"{store.path}: {store.n_rows:,} rows of {store.hook_name} (d_in={store.d_in}), "
               f"{len(store.shards)} shards")

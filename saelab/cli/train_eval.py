@@ -124,9 +124,10 @@ def _run_eval(args) -> None:
     from saelab.formats import load_sae
     from saelab.models import load_model
     from saelab.provenance import stage_inputs
+    from saelab.stage_config import EvalConfig
 
-    if args.tokens < 1 or args.batch_size < 1:
-        raise ValueError("--tokens and --batch-size must be positive")
+    config = EvalConfig(tokens=args.tokens, context=args.context, batch_size=args.batch_size, seed=args.seed,
+                        ablations=("zero", "mean") if args.mean_ablation else ("zero",))   # checked before loading
     models, reports = {}, []
     for folder in args.sae:
         sae = load_sae(folder, device=args.device)
@@ -136,9 +137,7 @@ def _run_eval(args) -> None:
             raise ValueError(f"{folder}: {e}") from None
         if run.model_name not in models:
             models[run.model_name] = load_model(run.model_name, device=args.device)
-        report = evaluate(sae, models[run.model_name], run.corpus, tokens=args.tokens, context=args.context,
-                          batch_size=args.batch_size, seed=args.seed, hook=args.hook, name=folder,
-                          ablations=("zero", "mean") if args.mean_ablation else ("zero",))
+        report = evaluate(sae, models[run.model_name], run.corpus, config=config, hook=args.hook, name=folder)
         if not args.no_save:
             report.save(folder)
         reports.append(report)

@@ -110,7 +110,7 @@ def append_shard(path: Path, manifest: dict, acts: torch.Tensor, tokens: torch.T
 
 # fields that must agree for a resumed harvest to continue the same store
 IDENTITY = ("model_weights_sha256", "tokenizer", "hook_name", "hf_hook_name", "hook_io", "d_in", "dtype",
-            "context", "bos", "corpus", "harvest")
+            "context", "bos", "positions", "corpus", "harvest")
 
 
 def _flat(obj, prefix: str = "") -> dict:
