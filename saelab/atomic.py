@@ -150,6 +150,19 @@ def _step_of(line: str) -> int | None:
     return rec.get("step", 0) if isinstance(rec, dict) else None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie counts as alive until reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # exists, owned by someone else
+        return True
+    return True
+
+
 def pid_of_temp(name: str) -> int | None:
     """The PID in a temporary name ``.<target>.tmp-PID`` / ``.<target>.old-PID`` (None if not one)."""
     head, sep, pid = name.rpartition("-")
@@ -160,8 +173,6 @@ def remove_stale_temps(target: Path | str) -> list[Path]:
     """Delete the temporary siblings of ``target`` (``.<name>.tmp-PID`` files or folders, and
     ``.<name>.old-PID`` folders once ``target`` exists again) left by killed processes: only those
     whose PID is no longer running. Returns what was removed."""
-    from saelab.locks import pid_alive
-
     target = Path(target)
     removed = []
     if not target.parent.is_dir():

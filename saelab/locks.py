@@ -5,8 +5,9 @@ run folder or features.db, never inside it: a run folder is replaced as a whole 
 The kernel drops the lock when its holder dies, however it dies, so a stale lock file (kill -9, a
 crash) is simply taken over; the PID written in it only names the holder for the error message. The
 holder deletes the file when it finishes; a contender that locked a file just deleted notices (the
-name points at another inode or none) and tries again. Locks are re-entrant within a process (``saelab demo`` nests stages), and not taken on platforms
-without ``fcntl``.
+name points at another inode or none) and tries again. Locks are re-entrant within a process
+(``analyze()`` holds features.db's lock for its whole pass and ``featuredb.build`` takes it again),
+and not taken on platforms without ``fcntl``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ try:
 except ImportError:  # Windows: no advisory locks here; jobs run unguarded
     fcntl = None
 
-_held: dict[Path, list] = {}          # lock file → [fd, depth] held by this process
+# lock file → [fd, depth] held by this process: flock would refuse the same process a second
+# descriptor, so a nested exclusive() only counts.
+_held: dict[Path, list] = {}
 _guard = threading.Lock()
 
 
@@ -42,19 +45,6 @@ def holder(target: Path | str) -> int | None:
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (a zombie counts as alive until reaped)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # exists, owned by someone else
-        return True
-    return True
 
 
 @contextmanager
