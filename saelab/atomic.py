@@ -20,10 +20,9 @@ from safetensors.torch import save_file
 
 from saelab.errors import StorageError
 
-# errno → what the user reads; the texts are how safetensors (Rust io::Error) and SQLite report the same
-_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-            errno.EPERM: "operation not permitted"}
+# errno → what the user reads (the system's words); _STORAGE_TEXTS: how safetensors (Rust io::Error) and
+# SQLite report the same conditions
+_STORAGE = {code: os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)}
 _STORAGE_TEXTS = {"no space left on device": errno.ENOSPC, "storagefull": errno.ENOSPC,
                   "database or disk is full": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
                   "read-only file system": errno.EROFS, "readonlyfilesystem": errno.EROFS,

@@ -326,7 +326,7 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
               "harvest": {"tokens": tokens, "batch_size": batch_size, "seqs_per_shard": seqs_per_shard,
                           "max_norm_factor": max_norm_factor, "nan_policy": nan_policy}}
     out = Path(out).expanduser()
-    with exclusive(out, "harvest"):     # one writer per store folder, for the whole harvest
+    with exclusive(out, "harvest", "store folder"):     # one writer per store folder, for the whole harvest
         if len(points) > 1:
             _check_multi_out(out, points)
         sinks = []

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from saelab.atomic import storage_errors
-from saelab.errors import FolderLocked
+from saelab.errors import FolderLocked, SaelabError
 
 try:
     import fcntl
@@ -48,8 +48,10 @@ def holder(target: Path | str) -> int | None:
 
 
 @contextmanager
-def exclusive(target: Path | str, what: str = "job") -> Iterator[None]:
-    """Hold the lock on ``target`` for the block; a second writer gets :class:`FolderLocked` at once."""
+def exclusive(target: Path | str, what: str = "job", noun: str = "folder") -> Iterator[None]:
+    """Hold the lock on ``target`` for the block; a second writer gets :class:`FolderLocked` at once.
+
+    ``what`` names the job and ``noun`` the target in messages ("harvest", "store folder")."""
     if fcntl is None:
         yield
         return
@@ -66,7 +68,7 @@ def exclusive(target: Path | str, what: str = "job") -> Iterator[None]:
         finally:
             _release(path)
         return
-    fd = _acquire(path, target, what)
+    fd = _acquire(path, target, what, noun)
     with _guard:
         _held[path] = [fd, 1]
     try:
@@ -75,10 +77,15 @@ def exclusive(target: Path | str, what: str = "job") -> Iterator[None]:
         _release(path)
 
 
-def _acquire(path: Path, target: Path | str, what: str) -> int:
+def _acquire(path: Path, target: Path | str, what: str, noun: str) -> int:
     """Open and flock ``path``; returns the descriptor. Retries when the file was replaced meanwhile."""
-    with storage_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with storage_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if isinstance(e, SaelabError):
+            raise
+        raise OSError(f"cannot create the {noun} {target}: {e.strerror or e} ({e.filename})") from None
     while True:
         with storage_errors(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # no O_TRUNC: the holder's PID must survive

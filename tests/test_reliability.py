@@ -223,7 +223,7 @@ def test_full_disk_while_writing_a_shard_is_one_clear_error_and_leaves_nothing(t
 
     monkeypatch.setattr("saelab.store.writing.save_file", full)
     x = torch.ones(64, D_IN)
-    with pytest.raises(StorageError, match=r"no space left on device \(needs about [\d.]+ kB, .* free there\)"):
+    with pytest.raises(StorageError, match=r"No space left on device \(needs about [\d.]+ kB, .* free there\)"):
         st.append_shard(store.path, manifest, x, torch.zeros(64), torch.zeros(64), torch.arange(64))
     assert sorted(p.name for p in store.path.iterdir()) == ["manifest.json", st.shard_name(0), st.shard_name(1)]
     assert json.loads((store.path / st.MANIFEST).read_text()) == manifest
@@ -241,7 +241,7 @@ def test_harvest_on_a_full_disk_ends_with_one_line(tmp_path, monkeypatch, capsys
     corpus.write_text("def f(x):\n    return x + 1\n" * 40)
     rc = main(["harvest", "--model", "builtin", "--hook", "blocks.0.hook_resid_post", "--tokens", "128",
                "--context", "32", "--corpus", str(corpus), "--split", "all", "--out", str(out)])
-    assert rc == 2 and "no space left on device" in one_line_error(capsys)
+    assert rc == 2 and "No space left on device" in one_line_error(capsys)
     manifest = json.loads((out / st.MANIFEST).read_text())
     assert manifest["shards"] == [] and not manifest["complete"]
     assert [p.name for p in out.iterdir()] == ["manifest.json"]
@@ -271,7 +271,7 @@ def test_analysis_database_full_and_read_only_folders(tmp_path, monkeypatch):
     path = tmp_path / "features.db"
     with monkeypatch.context() as m:
         m.setattr(Writer, "features", full)
-        with pytest.raises(StorageError, match=rf"cannot write {path}: no space left on device"):
+        with pytest.raises(StorageError, match=rf"cannot write {path}: No space left on device"):
             make_db(path, tiny_sae())
     assert list(tmp_path.iterdir()) == []
 
@@ -280,7 +280,7 @@ def test_analysis_database_full_and_read_only_folders(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:     # eval.json, export files, manifests: every atomic write
         m.setattr("saelab.atomic.os.replace", read_only)
-        with pytest.raises(StorageError, match=rf"cannot write {tmp_path / 'eval.json'}: read-only file system"):
+        with pytest.raises(StorageError, match=rf"cannot write {tmp_path / 'eval.json'}: Read-only file system"):
             atomic.write_json(tmp_path / "eval.json", {"fvu": 0.1})
     assert list(tmp_path.iterdir()) == []
 
@@ -289,7 +289,7 @@ def test_cli_prints_saelab_errors_as_one_line_and_bugs_with_their_traceback(caps
     import saelab.cli.data as data
 
     def user_error(args):
-        raise StorageError("cannot write /x: no space left on device")
+        raise StorageError("cannot write /x: No space left on device")
 
     def bug(args):
         raise AttributeError("a bug")
@@ -298,7 +298,7 @@ def test_cli_prints_saelab_errors_as_one_line_and_bugs_with_their_traceback(caps
     from saelab.cli import build_parser
     monkeypatch.setattr("saelab.cli.build_parser", lambda: _with_func(build_parser(), user_error))
     assert main(["hooks", "builtin"]) == 2
-    assert one_line_error(capsys) == "saelab: error: cannot write /x: no space left on device"
+    assert one_line_error(capsys) == "saelab: error: cannot write /x: No space left on device"
     monkeypatch.setattr("saelab.cli.build_parser", lambda: _with_func(build_parser(), bug))
     with pytest.raises(AttributeError, match="a bug"):
         main(["hooks", "builtin"])
