@@ -19,12 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from saelab.errors import StorageError
-from saelab.runtime import pid_alive
 
-# errno → what the user reads; the texts are how safetensors (Rust io::Error) and SQLite report the same
-_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-            errno.EPERM: "operation not permitted"}
+# errno → what the user reads (the system's words); _STORAGE_TEXTS: how safetensors (Rust io::Error) and
+# SQLite report the same conditions
+_STORAGE = {code: os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)}
 _STORAGE_TEXTS = {"no space left on device": errno.ENOSPC, "storagefull": errno.ENOSPC,
                   "database or disk is full": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
                   "read-only file system": errno.EROFS, "readonlyfilesystem": errno.EROFS,
@@ -149,6 +147,19 @@ def _step_of(line: str) -> int | None:
     except json.JSONDecodeError:
         return None
     return rec.get("step", 0) if isinstance(rec, dict) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie counts as alive until reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # exists, owned by someone else
+        return True
+    return True
 
 
 def pid_of_temp(name: str) -> int | None:

@@ -321,7 +321,7 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
               "corpus": {**spec.to_json(), "seed": cfg.seed},
               "harvest": {**asdict(cfg), "seqs_per_shard": seqs_per_shard}}
     out = Path(out).expanduser()
-    with exclusive(out, "harvest"):     # one writer per store folder, for the whole harvest
+    with exclusive(out, "harvest", "store folder"):     # one writer per store folder, for the whole harvest
         if len(points) > 1:
             _check_multi_out(out, points)
         sinks = []

@@ -5,8 +5,9 @@ run folder or features.db, never inside it: a run folder is replaced as a whole 
 The kernel drops the lock when its holder dies, however it dies, so a stale lock file (kill -9, a
 crash) is simply taken over; the PID written in it only names the holder for the error message. The
 holder deletes the file when it finishes; a contender that locked a file just deleted notices (the
-name points at another inode or none) and tries again. Locks are re-entrant within a process (``saelab demo`` nests stages), and not taken on platforms
-without ``fcntl``.
+name points at another inode or none) and tries again. Locks are re-entrant within a process
+(``analyze()`` holds features.db's lock for its whole pass and ``featuredb.build`` takes it again),
+and not taken on platforms without ``fcntl``.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from pathlib import Path
 from typing import Iterator
 
 from saelab.atomic import storage_errors
-from saelab.errors import FolderLocked
+from saelab.errors import FolderLocked, SaelabError
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks here; jobs run unguarded
     fcntl = None
 
-_held: dict[Path, list] = {}          # lock file → [fd, depth] held by this process
+# lock file → [fd, depth] held by this process: flock would refuse the same process a second
+# descriptor, so a nested exclusive() only counts.
+_held: dict[Path, list] = {}
 _guard = threading.Lock()
 
 
@@ -45,8 +48,10 @@ def holder(target: Path | str) -> int | None:
 
 
 @contextmanager
-def exclusive(target: Path | str, what: str = "job") -> Iterator[None]:
-    """Hold the lock on ``target`` for the block; a second writer gets :class:`FolderLocked` at once."""
+def exclusive(target: Path | str, what: str = "job", noun: str = "folder") -> Iterator[None]:
+    """Hold the lock on ``target`` for the block; a second writer gets :class:`FolderLocked` at once.
+
+    ``what`` names the job and ``noun`` the target in messages ("harvest", "store folder")."""
     if fcntl is None:
         yield
         return
@@ -63,7 +68,7 @@ def exclusive(target: Path | str, what: str = "job") -> Iterator[None]:
         finally:
             _release(path)
         return
-    fd = _acquire(path, target, what)
+    fd = _acquire(path, target, what, noun)
     with _guard:
         _held[path] = [fd, 1]
     try:
@@ -72,14 +77,15 @@ def exclusive(target: Path | str, what: str = "job") -> Iterator[None]:
         _release(path)
 
 
-def _acquire(path: Path, target: Path | str, what: str) -> int:
+def _acquire(path: Path, target: Path | str, what: str, noun: str) -> int:
     """Open and flock ``path``; returns the descriptor. Retries when the file was replaced meanwhile."""
-    with storage_errors(path):
-        try:
+    try:
+        with storage_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as e:    # a file where a folder must go
-            raise OSError(f"cannot create the folder {path.parent} for {Path(target).name}: "
-                          f"{e.strerror or e} ({e.filename})") from None
+    except OSError as e:
+        if isinstance(e, SaelabError):
+            raise
+        raise OSError(f"cannot create the {noun} {target}: {e.strerror or e} ({e.filename})") from None
     while True:
         with storage_errors(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # no O_TRUNC: the holder's PID must survive
