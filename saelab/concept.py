@@ -22,7 +22,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from saelab.formats import feature_max_activations
 from saelab.measures import ConceptClassifier, DialValue, concept_curve, fit_threshold
+from saelab.steer import sae_hook_name
+from saelab.textfeatures import auroc, text_latents
 
 
 @dataclass
@@ -76,8 +79,6 @@ def separation(pos: torch.Tensor, neg: torch.Tensor) -> Separation:
 @torch.no_grad()
 def text_max_acts(sae, lm, texts: Sequence[str], hook: str) -> torch.Tensor:
     """Per text, every feature's max activation over the text's tokens: ``[n_texts, d_sae]``."""
-    from saelab.textfeatures import text_latents
-
     return torch.stack([text_latents(sae, lm, t, hook)[1].max(0).values.cpu() for t in texts])
 
 
@@ -100,8 +101,6 @@ class ConceptResult(NamedTuple):
 def rank_features(S: torch.Tensor, n_pos: int, train: tuple[list[int], list[int]], scales: torch.Tensor,
                   top: int) -> list[dict]:
     """Features ranked by training AUROC (ties: relative mean difference); only those higher on positives."""
-    from saelab.textfeatures import auroc
-
     P, N = S[:n_pos][train[0]] / scales, S[n_pos:][train[1]] / scales  # normalised (n, d_sae)
     au = torch.cat([auroc(P[:, i:i + 2048], N[:, i:i + 2048]) for i in range(0, S.shape[1], 2048)])
     diff = P.mean(0) - N.mean(0)
@@ -152,8 +151,6 @@ def select_features(S: torch.Tensor, n_pos: int, scales: torch.Tensor, cfg: Conc
 
 def feature_scales(sae, S: torch.Tensor, db=None) -> torch.Tensor:
     """Each feature's max activation (features.db, else the SAE's provenance), else its max over these texts."""
-    from saelab.formats import feature_max_activations
-
     if db is not None:
         table = torch.tensor([float(db.feature(i)["max_act"] or 0.0) for i in range(sae.cfg.d_sae)])
     else:
@@ -197,8 +194,6 @@ def calibrate(lm, sae, features: Sequence[int], prompts: Sequence[str], classifi
 def find_concept(lm, sae, positives: Sequence[str], negatives: Sequence[str], cfg: ConceptConfig | None = None, *,
                  hook: str | None = None, db=None) -> ConceptResult:
     """Rank features on the texts and select the concept's set (no generation)."""
-    from saelab.steer import sae_hook_name
-
     cfg = cfg or ConceptConfig()
     S = text_max_acts(sae, lm, [*positives, *negatives], hook or sae_hook_name(sae))  # (n_texts, d_sae)
     return select_features(S, len(positives), feature_scales(sae, S, db), cfg)

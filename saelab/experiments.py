@@ -29,9 +29,10 @@ from torch.nn import functional as F
 from saelab.concept import ConceptConfig, calibrate, find_concept
 from saelab.featuredb import FeatureDB
 from saelab.formats import load_sae
+from saelab.hooks import capture, intervene
+from saelab.measures import concept_curve, encode_prompt, generate_batch, output_scores, rate
 from saelab.models import load_model
 from saelab.provenance import Provenance
-from saelab.measures import concept_curve, encode_prompt, generate_batch, output_scores, rate
 from saelab.report import Series, Table, plot_png, write_report
 from saelab.steer import concept_edits, generate_ids, prompt_ids, sae_hook_name, steering
 
@@ -238,8 +239,6 @@ class RowClamp:
 def feature_curves(lm, sae, features: Sequence[int], maxes: torch.Tensor, prompts: Sequence[str],
                    values: Sequence[float], max_new_tokens: int) -> torch.Tensor:
     """``[n_features, n_values, 2]``: each feature's mean own activation (× max) and NLL on its greedy text."""
-    from saelab.hooks import capture, intervene
-
     hook = sae_hook_name(sae)
     out = torch.zeros(len(features), len(values), 2)
     enc = sae.subset_encoder(features)

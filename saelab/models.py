@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from saelab.builtin import MODEL_DIR
+from saelab.errors import InvalidModel
 from saelab.runtime import cache_root
 
 BUILTIN = "builtin"
@@ -223,8 +224,6 @@ def _refuse_pickled_weights(path: Path) -> None:
         return                          # transformers then reads the safetensors, never the pickles
     pickles = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
     if pickles:
-        from saelab.errors import InvalidModel
-
         raise InvalidModel(f"{path}: the weights are only in pickle files ({', '.join(pickles[:3])}); saelab never "
                            "unpickles files, as that can run code hidden in them. Convert the folder to safetensors "
                            "where you trust it (model.save_pretrained(folder, safe_serialization=True))")

@@ -43,6 +43,7 @@ import torch
 
 from saelab.atomic import write_bytes
 from saelab.featuredb import FeatureDB
+from saelab.formats import load_sae
 
 DEFAULT_AUTHOR_ID = "clkht01d40000jv08hvalcvly"
 """The "bot" user that Neuronpedia's database seed (apps/webapp/prisma/seed.ts) creates on every fresh
@@ -123,8 +124,6 @@ def _decoder(sae, info: dict, db: FeatureDB) -> torch.Tensor:
             raise FileNotFoundError(f"{db.path} records no SAE folder that still exists ({sae!r}); pass the SAE "
                                     "folder (--sae) for the decoder-based neuron alignment")
     if isinstance(sae, (str, Path)):
-        from saelab.formats import load_sae
-
         sae = load_sae(sae)
     W_dec = sae.W_dec.detach().float().cpu()
     if W_dec.shape[0] != db.n_features:
