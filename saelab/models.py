@@ -135,12 +135,11 @@ def gguf_folder(gguf: Path | str) -> Path:
     final = cache_root() / "models" / f"gguf-{digest[:24]}"
     if (final / GGUF_RECORD).is_file():
         return final
-    try:
-        import gguf  # noqa: F401  (transformers needs it: say so here, not deep inside transformers)
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
+    # transformers reads GGUF through the packages gguf and accelerate: say so here, not deep inside it
+    if any(importlib.util.find_spec(name) is None for name in ("gguf", "accelerate")):
         raise ImportError(f"reading {gguf.name} needs transformers' GGUF support: pip install 'saelab[gguf]' "
-                          "(packages gguf and accelerate)") from None
+                          "(packages gguf and accelerate)")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -63,12 +63,9 @@ def test_clear_messages_for_missing_pieces(tmp_path, monkeypatch):
 
 
 def test_missing_gguf_extra_is_named(tiny_gguf, tmp_path, monkeypatch):
-    import builtins
-
     monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "fresh-cache"))   # force a conversion
-    real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
-                        if name == "gguf" else real_import(name, *a, **k))
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find(name, *a))
     with pytest.raises(ImportError, match=r"saelab\[gguf\]"):
         load_model(str(tiny_gguf[0]))
     assert not any((tmp_path / "fresh-cache" / "models").glob("gguf-*"))
