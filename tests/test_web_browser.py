@@ -168,9 +168,9 @@ def test_steering_streams_default_and_steered(tab, base_url, payload_id):
 
     page = tab.page
     page.goto(f"{base_url}/steer?feature={payload_id}", wait_until="networkidle")
-    expect(page.locator(".dial .expl")).to_have_text(PAYLOAD)  # explanation set as text, not markup
+    expect(page.locator("#dials .dial .expl")).to_have_text(PAYLOAD)  # explanation set as text, not markup
     page.locator("#add-dial").click()
-    dial = page.locator(".dial").nth(1)
+    dial = page.locator("#dials .dial").nth(1)
     dial.locator(".feature-id").fill("1")
     dial.locator("select").select_option("add")
     dial.locator("input[type=range]").fill("-4")
