@@ -315,7 +315,9 @@ def test_overview_in_words_and_features_list_readable_first(tab, base_url, run_d
     assert rows.first.locator("b").text_content() == f"{report['reconstruction']['fvu']:.3f}"
     words = page.locator("#eval-words").text_content()
     assert "variance unexplained" in words and "features active per token" in words
-    assert f"{report['sparsity']['dead']} of {report['sparsity']['d_sae']} features" in words
+    dead = rows.filter(has_text="never fired")
+    assert dead.locator("b").text_content() == str(report["sparsity"]["dead"])
+    assert f"of {report['sparsity']['d_sae']} features" in dead.text_content()
     page.goto(base_url + "/features", wait_until="networkidle")
     expect(page.locator("#feature-count")).to_contain_text("64 features, highest explanation score first")
     scores = [float(s) if s != "–" else -1.0
