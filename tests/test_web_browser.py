@@ -228,15 +228,15 @@ def test_map_names_clusters_labels_by_zoom_and_lists_neighbours(tab, base_url):
     legend = page.locator("#map-legend tr[data-cluster]")
     expect(legend).to_have_count(len(data["clusters"]))
     expect(legend.first).to_contain_text(data["clusters"][0]["name"] or f"cluster {data['clusters'][0]['id']}")
-    labels = page.evaluate("document.getElementById('map-plot').data[1].text")
+    labels = page.evaluate("document.getElementById('map-plot').layout.annotations.map(a => a.text)")
     assert labels and set(labels) <= {c["name"][:39] + "…" if len(c["name"]) > 40 else c["name"] for c in named}
     # zoomed in on one point, the points in view carry their own explanations
     i = 0
     page.evaluate(f"""() => {{ const gd = document.getElementById('map-plot'), x = {data['x'][i]}, y = {data['y'][i]};
         return Plotly.relayout(gd, {{'xaxis.range': [x - 1e-4, x + 1e-4], 'yaxis.range': [y - 1e-4, y + 1e-4]}}); }}""")
     expect(page.locator("#map-status")).to_contain_text("64 features")
-    page.wait_for_function("document.getElementById('map-plot').data[1].text.some(t => t.startsWith('#'))")
-    assert f"#{data['ids'][i]} " in " ".join(page.evaluate("document.getElementById('map-plot').data[1].text")) + " "
+    page.wait_for_function("document.getElementById('map-plot').layout.annotations.map(a => a.text).some(t => t.startsWith('#'))")
+    assert f"#{data['ids'][i]} " in " ".join(page.evaluate("document.getElementById('map-plot').layout.annotations.map(a => a.text)")) + " "
     # colour by density: dead features are not painted as the rarest live ones
     page.locator("#color-by").select_option("density")
     live = sum(d > 0 for d in data["density"])
