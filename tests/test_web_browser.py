@@ -230,15 +230,15 @@ def test_map_names_clusters_labels_by_zoom_and_lists_neighbours(tab, base_url):
     legend = page.locator("#map-legend tr[data-cluster]")
     expect(legend).to_have_count(len(data["clusters"]))
     expect(legend.first).to_contain_text(data["clusters"][0]["name"] or f"cluster {data['clusters'][0]['id']}")
-    labels = page.evaluate("document.getElementById('map-plot').data[1].text")
+    labels = page.evaluate("document.getElementById('map-plot').layout.annotations.map(a => a.text)")
     assert labels and set(labels) <= {c["name"][:39] + "…" if len(c["name"]) > 40 else c["name"] for c in named}
     # zoomed in on one point, the points in view carry their own explanations
     i = 0
     page.evaluate(f"""() => {{ const gd = document.getElementById('map-plot'), x = {data['x'][i]}, y = {data['y'][i]};
         return Plotly.relayout(gd, {{'xaxis.range': [x - 1e-4, x + 1e-4], 'yaxis.range': [y - 1e-4, y + 1e-4]}}); }}""")
     expect(page.locator("#map-status")).to_contain_text("64 features")
-    page.wait_for_function("document.getElementById('map-plot').data[1].text.some(t => t.startsWith('#'))")
-    assert f"#{data['ids'][i]} " in " ".join(page.evaluate("document.getElementById('map-plot').data[1].text")) + " "
+    page.wait_for_function("document.getElementById('map-plot').layout.annotations.map(a => a.text).some(t => t.startsWith('#'))")
+    assert f"#{data['ids'][i]} " in " ".join(page.evaluate("document.getElementById('map-plot').layout.annotations.map(a => a.text)")) + " "
     # colour by density: dead features are not painted as the rarest live ones
     page.locator("#color-by").select_option("density")
     live = sum(d > 0 for d in data["density"])
@@ -317,7 +317,9 @@ def test_overview_in_words_and_features_list_readable_first(tab, base_url, run_d
     assert rows.first.locator("b").text_content() == f"{report['reconstruction']['fvu']:.3f}"
     words = page.locator("#eval-words").text_content()
     assert "variance unexplained" in words and "features active per token" in words
-    assert f"{report['sparsity']['dead']} of {report['sparsity']['d_sae']} features" in words
+    dead = rows.filter(has_text="never fired")
+    assert dead.locator("b").text_content() == str(report["sparsity"]["dead"])
+    assert f"of {report['sparsity']['d_sae']} features" in dead.text_content()
     page.goto(base_url + "/features", wait_until="networkidle")
     expect(page.locator("#feature-count")).to_contain_text("64 features, highest explanation score first")
     scores = [float(s) if s != "–" else -1.0

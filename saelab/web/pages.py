@@ -86,16 +86,16 @@ def eval_summary(report: dict | None) -> list[tuple[str, str, str]]:
     rec, clean, spliced = (_num(report, "downstream", k) for k in ("ce_recovered_zero", "ce_clean", "ce_spliced"))
     if rec is not None:
         loss = f" (loss {clean:.3f} → {spliced:.3f} nats)" if clean is not None and spliced is not None else ""
+        said = (f"recovers {rec:.1%} of that rise" if rec >= 0 else "raises it even more (worse than zeroing)")
         out.append(("CE recovered", f"{rec:.3f}", f"zeroing this activation would raise the next-token loss; "
-                                                  f"splicing in the SAE's reconstruction instead recovers {rec:.1%} "
-                                                  f"of that rise{loss}"))
+                                                  f"splicing in the SAE's reconstruction instead {said}{loss}"))
     l0, d_sae = _num(report, "sparsity", "l0"), _num(report, "sparsity", "d_sae")
     if l0 is not None:
         of = f" (of {d_sae:,})" if d_sae else ""
         out.append(("L0", f"{l0:.1f}", f"features active per token on average{of}"))
     dead = _num(report, "sparsity", "dead")
     if dead is not None and d_sae:
-        out.append(("dead", f"{dead:,}", f"{dead:,} of {d_sae:,} features ({dead / d_sae:.1%}) never fired{over}"))
+        out.append(("dead", f"{dead:,}", f"of {d_sae:,} features ({dead / d_sae:.1%}) never fired{over}"))
     return out
 
 

@@ -48,8 +48,8 @@
     const L = node._fullLayout;
     const [x0, x1] = L.xaxis.range, [y0, y1] = L.yaxis.range;
     const inView = (x, y) => x >= Math.min(x0, x1) && x <= Math.max(x0, x1) && y >= Math.min(y0, y1) && y <= Math.max(y0, y1);
-    const xs = [], ys = [], texts = [], sizes = [];
-    const named = points.clusters.filter((c) => c.name && inView(c.x, c.y)).slice(0, MAX_CLUSTER_LABELS);
+    const xs = [], ys = [], texts = [], sizes = [];  // one label each
+    const named = points.clusters.filter((c) => c.name && inView(c.x, c.y)).slice(0, 4 * MAX_CLUSTER_LABELS);
     const visible = [];
     points.ids.forEach((id, i) => { if (inView(points.x[i], points.y[i])) visible.push(i); });
     if (visible.length <= MAX_POINT_LABELS) {
@@ -58,14 +58,28 @@
         texts.push("#" + points.ids[i] + " " + short(points.label[i] || "", 40));
       }
     } else {
-      for (const c of named) { xs.push(c.x); ys.push(c.y); sizes.push(13); texts.push(short(c.name, 40)); }
+      // largest first; a name whose box would overlap one already placed is left out (zoom in to see it)
+      const boxes = [];
+      for (const c of named) {
+        const text = short(c.name, 40), px = L.xaxis.l2p(c.x), py = L.yaxis.l2p(c.y);
+        const box = [px - 3.6 * text.length, py - 9, px + 3.6 * text.length, py + 9];
+        if (boxes.some((o) => box[0] < o[2] && o[0] < box[2] && box[1] < o[3] && o[1] < box[3])) continue;
+        boxes.push(box);
+        if (boxes.length > MAX_CLUSTER_LABELS) break;
+        xs.push(c.x); ys.push(c.y); sizes.push(13); texts.push(text);
+      }
     }
-    return { x: [xs], y: [ys], text: [texts], "textfont.size": [sizes] };
+    // annotations, not a text trace: they are drawn above the WebGL points, on a white ground
+    return xs.map((x, i) => ({
+      x: x, y: ys[i], text: texts[i], showarrow: false, font: { size: sizes[i], color: "#111827" },
+      bgcolor: "rgba(255,255,255,0.85)", borderpad: 1, captureevents: false,
+    }));
   }
 
-  function updateLabels() {
+  function updateLabels(ev) {
     if (mode !== "all" || !node._fullLayout || !node._fullLayout.xaxis) return;
-    Plotly.restyle(node, labelsInView(), [1]);
+    if (ev && Object.keys(ev).length && Object.keys(ev).every((k) => k.startsWith("annotations"))) return;  // our own
+    Plotly.relayout(node, { annotations: labelsInView() });
   }
 
   function drawLegend(colorBy) {
@@ -118,9 +132,6 @@
     const traces = [{
       x: pick(points.x), y: pick(points.y), customdata: pick(points.ids), type: kind, mode: "markers",
       marker: markers(colorBy, idx), hovertemplate: "#%{customdata}<extra></extra>", name: "features",
-    }, {
-      x: [], y: [], text: [], type: "scatter", mode: "text", name: "labels", hoverinfo: "skip",
-      textfont: { size: 12, color: "#111827" },
     }];
     if (colorBy === "density") {
       const dead = points.ids.map((_, i) => i).filter((i) => !(points.density[i] > 0));
@@ -143,7 +154,7 @@
       }
     }
     Plotly.react(node, traces, {
-      margin: { l: 10, r: 10, t: 10, b: 10 }, showlegend: false, dragmode: "pan", hovermode: "closest",
+      margin: { l: 10, r: 10, t: 10, b: 10 }, showlegend: false, dragmode: "pan", hovermode: "closest", annotations: [],
       xaxis: { visible: false }, yaxis: { visible: false, scaleanchor: "x" },
     }, Object.assign({ scrollZoom: true }, saelab.plotConfig));
     updateLabels();
@@ -168,7 +179,7 @@
       },
       hovertemplate: "#%{customdata}<extra></extra>",
     }], {
-      margin: { l: 10, r: 10, t: 10, b: 10 }, showlegend: false, hovermode: "closest",
+      margin: { l: 10, r: 10, t: 10, b: 10 }, showlegend: false, hovermode: "closest", annotations: [],
       xaxis: { visible: false }, yaxis: { visible: false, scaleanchor: "x" },
     }, saelab.plotConfig);
     document.getElementById("legend-title").textContent = "Nearest to #" + nb.center;
