@@ -288,7 +288,9 @@ def builtin_dial(run, out, cfg: ExperimentConfig, command: str, model: str | Non
     for name, feats in groups.items():
         curves = feature_curves(lm, sae, feats, maxes_all[feats], DIAL_PROMPTS, values, cfg.max_new_tokens)
         mono = [monotone_to_strength(c, values) for c in curves]
+        at = [values.index(st) for _, st in mono]
         res[name] = {"features": feats, "monotone": sum(m for m, _ in mono) / len(feats),
+                     "rises": sum(float(c[j, 0] > c[0, 0]) for c, j in zip(curves, at)) / len(feats),
                      "mean_strength": sum(s for _, s in mono) / len(feats),
                      "mean_activation": curves[:, :, 0].mean(0).tolist(), "mean_nll": curves[:, :, 1].mean(0).tolist(),
                      "curves": [{"feature": f, "activation": c[:, 0].tolist(), "nll": c[:, 1].tolist(),
@@ -296,7 +298,7 @@ def builtin_dial(run, out, cfg: ExperimentConfig, command: str, model: str | Non
         series.append(Series(f"{name}: activation (× max)", list(values), res[name]["mean_activation"]))
         series.append(Series(f"{name}: NLL", list(values), res[name]["mean_nll"], "right"))
     score_of = {s.feature: s.score for s in scores}
-    rows = [[n, len(r["features"]), r["monotone"], r["mean_strength"],
+    rows = [[n, len(r["features"]), r["monotone"], r["rises"], r["mean_strength"],
              sum(score_of[f] for f in r["features"]) / len(r["features"])] for n, r in res.items()]
     curve_rows = [[n, f"{v:g}×", r["mean_activation"][j], r["mean_nll"][j]] for n, r in res.items()
                   for j, v in enumerate(values)]
@@ -311,7 +313,8 @@ def builtin_dial(run, out, cfg: ExperimentConfig, command: str, model: str | Non
                "higher from 0× to the feature's calibrated strength (the largest value whose NLL stays <= 1.5× the "
                "NLL at 0×)."]
     write_report(out, "The dial on the builtin model: random features vs high output score", summary,
-                 [Table("Monotone share", ["group", "features", "monotone 0 → calibrated", "mean calibrated strength",
+                 [Table("Monotone share", ["group", "features", "monotone 0 → calibrated", "higher at calibrated than at 0",
+                                           "mean calibrated strength",
                                            "mean output score"], rows),
                   Table("Mean curves", ["group", "dial", "activation (× max)", "NLL"], curve_rows)],
                  png, results, command)
