@@ -190,9 +190,9 @@ _TERM = re.compile(r"`([^`]+)`|([A-Za-z][A-Za-z_'-]{2,})")
 
 def explanation_terms(text: str) -> set[str]:
     """The terms of one explanation: each backticked token as written (`self`), and each other word
-    (lower-cased, 3+ letters, not a stopword); the offline explainer's "; promotes ..." tail is left out
-    (it names the next token, not what fires)."""
-    text = re.split(r";\s*promotes\b", text, maxsplit=1)[0]
+    (lower-cased, 3+ letters, not a stopword); the offline explainer's "; promotes ..." and "; e.g. “...”" tails
+    are left out (the next token, and one example's context, not what fires)."""
+    text = re.split(r";\s*(?:promotes\b|e\.g\.\s*“)", text, maxsplit=1)[0]
     terms = set()
     for quoted, word in _TERM.findall(text):
         if quoted:
