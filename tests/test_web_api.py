@@ -322,6 +322,8 @@ def test_stream_stops_and_frees_the_model_when_the_client_leaves(run_dir, caplog
 
     caplog.set_level(logging.INFO, logger="saelab.web.live")
     with served(run_dir) as (url, app):
+        # 20 ms per forward: the 2 × 100 tokens outlast the hang-up, however fast or loaded the machine is
+        slow = app.state.run.model().model.register_forward_hook(lambda *a: time.sleep(0.02))
         body = {"prompt": "def f", "max_new_tokens": 100}
         with httpx.stream("POST", f"{url}/api/steer/stream", json=body, timeout=60) as r:
             for line in r.iter_lines():
@@ -331,6 +333,7 @@ def test_stream_stops_and_frees_the_model_when_the_client_leaves(run_dir, caplog
         while app.state.gate._lock.locked():  # the generation thread stops at its next token
             assert time.monotonic() < deadline, "the model stayed taken after the client left"
             time.sleep(0.05)
+        slow.remove()
     assert "cancelled by the client" in caplog.text
 
 
