@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
@@ -149,3 +150,17 @@ def served(run_dir, **config):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+CODE_LINES = ["def f(x):", "    return x + 1", "import os", "os.system(cmd)", "for i in range(10):", "    print(i)",
+              "class A:", "    pass", "x = [1, 2, 3]", "if x: y = x"]
+
+
+def write_code_corpus(folder: Path, n_docs: int = 200, seed: int = 0) -> str:
+    """A ``.jsonl`` corpus of ``n_docs`` short documents of random lines of code; returns its path."""
+    rng = random.Random(seed)
+    path = Path(folder) / "code.jsonl"
+    docs = ["\n".join(rng.choice(CODE_LINES) for _ in range(rng.randint(3, 12))) for _ in range(n_docs)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return str(path)
+

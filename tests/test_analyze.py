@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from factories import CODE_LINES, write_code_corpus
 from saelab.analyze import AnalyzeConfig, analyze, direct_logit_directions, logit_effects, token_batches
 from saelab.featuredb import FeatureDB
 from saelab.hooks import run_to_hooks
@@ -15,19 +16,11 @@ from saelab.sae import ARCHITECTURES, SAE, SAEConfig
 from saelab.textfeatures import auroc, contrastive_search, inspect_text
 
 HOOK = "blocks.1.hook_resid_post"
-LINES = ["def f(x):", "    return x + 1", "import os", "os.system(cmd)", "for i in range(10):", "    print(i)",
-         "class A:", "    pass", "x = [1, 2, 3]", "if x: y = x"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "code.jsonl"
-    import json
-
-    docs = ["\n".join(rng.choice(LINES) for _ in range(rng.randint(3, 12))) for _ in range(200)]
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return str(path)
+    return write_code_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +158,7 @@ def test_contrastive_search_recovers_planted_feature(lm):
         sae.W_enc[:, 5] = u
         sae.b_enc[5] = -(float(emb[target] @ u) + float(others.max())) / 2  # only the target token passes
     rng = random.Random(1)
-    plain = [l for l in LINES if "system" not in l]
+    plain = [l for l in CODE_LINES if "system" not in l]
     positives = ["\n".join(rng.sample(plain, 3) + ["os.system(cmd)"]) for _ in range(8)]
     negatives = ["\n".join(rng.sample(plain, 3) + ["os.path(cmd)"]) for _ in range(8)]
     hits = contrastive_search(sae, lm, positives, negatives, top=5, hook="blocks.0.hook_resid_pre")
@@ -204,7 +197,7 @@ def test_user_errors(lm, corpus):
 
 def test_short_corpus_is_reported(lm, tmp_path):
     short = tmp_path / "short.jsonl"
-    short.write_text("".join(json.dumps({"text": line}) + "\n" for line in LINES))
+    short.write_text("".join(json.dumps({"text": line}) + "\n" for line in CODE_LINES))
     out = analyze(make_sae(), lm, str(short), out=tmp_path / "f.db", progress=False, **{**CFG, "tokens": 10**7})
     info = FeatureDB.open(out).sae_info()
     assert info["tokens_read"] < 10**7 and "has only" in info["note"]

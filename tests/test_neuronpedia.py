@@ -4,11 +4,11 @@ fill every NOT NULL column of Neuronpedia's Explanation table."""
 
 import gzip
 import json
-import random
 
 import pytest
 import torch
 
+from factories import write_code_corpus
 from saelab.analyze import AnalyzeConfig, analyze, direct_logit_directions, token_batches
 from saelab.cli import main
 from saelab.featuredb import FeatureDB
@@ -19,8 +19,6 @@ from saelab.neuronpedia import DEFAULT_AUTHOR_ID, export_neuronpedia
 from saelab.sae import SAE, SAEConfig
 
 HOOK = "blocks.1.hook_resid_post"
-LINES = ["def f(x):", "    return x + 1", "import os", "os.system(cmd)", "for i in range(10):", "    print(i)",
-         "class A:", "    pass", "x = [1, 2, 3]", "if x: y = x"]
 CFG = dict(tokens=1200, batch_size=4, k_top=5, n_quantiles=3, per_quantile=2, n_random=3, split="all",
            map="pca", window_left=5, window_right=2, pool=16, context=16)
 
@@ -42,11 +40,7 @@ EXPLANATION_NOT_NULL = ["id", "modelId", "layer", "index", "description", "autho
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "code.jsonl"
-    docs = ["\n".join(rng.choice(LINES) for _ in range(rng.randint(3, 12))) for _ in range(200)]
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return str(path)
+    return write_code_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +114,6 @@ def test_every_converter_key_with_true_values(exported, lm, corpus):
         assert all(k in b for k in CONVERTER_BATCH_KEYS) and b["sae_id_suffix"] is None
         assert b["layer"] == 1 and b["sae_set"] == "saelab-resid-post-24"
     _, x, z = dense(sae, lm, corpus)
-    n = len(z)
     D, W_U = direct_logit_directions(sae, lm, HOOK, db.sae_info()["final_rms"])   # at the analysis' mean RMS
     for f in features(batches):
         i = f["feature_index"]
