@@ -43,7 +43,7 @@ from saelab.stage_config import AnalyzeConfig, with_overrides
 from saelab.runtime import tune_allocator
 from saelab.token_cache import sequences
 
-FINAL_RMS_SEQS = 4
+FINAL_RMS_SEQS = 2
 """Sequences of the first batch run through the whole model to measure the final residual's mean RMS."""
 
 

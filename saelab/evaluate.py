@@ -222,12 +222,15 @@ class _Evaluator:
         kept_error = None
         if not self.sums["checked"]:
             # The captured x, not the value the intervention sees: if the two hook paths disagreed,
-            # this splice would put a foreign activation in and the outputs would differ. Once with the
-            # whole model running (a splice inside the replayed blocks would go unseen otherwise) and
-            # once replayed (the replay must change nothing).
-            for replay in (False, True):
-                kept_error = self.forward_with(b, keep, x_hat + (x - x_hat), replay=replay)
-                self.max_diff = max(self.max_diff, (kept_error.float() - clean.float()).abs().max().item())
+            # this splice would put a foreign activation in and the outputs would differ. Replayed, on the
+            # batch (the replay must change nothing; its KL is the report's self-check KL), and with the
+            # whole model running on the first sequence (a splice inside the replayed blocks would go
+            # unseen otherwise; one sequence shows a wrong hook as well as eight).
+            kept = x_hat + (x - x_hat)                                  # (n_keep, d_in)
+            kept_error = self.forward_with(b, keep, kept)
+            first = self.forward_with(b[:1], keep[:1], kept[:int(keep[0].sum())], replay=False)
+            for out, ref in ((kept_error, clean), (first, clean[:1])):
+                self.max_diff = max(self.max_diff, (out.float() - ref.float()).abs().max().item())
             self.max_out = max(self.max_out, clean.float().abs().max().item())
             self.sums["checked"] += float(b.shape[0] * (b.shape[1] - 1))
         if not self.causal:
