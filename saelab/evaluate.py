@@ -62,10 +62,10 @@ DENSE_DENSITY = 0.1
 """A feature firing on more than this fraction of tokens counts as dense."""
 LOG10_DENSITY_EDGES = [x / 2 for x in range(-16, 1)]  # -8.0, -7.5, ..., 0.0
 SAE_CHUNK_ELEMENTS = 1 << 24
+"""Rows of one batch go through the SAE in chunks of at most this many (rows × d_sae) latents."""
 SCORE_ROWS = 64
 """Positions scored at a time (64 × a 49k vocabulary is 13 MB of logits; measured on SmolLM2-sized logits:
 0.6-0.8 s per batch of 8 × 256 against 1.6 s for whole-batch tensors)."""
-"""Rows of one batch go through the SAE in chunks of at most this many (rows × d_sae) latents."""
 L0_QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
