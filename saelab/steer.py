@@ -1,7 +1,8 @@
 """Steering: turn SAE features like dials while the model reads and writes.
 
 At the SAE's hook, with ``z = encode(x)`` and ``max_f`` feature f's maximum activation over the
-analysis corpus, on every position (prompt and generated tokens):
+analysis corpus, on every position (prompt and generated tokens) except those the SAE never saw in
+training — BOS and attention sinks (:mod:`saelab.positions`), where an edit would move every later position:
 
 - ``Clamp(v)``:  x ↦ decode(z′) + (x − decode(z)),  z′ = z with z_f := v·max_f  (Templeton et al. 2024:
   the SAE's error term x − decode(z) is kept, so only the chosen features change);
