@@ -206,8 +206,7 @@ class _Evaluator:
         keep = self.kept(b, acts[self.hook])                      # (B, T)
         if self.rule.bos_id is not None:
             self.sums["excluded_bos"] += float((b == self.rule.bos_id).sum())
-        self.sums["excluded_sink"] += float(self.rule.sinks(b, torch.linalg.vector_norm(
-            acts[self.hook].float(), dim=-1)).sum())
+        self.sums["excluded_sink"] += float(self.rule.sinks(b, keep).sum())
         x = acts[self.hook][keep].float()  # (n_keep, d_in)
         if not torch.isfinite(x).all():
             raise ValueError(f"the model's activations at {self.hook!r} contain NaN or inf (on tokens "

@@ -110,7 +110,7 @@ class _Sink:
         counted = rule.keep(ids, norms)
         if rule.bos_id is not None:
             self.excluded["bos"] += int((keep & (ids == rule.bos_id)).sum())
-        self.excluded["sink"] += int((keep & rule.sinks(ids, norms)).sum())
+        self.excluded["sink"] += int((keep & rule.sinks(ids, counted)).sum())
         keep = keep & counted
         x = act.reshape(b * ctx, d)                                         # (b*ctx, d)
         seq = (torch.arange(b).unsqueeze(1) + seq0).expand(b, ctx).reshape(-1)

@@ -53,10 +53,11 @@ class PositionRule:
             return keep
         return keep & ~(norms > self.sink_factor * window_median(norms, keep))
 
-    def sinks(self, ids: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` bool: positions left out by the norm rule alone (not BOS)."""
+    def sinks(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool: of the positions :meth:`keep` left out (its result ``keep``), those left out
+        by the norm rule alone (not BOS): the window medians are not computed twice."""
         bos = ids == self.bos_id if self.bos_id is not None else torch.zeros_like(ids, dtype=torch.bool)
-        return ~bos & ~self.keep(ids, norms) if self.sink_factor is not None else torch.zeros_like(bos)
+        return ~bos & ~keep
 
 
 def window_median(norms: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
