@@ -12,6 +12,13 @@
    a short sweep on a few neutral prompts picks the smallest value whose concept rate reaches
    ``target_rate`` while the answers stay fluent (NLL ≤ ``max_nll_ratio`` × the default's, repetition ≤
    ``max_repetition``); if none reaches it, the fluent value with the highest concept rate.
+4. **Grow the dial's set for steering** (:func:`steering_set`): a set that *detects* a concept need not be
+   the set that *writes* it. One feature can separate the texts perfectly (held-out AUROC 1.0, so step 2
+   stops), while clamping it alone moves no answer, and several of the concept's features clamped together
+   do (Templeton et al. clamp one feature of a 34M dictionary; a small dictionary spreads a concept over a
+   few). So the dial's set grows from the detection set along the ranking, one feature at a time,
+   calibrating each size, until the target is reached or the best fluent concept rate has not improved for
+   ``patience`` sizes; the smallest size with the best rate wins.
 """
 
 from __future__ import annotations
@@ -56,6 +63,10 @@ class ConceptConfig:
     """Seed of the train/held-out split."""
     keywords: list[str] = field(default_factory=list)
     """If given, an answer is on concept when it contains one of them (instead of the feature classifier)."""
+    steer_max_features: int = 6
+    """Upper bound on the dial's set when it is grown for steering (:func:`steering_set`)."""
+    patience: int = 2
+    """Sizes without a better fluent concept rate after which the dial's set stops growing."""
 
 
 class Separation(NamedTuple):
@@ -191,6 +202,42 @@ def calibrate(lm, sae, features: Sequence[int], prompts: Sequence[str], classifi
     return Calibration(strength, reached, sweep)
 
 
+def best_fluent_rate(cal: Calibration, cfg: ConceptConfig) -> float:
+    """The concept rate at the calibrated strength when that value is fluent (else 0)."""
+    default = cal.sweep[0]
+    limit = cfg.max_nll_ratio * max(default.nll, 1e-6)
+    point = next(p for p in cal.sweep[1:] if p.value == cal.strength)
+    return point.concept_rate if point.nll <= limit and point.repetition <= cfg.max_repetition else 0.0
+
+
+class SteeringSet(NamedTuple):
+    features: list[int]
+    calibration: Calibration
+    growth: list[dict]
+    """Per size tried: the features, the calibrated strength, its fluent concept rate, whether the target was reached."""
+
+
+def steering_set(lm, sae, result: ConceptResult, prompts: Sequence[str], cfg: ConceptConfig, *, chat: bool = False,
+                 db=None, max_act=None, progress=None) -> SteeringSet:
+    """Grow the dial's set along the ranking while calibration says it helps (step 4 of the module docstring)."""
+    order = list(result.features) + [r["feature"] for r in result.ranking if r["feature"] not in result.features]
+    order = order[:max(cfg.steer_max_features, 1)]
+    best: tuple[float, list[int], Calibration] | None = None
+    growth, since_better = [], 0
+    for n in range(1, len(order) + 1):
+        cal = calibrate(lm, sae, order[:n], prompts, result.classifier, cfg, chat=chat, db=db, max_act=max_act,
+                        progress=progress)
+        rate_n = best_fluent_rate(cal, cfg)
+        growth.append({"features": order[:n], "strength": cal.strength, "rate": rate_n, "reached": cal.reached})
+        if best is None or rate_n > best[0]:
+            best, since_better = (rate_n, order[:n], cal), 0
+        else:
+            since_better += 1
+        if cal.reached or since_better >= cfg.patience:
+            break
+    return SteeringSet(best[1], best[2], growth)
+
+
 def find_concept(lm, sae, positives: Sequence[str], negatives: Sequence[str], cfg: ConceptConfig | None = None, *,
                  hook: str | None = None, db=None) -> ConceptResult:
     """Rank features on the texts and select the concept's set (no generation)."""
@@ -199,12 +246,17 @@ def find_concept(lm, sae, positives: Sequence[str], negatives: Sequence[str], cf
     return select_features(S, len(positives), feature_scales(sae, S, db), cfg)
 
 
-def concept_json(result: ConceptResult, calibration: Calibration | None) -> dict:
-    """``{"features": [...], "strength": x, ...}`` (strength None without a calibration sweep)."""
-    out = {"features": result.features, "strength": calibration.strength if calibration else None,
-           "classifier": result.classifier.to_json(), "selection": result.steps, "ranking": result.ranking[:10]}
-    if calibration:
-        out["calibrated"] = calibration.reached
+def concept_json(result: ConceptResult, chosen: SteeringSet | None) -> dict:
+    """``{"features": [...], "strength": x, ...}``: the dial's set and strength (without calibration: the detection
+    set, strength None), the detection set and its classifier, the selection steps and the best-ranked features."""
+    out = {"features": chosen.features if chosen else result.features,
+           "strength": chosen.calibration.strength if chosen else None,
+           "detection_features": result.features, "classifier": result.classifier.to_json(),
+           "selection": result.steps, "ranking": result.ranking[:10]}
+    if chosen:
+        cal = chosen.calibration
+        out["calibrated"] = cal.reached
+        out["growth"] = chosen.growth
         out["sweep"] = [{"value": p.value, "concept_rate": p.concept_rate, "nll": p.nll, "repetition": p.repetition,
-                         "example": p.answers[0].text if p.answers else ""} for p in calibration.sweep]
+                         "example": p.answers[0].text if p.answers else ""} for p in cal.sweep]
     return out

@@ -11,6 +11,11 @@ A corpus is named by a *spec* string:
   or a ``.jsonl`` file whose lines carry a ``text`` field. Local files are split the same way.
 - ``english``: broad English prose built offline from Debian text packages (WordNet glosses,
   fortunes, the Jargon File, The Devil's Dictionary; see :mod:`saelab.english`), read as a ``.jsonl``.
+- ``chat:MODEL``: the model's own answers, in its chat template, to a broad hand-written list of requests
+  (:mod:`saelab.chatcorpus`; built once by ``saelab corpus chat MODEL``), read as a ``.jsonl``.
+- ``A+B[+C...]``: a mix of local corpora in equal shares by characters: every part gives documents (in an
+  order shuffled with seed 0) up to the size of the smallest part, and the mix is built once into the
+  cache as a ``.jsonl`` (documents named ``part:name``), then split and read like any ``.jsonl``.
 - ``hf:NAME[:CONFIG]``: a Hugging Face dataset (needs the ``hf`` extra and the network). Its own
   ``train``/``validation`` splits are used.
 
@@ -40,7 +45,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
-from saelab import english
+from saelab import atomic, english
+from saelab.runtime import cache_root
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 WINDOW_START = "bos"
@@ -60,7 +66,8 @@ class CorpusSpec:
     """What text to read, and which part of it."""
 
     source: str = "stdlib"
-    """``stdlib``, a path (directory, text file, ``.jsonl``), or ``hf:NAME[:CONFIG]``."""
+    """``stdlib``, ``english``, ``chat:MODEL``, a path (directory, text file, ``.jsonl``), a mix ``A+B``, or
+    ``hf:NAME[:CONFIG]``."""
     split: str = "train"
     """``train``, ``validation`` or ``all``."""
 
@@ -120,6 +127,16 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
     if spec.source == "english":
         path = english.corpus_path()
         return path, [path]
+    if spec.source.startswith(CHAT):
+        path = chat_path(spec.source[len(CHAT):])
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"corpus {spec.source!r} is not built yet: run 'saelab corpus chat {spec.source[len(CHAT):]}' (the model "
+                "answers ~800 requests: about 25 minutes for SmolLM2-135M on 2 CPU cores; it resumes if interrupted)")
+        return path, [path]
+    if MIX in spec.source:
+        path = mix_path(spec.source)
+        return path, [path]
     path = Path(spec.source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -132,6 +149,48 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
             raise ValueError(f"corpus {path}: no {'/'.join(TEXT_SUFFIXES)} files in this folder")
         return path, files
     return path, [path]
+
+
+CHAT = "chat:"
+MIX = "+"
+MIX_VERSION = 1
+
+
+def chat_path(model: str) -> Path:
+    """Where ``chat:MODEL`` is built (by :func:`saelab.chatcorpus.build`), with its record ``.json`` beside it."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(model).name)[:40]
+    return cache_root() / "corpora" / f"chat-{safe}-{hashlib.sha256(model.encode()).hexdigest()[:8]}.jsonl"
+
+
+def mix_path(source: str) -> Path:
+    """The built mix of ``A+B[+...]`` (see the module docstring), built now if missing or stale."""
+    parts = source.split(MIX)
+    if len(parts) < 2 or not all(parts) or any(p.startswith("hf:") for p in parts):
+        raise ValueError(f"corpus {source!r}: a mix joins two or more local corpora with '+', e.g. english+chat:smollm2 "
+                         "(hf: datasets cannot be mixed)")
+    files = [source_files(CorpusSpec(p, "all")) for p in parts]
+    h = hashlib.sha256(f"mix v{MIX_VERSION}\n{source}\n".encode())
+    for _, paths in files:
+        for f in paths:
+            st = f.stat()
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    out = cache_root() / "corpora" / f"mix-{h.hexdigest()[:16]}.jsonl"
+    if out.is_file():
+        return out
+    docs = [list(documents(CorpusSpec(p, "all"))) for p in parts]
+    budget = min(sum(len(d.text) for d in part) for part in docs)
+    lines = []
+    for name, part in zip(parts, docs):
+        random.Random(0).shuffle(part)
+        used = 0
+        for d in part:
+            if used >= budget:
+                break
+            used += len(d.text)
+            lines.append(json.dumps({"text": d.text, "source": f"{name}:{d.name}"}, ensure_ascii=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(out, ("\n".join(lines) + "\n").encode("utf-8"))
+    return out
 
 
 def _jsonl_documents(path: Path, split: str) -> Iterator[Document]:

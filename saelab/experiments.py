@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from saelab.concept import ConceptConfig, calibrate, find_concept
+from saelab.concept import ConceptConfig, find_concept, steering_set
 from saelab.featuredb import FeatureDB
 from saelab.formats import load_sae
 from saelab.hooks import capture, intervene
@@ -128,8 +128,9 @@ def golden_gate(run, out, cfg: ExperimentConfig, command: str, model: str | None
                          read_texts(PROMPTS / "golden_gate_negative.txt"), ConceptConfig(), db=db)
     neutral = read_texts(PROMPTS / "neutral_chat.txt")
     ccfg = ConceptConfig(values=cfg.values, keywords=cfg.keywords, max_new_tokens=cfg.max_new_tokens)
-    cal = calibrate(lm, sae, found.features, neutral[:4], found.classifier, ccfg, chat=chat, db=db)
-    curve = concept_curve(lm, sae, found.features, neutral[4:], cfg.values, classifier=found.classifier,
+    chosen = steering_set(lm, sae, found, neutral[:4], ccfg, chat=chat, db=db)
+    cal, dial_features = chosen.calibration, chosen.features
+    curve = concept_curve(lm, sae, dial_features, neutral[4:], cfg.values, classifier=found.classifier,
                           keywords=cfg.keywords, chat=chat, max_new_tokens=cfg.max_new_tokens, db=db)
     base = curve[0].nll
     rows, points = [], []
@@ -143,8 +144,8 @@ def golden_gate(run, out, cfg: ExperimentConfig, command: str, model: str | None
     aim = (f"aim met: {hits[0]['keyword_rate']:.0%} on concept at {hits[0]['value']:g}× with NLL "
            f"{hits[0]['nll_ratio']:.2f}× default" if hits else
            "aim not met: no dial value had >= 80% on concept (keywords) with NLL <= 1.5× default")
-    results = {"experiment": "golden-gate", "model": lm.name, "chat": chat, "features": found.features,
-               "selection": found.steps, "ranking": found.ranking[:10], "classifier": found.classifier.to_json(),
+    results = {"experiment": "golden-gate", "model": lm.name, "chat": chat, "features": dial_features,
+               "detection_features": found.features, "growth": chosen.growth, "selection": found.steps, "ranking": found.ranking[:10], "classifier": found.classifier.to_json(),
                "calibration": {"prompts": 4, "strength": cal.strength, "reached": cal.reached,
                                "sweep": [{"value": q.value, "rate": q.concept_rate, "nll": q.nll} for q in cal.sweep]},
                "heldout_prompts": len(neutral) - 4, "max_new_tokens": cfg.max_new_tokens, "keywords": cfg.keywords,
@@ -154,11 +155,19 @@ def golden_gate(run, out, cfg: ExperimentConfig, command: str, model: str | None
                     Series("on concept (feature classifier)", xs, [q["classifier_rate"] for q in points]),
                     Series("NLL / default NLL", xs, [q["nll_ratio"] for q in points], "right")],
                    "dial (× max activation; 0 = default)", "share of answers", "NLL ratio",
-                   f"Golden Gate concept, features {found.features}")
-    sel = Table("Feature selection (held-out separation after each step)", ["feature", "held-out AUROC", "d′",
+                   f"Golden Gate concept, features {dial_features}")
+    sel = Table("Detection set (held-out separation after each step)", ["feature", "held-out AUROC", "d′",
                 "joined", "explanation"], [[s["feature"], s["heldout_auroc"], s["heldout_dprime"], s["joined"],
                                             _explanation(db, s["feature"])] for s in found.steps])
-    summary = [f"Model {lm.name}{' (chat template)' if chat else ''}; concept features {found.features}; "
+    grow = Table("Dial set, grown along the ranking (calibration questions)", ["features", "strength",
+                 "fluent concept rate", "target reached"],
+                 [[", ".join(map(str, g["features"])), g["strength"], g["rate"], g["reached"]] for g in chosen.growth])
+    ranked = Table("Best-ranked features (training AUROC of max activation per text)", ["feature", "AUROC",
+                   "mean pos", "mean neg", "explanation"],
+                   [[r["feature"], r["auroc"], r["mean_pos"], r["mean_neg"], _explanation(db, r["feature"])]
+                    for r in found.ranking[:10]])
+    summary = [f"Model {lm.name}{' (chat template)' if chat else ''}; dial features {dial_features} (detection "
+               f"set {found.features}); "
                f"calibrated strength {cal.strength:g}× ({'target reached' if cal.reached else 'target not reached'}) "
                f"on 4 calibration questions; {len(neutral) - 4} held-out questions, {cfg.max_new_tokens} greedy tokens "
                f"each.", aim + "."]
@@ -166,7 +175,8 @@ def golden_gate(run, out, cfg: ExperimentConfig, command: str, model: str | None
                 for q in points]
     write_report(out, "Golden Gate: concept rate and fluency against the dial", summary,
                  [Table("Held-out questions", ["dial", "on concept (keywords)", "on concept (classifier)", "NLL",
-                        "NLL / default", "repetition", "first answer"], rows), sel], png, results, command, examples)
+                        "NLL / default", "repetition", "first answer"], rows), grow, sel, ranked], png, results, command,
+                 examples)
     return results
 
 

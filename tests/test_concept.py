@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from saelab import SAE, SAEConfig, load_model
-from saelab.concept import ConceptConfig, calibrate, concept_json, find_concept, pick_strength, select_features
+from saelab.concept import (ConceptConfig, ConceptResult, calibrate, concept_json, find_concept, pick_strength,
+                            select_features, steering_set)
 from saelab.formats import save_sae
 from saelab.hooks import capture, intervene
 from saelab.measures import (ConceptClassifier, DialValue, concept_curve, fit_threshold, keyword_hit,
@@ -141,6 +142,35 @@ def test_calibration_sweep_finds_the_value_where_the_concept_appears(lm):
     assert (cal.strength, cal.reached) == (200.0, True)
     assert big.nll > default.nll  # the forced text is unlikely under the unsteered model
     assert len(default.answers) == len(prompts) and all(a.n_tokens == 6 for a in big.answers)
+
+
+def test_the_dial_set_grows_until_the_concept_appears_and_stops_when_growth_stops_helping(lm):
+    """Feature PLANTED alone writes too little of ``system`` to make the model say it; feature 6 writes 5× more
+    along the same direction: the set {PLANTED, 6} does. Features 7 and 8 write nothing."""
+    sae = forcing_sae(lm)
+    w = sae.W_dec[PLANTED].detach().clone()
+    with torch.no_grad():
+        sae.W_dec[6] = 5 * w
+        sae.W_dec[7] = 0
+        sae.W_dec[8] = 0
+    max_act = {f: 0.01 for f in (PLANTED, 6, 7, 8)}
+    cfg = ConceptConfig(values=(1.0,), keywords=["system"], max_nll_ratio=1e9, max_repetition=1.0, max_new_tokens=6,
+                        patience=2)
+    prompts = ["def f(x):\n", "import os\n"]
+
+    def result(order):
+        return ConceptResult([order[0]], ConceptClassifier([order[0]], [1.0], 0.5),
+                             [{"feature": f, "auroc": 1.0, "mean_pos": 1.0, "mean_neg": 0.0} for f in order], [])
+
+    grown = steering_set(lm, sae, result([PLANTED, 6, 7]), prompts, cfg, max_act=max_act)
+    assert grown.features == [PLANTED, 6] and grown.calibration.reached
+    assert [g["rate"] for g in grown.growth] == [0.0, 1.0]            # reached at two: 7 was never tried
+    # nothing helps: two sizes without a better rate end the growth, and the smallest set is kept
+    stuck = steering_set(lm, sae, result([PLANTED, 7, 8, 6]), prompts, cfg, max_act=max_act)
+    assert stuck.features == [PLANTED] and not stuck.calibration.reached
+    assert [len(g["features"]) for g in stuck.growth] == [1, 2, 3]
+    out = concept_json(result([PLANTED, 6, 7]), grown)
+    assert out["features"] == [PLANTED, 6] and out["strength"] == 1.0 and out["detection_features"] == [PLANTED]
 
 
 def test_concept_curve_with_the_feature_classifier(lm):

@@ -29,9 +29,10 @@ def _dial_args(p, values: str) -> None:
 def _add_concepts(sub) -> None:
     c = sub.add_parser("concept", help="find a concept's features from example texts and calibrate its dial",
                        description="Rank features by how well their max activation over a text separates the positive "
-                                   "from the negative texts (AUROC), grow a small set while a held-out split keeps "
-                                   "improving, and calibrate one dial for the set on a few neutral prompts: the "
-                                   "smallest strength where the concept shows in the answers while they stay fluent.")
+                                   "from the negative texts (AUROC), grow a small detection set while a held-out split "
+                                   "keeps improving, then grow the dial's set along the ranking while calibration on a "
+                                   "few neutral prompts says it helps: for each size, the smallest strength where the "
+                                   "concept shows in the answers while they stay fluent.")
     _model_args(c)
     c.add_argument("--positive", required=True, help="texts with the concept (one per line, or .jsonl strings)")
     c.add_argument("--negative", required=True, help="texts without it (same format)")
@@ -90,7 +91,7 @@ def _progress(i: int, n: int) -> None:
 
 def _run_concept(args) -> None:
     from saelab.cli.steering import _steer_inputs
-    from saelab.concept import ConceptConfig, calibrate, concept_json, find_concept
+    from saelab.concept import ConceptConfig, concept_json, find_concept, steering_set
     from saelab.experiments import PROMPTS, read_texts
 
     cfg = ConceptConfig(values=tuple(_numbers(args.values, "--values")), keywords=_keywords(args.keywords),
@@ -98,20 +99,24 @@ def _run_concept(args) -> None:
     pos, neg = read_texts(args.positive), read_texts(args.negative)
     lm, sae, db = _steer_inputs(args)
     result = find_concept(lm, sae, pos, neg, cfg, db=db)
-    cal = None
+    chosen = None
     if not args.no_calibrate:
         prompts = read_texts(args.prompts) if args.prompts else read_texts(PROMPTS / "neutral_chat.txt")[:4]
-        cal = calibrate(lm, sae, result.features, prompts, result.classifier, cfg, chat=args.chat, db=db,
-                        progress=None if args.json else _progress)
-    out = concept_json(result, cal)
+        chosen = steering_set(lm, sae, result, prompts, cfg, chat=args.chat, db=db,
+                              progress=None if args.json else _progress)
+    out = concept_json(result, chosen)
     if args.json:
         _print_json(out)
         return
-    print(f"concept features: {result.features}")
+    print(f"detection features: {result.features}")
     for s in result.steps:
         print(f"  {'+' if s['joined'] else '-'} feature {s['feature']:>6}: held-out AUROC {s['heldout_auroc']:.3f}, "
               f"d′ {s['heldout_dprime']:.2f}{'' if s['joined'] else ' (no gain: stop)'}")
-    if cal:
+    if chosen:
+        for g in chosen.growth:
+            print(f"  dial set of {len(g['features'])}: strength {g['strength']:g}×, fluent concept rate {g['rate']:.0%}")
+        cal = chosen.calibration
+        print(f"dial features: {chosen.features}")
         print(f"calibrated strength: {cal.strength:g}× ({'target reached' if cal.reached else 'target NOT reached'})")
         _print_curve(cal.sweep)
 

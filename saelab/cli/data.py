@@ -92,7 +92,8 @@ def _add_harvest(sub) -> None:
                                    "(one forward pass). With several --hook, each store is OUT/<hook>/.")
     p.add_argument("--model", default="builtin", help="builtin | smollm2 | hub id | HF model folder | .gguf file")
     p.add_argument("--hook", action="append", required=True, help="hook name (repeat for several, one pass)")
-    p.add_argument("--corpus", default="stdlib", help="stdlib | english | folder | text file | .jsonl | hf:NAME")
+    p.add_argument("--corpus", default="stdlib",
+                   help="stdlib | english | chat:MODEL | folder | text file | .jsonl | hf:NAME | a mix A+B")
     p.add_argument("--split", default="train", choices=["train", "validation", "all"], help="corpus split")
     p.add_argument("--tokens", type=int, required=True, help="positions to harvest (rounded up to whole sequences)")
     p.add_argument("--context", type=int, default=256, help="tokens per sequence")
@@ -129,6 +130,16 @@ def _add_harvest(sub) -> None:
     ci.set_defaults(func=_run_cache_info)
     csub.add_parser("clear", help="delete every cached corpus (they are rebuilt on next use)").set_defaults(
         func=_run_cache_clear)
+    k = sub.add_parser("corpus", help="build a corpus that needs a model: chat:MODEL (the model's own answers)")
+    ksub = k.add_subparsers(dest="corpus_cmd", required=True)
+    kc = ksub.add_parser("chat", help="ask the model ~800 hand-written requests; its answers become corpus chat:MODEL",
+                         description="Puts every request of saelab/prompts/chat_requests.toml (topics x templates) "
+                                     "to the model as a chat message and keeps the exchanges, in its chat template, "
+                                     "as the corpus 'chat:MODEL' (use it alone, or mixed: --corpus english+chat:MODEL). "
+                                     "Resumes where it stopped if interrupted.")
+    kc.add_argument("model", help="a chat model: smollm2 | hub id | HF folder | .gguf")
+    kc.add_argument("--device", default="cpu", help="torch device for the model")
+    kc.set_defaults(func=_run_corpus_chat)
 
 
 def _run_harvest(args) -> None:
@@ -194,6 +205,25 @@ def _run_store_verify(args) -> None:
               + ("" if store.manifest.get("complete") else " (harvest unfinished)"))
     if bad:
         raise StoreError(f"{len(bad)} bad shard(s):\n  " + "\n  ".join(bad))
+
+
+def _run_corpus_chat(args) -> None:
+    from functools import partial
+
+    from tqdm import tqdm
+
+    from saelab.chatcorpus import build, requests
+    from saelab.models import load_model
+
+    bar = tqdm(total=len(requests()), unit="request", desc=f"chat:{args.model}")
+
+    def progress(done: int, total: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    path = build(args.model, load=partial(load_model, device=args.device), progress=progress)
+    bar.close()
+    print(f"corpus chat:{args.model}: {path}")
 
 
 def _run_cache_info(args) -> None:

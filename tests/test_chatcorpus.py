@@ -1,0 +1,101 @@
+"""The chat:MODEL corpus (the model's own answers) and mixes of corpora (A+B)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from saelab import chatcorpus
+from saelab.corpus import CorpusSpec, chat_path, documents
+from saelab.models import load_model
+from tests.tiny_models import save_tiny_model
+
+TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+REQUESTS = [f"Tell me about thing {i}." for i in range(5)]
+
+
+@pytest.fixture()
+def chat_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(chatcorpus, "BATCH", 2)
+    monkeypatch.setattr(chatcorpus, "MAX_NEW_TOKENS", 6)
+    folder = save_tiny_model("llama", tmp_path / "tiny")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_chat_corpus_holds_each_request_and_the_models_answer(chat_model):
+    out = chatcorpus.build(chat_model, request_list=REQUESTS)
+    assert out == chat_path(chat_model)
+    docs = read(out)
+    assert len(docs) == len(REQUESTS)
+    for req, doc in zip(REQUESTS, docs):
+        # the template after BOS (the packer adds BOS to every document), then the answer
+        assert doc["text"].startswith(f"user\n{req}\n<|endoftext|>assistant\n")
+        assert len(doc["text"]) > len(f"user\n{req}\n<|endoftext|>assistant\n")
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["documents"] == 5 and record["settings"]["requests_sha256"]
+    assert record["settings"]["weights_sha256"] == load_model(chat_model).weights_hash
+    # the corpus reads like any .jsonl, split included
+    names = [d.name for d in documents(CorpusSpec(f"chat:{chat_model}", "all"))]
+    assert len(names) == 5
+
+
+def test_an_interrupted_build_resumes_to_the_same_corpus(chat_model, tmp_path, monkeypatch):
+    whole = chatcorpus.build(chat_model, request_list=REQUESTS).read_text()
+    whole_path = chat_path(chat_model)
+    whole_path.unlink()
+    answer, calls = chatcorpus._answer, []
+
+    def failing(lm, batch, seed):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return answer(lm, batch, seed)
+
+    monkeypatch.setattr(chatcorpus, "_answer", failing)
+    with pytest.raises(KeyboardInterrupt):
+        chatcorpus.build(chat_model, request_list=REQUESTS)
+    assert not whole_path.exists()
+    calls.clear()
+    monkeypatch.setattr(chatcorpus, "_answer", lambda lm, batch, seed: (calls.append(batch), answer(lm, batch, seed))[1])
+    assert chatcorpus.build(chat_model, request_list=REQUESTS).read_text() == whole
+    assert calls == [REQUESTS[2:4], REQUESTS[4:]]          # the first batch was not asked again
+
+
+def test_a_missing_chat_corpus_names_the_command_that_builds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="saelab corpus chat smollm2"):
+        list(documents(CorpusSpec("chat:smollm2")))
+
+
+def test_a_mix_takes_equal_shares_by_characters(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    big.write_text("".join(json.dumps({"text": f"big document {i} " * 10}) + "\n" for i in range(200)))
+    small.write_text("".join(json.dumps({"text": f"small {i} " * 10}) + "\n" for i in range(20)))
+    docs = list(documents(CorpusSpec(f"{big}+{small}", "all")))
+    by_part = {"big": 0, "small": 0}
+    for d in docs:
+        by_part["big" if "big document" in d.text else "small"] += len(d.text)
+    small_chars = sum(len(json.loads(ln)["text"]) for ln in small.read_text().splitlines())
+    assert by_part["small"] == small_chars                 # the smallest part whole
+    assert small_chars <= by_part["big"] < small_chars + len("big document 199 " * 10)
+    # deterministic, and split like any corpus
+    assert [d.text for d in documents(CorpusSpec(f"{big}+{small}", "all"))] == [d.text for d in docs]
+    train = list(documents(CorpusSpec(f"{big}+{small}", "train")))
+    valid = list(documents(CorpusSpec(f"{big}+{small}", "validation")))
+    assert len(train) + len(valid) == len(docs) and valid
+
+
+def test_a_mix_refuses_remote_parts(tmp_path):
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        list(documents(CorpusSpec(f"{tmp_path}/a.jsonl+hf:wikitext")))
