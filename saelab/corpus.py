@@ -130,6 +130,8 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
     if spec.source.startswith(CHAT):
         path = chat_path(spec.source[len(CHAT):])
         if not path.is_file():
+            _unpack_shipped_chat(spec.source[len(CHAT):], path)
+        if not path.is_file():
             raise FileNotFoundError(
                 f"corpus {spec.source!r} is not built yet: run 'saelab corpus chat {spec.source[len(CHAT):]}' (the model "
                 "answers ~800 requests: about 25 minutes for SmolLM2-135M on 2 CPU cores; it resumes if interrupted)")
@@ -160,6 +162,22 @@ def chat_path(model: str) -> Path:
     """Where ``chat:MODEL`` is built (by :func:`saelab.chatcorpus.build`), with its record ``.json`` beside it."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(model).name)[:40]
     return cache_root() / "corpora" / f"chat-{safe}-{hashlib.sha256(model.encode()).hexdigest()[:8]}.jsonl"
+
+
+SHIPPED_CHAT = Path(__file__).parent / "shipped"
+"""``shipped/<model>/chat_corpus.jsonl.gz`` (+ ``chat_corpus.json``): a built ``chat:<model>`` that ships with saelab."""
+
+
+def _unpack_shipped_chat(model: str, path: Path) -> None:
+    """Copy a shipped ``chat:<model>`` corpus (gzipped) into the cache, where a build would have put it."""
+    import gzip
+
+    shipped = SHIPPED_CHAT / model / "chat_corpus.jsonl.gz"
+    if model != Path(model).name or not shipped.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(path.with_suffix(".json"), (shipped.parent / "chat_corpus.json").read_bytes())
+    atomic.write_bytes(path, gzip.decompress(shipped.read_bytes()))
 
 
 def mix_path(source: str) -> Path:

@@ -73,8 +73,24 @@ def test_an_interrupted_build_resumes_to_the_same_corpus(chat_model, tmp_path, m
 
 def test_a_missing_chat_corpus_names_the_command_that_builds_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="saelab corpus chat smollm2"):
-        list(documents(CorpusSpec("chat:smollm2")))
+    with pytest.raises(FileNotFoundError, match="saelab corpus chat some-model"):
+        list(documents(CorpusSpec("chat:some-model")))
+
+
+def test_a_shipped_chat_corpus_is_unpacked_into_the_cache(tmp_path, monkeypatch):
+    import gzip
+
+    from saelab import corpus
+
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "shipped" / "m"
+    shipped.mkdir(parents=True)
+    lines = "".join(json.dumps({"text": f"exchange {i}"}) + "\n" for i in range(30))
+    (shipped / "chat_corpus.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (shipped / "chat_corpus.json").write_text(json.dumps({"settings": {"model": "m"}}))
+    monkeypatch.setattr(corpus, "SHIPPED_CHAT", tmp_path / "shipped")
+    assert len(list(documents(CorpusSpec("chat:m", "all")))) == 30
+    assert chat_path("m").read_text() == lines and json.loads(chat_path("m").with_suffix(".json").read_text())
 
 
 def test_a_mix_takes_equal_shares_by_characters(tmp_path, monkeypatch):
