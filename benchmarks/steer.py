@@ -32,7 +32,8 @@ import torch
 from saelab.formats import load_sae
 from saelab.models import load_model
 from saelab.sae import SAE, SAEConfig
-from saelab.steer import Add, Clamp, concept_edits, dial, edit_start, generate_ids, monotonic_fraction, prompt_ids, steering
+from saelab.steer import Add, Clamp, concept_edits, dial, edit_start, monotonic_fraction, steering
+from saelab.generation import generate_ids, prompt_ids
 
 PROMPT = "import os\n\n\ndef run_command(cmd):\n    "
 DIAL_PROMPTS = ["import os\n\n\ndef main():\n    ", "class Parser:\n    def __init__(self, text):\n        ",

@@ -23,7 +23,8 @@ import re
 
 from saelab.formats import load_sae
 from saelab.models import load_model
-from saelab.steer import Ablate, Clamp, generate_ids, generated_part, prompt_ids, steering
+from saelab.steer import Ablate, Clamp, steering
+from saelab.generation import generate_ids, generated_part, prompt_ids
 
 PROMPTS = [
     "import os\n\n\ndef run_command(cmd):\n    ",

@@ -111,7 +111,7 @@ def _complete_lines(partial: Path) -> int:
 def _answer(lm, batch: list[str], seed: int) -> list[str]:
     """Each request and the model's answer, in the chat template, without the leading BOS."""
     from saelab.measures import generate_batch
-    from saelab.steer import prompt_ids
+    from saelab.generation import prompt_ids
 
     encoded = [prompt_ids(lm, r, chat=True) for r in batch]
     answers = generate_batch(lm, encoded, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, seed=seed)

@@ -36,7 +36,8 @@ from saelab.measures import concept_curve, encode_prompt, generate_batch, output
 from saelab.models import load_model
 from saelab.provenance import Provenance
 from saelab.report import Series, Table, plot_png, write_report
-from saelab.steer import concept_edits, generate_ids, prompt_ids, sae_hook_name, steering
+from saelab.steer import concept_edits, sae_hook_name, steering
+from saelab.generation import generate_ids, prompt_ids
 
 PROMPTS = Path(__file__).parent / "prompts"
 EXPERIMENTS = ("golden-gate", "unsafe-code", "builtin-dial")

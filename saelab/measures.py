@@ -19,8 +19,8 @@ import torch
 from torch.nn import functional as F
 
 from saelab.hooks import capture, final_norm, intervene
-from saelab.steer import (as_loaded_model, concept_edits, edit_start, generate_ids, generated_part,
-                          prompt_ids, sae_hook_name, steering)
+from saelab.steer import concept_edits, edit_start, sae_hook_name, steering
+from saelab.generation import as_loaded_model, generate_ids, generated_part, prompt_ids
 
 
 class ConceptClassifier(NamedTuple):

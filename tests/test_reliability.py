@@ -384,7 +384,7 @@ def test_steering_numbers_out_of_range_are_422(web_copy, body):
 
 
 def test_generation_rejects_underflowing_temperature():
-    from saelab.steer import generate_ids
+    from saelab.generation import generate_ids
 
     with pytest.raises(ValueError, match="temperature 0 \\(greedy\\) or >= 0.001"):
         generate_ids(None, torch.zeros(1, 1, dtype=torch.long), temperature=1e-45)

@@ -7,8 +7,8 @@ import torch
 
 from saelab import SAE, SAEConfig, load_model, save_sae
 from saelab.hooks import HookError, capture, resolve
-from saelab.steer import (Ablate, Add, Clamp, DialCurve, DialPoint, compare_generations, dial, generate_ids,
-                          monotonic_fraction, prompt_ids, steering)
+from saelab.steer import Ablate, Add, Clamp, DialCurve, DialPoint, compare_generations, dial, monotonic_fraction, steering
+from saelab.generation import generate_ids, prompt_ids
 
 CAUSAL = ["gpt2", "gpt_neox", "llama", "gemma2", "phi3"]
 HOOK = "blocks.1.hook_resid_post"

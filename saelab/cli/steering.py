@@ -157,7 +157,8 @@ def _steer_inputs(args, need_lm_head: bool = True, ids=()):
 def _run_steer(args) -> None:
     from dataclasses import replace
 
-    from saelab.steer import Add, compare_generations, prompt_ids
+    from saelab.steer import Add, compare_generations
+    from saelab.generation import prompt_ids
 
     edits = dict(_parse_edit(s, args.mode) for s in args.feature)
     if args.when:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from saelab.steer import MIN_TEMPERATURE
+from saelab.generation import MIN_TEMPERATURE
 from saelab.fmap import neighbourhood_map
 from saelab.web.state import RunState, train_curve
 

@@ -20,7 +20,8 @@ from transformers.generation.streamers import BaseStreamer
 from saelab.web.api import (ActivationsRequest, InspectRequest, ScanRequest, SteerRequest, check_text,
                             explanations)
 from saelab.monitor import Watchlist, scan
-from saelab.steer import Ablate, Add, Clamp, compare_generations, generate_ids, prompt_ids, sae_hook_name, steering
+from saelab.steer import Ablate, Add, Clamp, compare_generations, sae_hook_name, steering
+from saelab.generation import generate_ids, prompt_ids
 from saelab.textfeatures import inspect_text, text_latents
 
 router = APIRouter(prefix="/api")
