@@ -115,3 +115,15 @@ def test_a_mix_takes_equal_shares_by_characters(tmp_path, monkeypatch):
 def test_a_mix_refuses_remote_parts(tmp_path):
     with pytest.raises(ValueError, match="cannot be mixed"):
         list(documents(CorpusSpec(f"{tmp_path}/a.jsonl+hf:wikitext")))
+
+
+def test_corpus_chat_command_builds_and_refuses_a_model_without_a_chat_template(chat_model, tmp_path, capsys,
+                                                                                monkeypatch):
+    from saelab.cli import main
+
+    monkeypatch.setattr(chatcorpus, "requests", lambda: REQUESTS[:2])
+    assert main(["corpus", "chat", chat_model]) == 0
+    assert str(chat_path(chat_model)) in capsys.readouterr().out and len(read(chat_path(chat_model))) == 2
+    plain = save_tiny_model("llama", tmp_path / "plain")           # its tokenizer defines no chat template
+    assert main(["corpus", "chat", str(plain)]) == 2
+    assert "has no chat template" in capsys.readouterr().err
