@@ -1,205 +1,18 @@
-"""features.db: one SQLite file per SAE with every feature's story (ARCHITECTURE.md §3).
-
-Tables (schema version :data:`SCHEMA_VERSION`, stored in ``meta``)::
-
-    meta          key TEXT PRIMARY KEY, value TEXT (JSON)      schema_version, model_name, hook_name, sae_path,
-                                                               d_sae, d_in, tokens_analysed, corpus, context, ...
-    features      id, count, density, max_act, mean_act,       one row per feature; mean_act is the mean over the
-                  explanation, explanation_source, score,      tokens where the feature fires; top_tokens is a
-                  x, y, cluster, top_tokens                    space-free summary for search and lists
-    examples      feature, kind (top|quantile|random), rank,   token windows: token ids and exact per-token strings
-                  quantile, max_act, token_ids, tokens, acts,  (JSON lists, raw model text, escaped only at display),
-                  max_pos, seq, pos                            the feature's activation on each token, the index of
-                                                               the qualifying token in the window, its source
-    logit_effects feature, sign (+1|-1), rank, token_id,       direct-path logit effects, largest |value| first
-                  token, value
-    neighbours    feature, kind (decoder|coact), rank, other,  decoder-cosine and co-activation neighbours
-                  value
-    histograms    feature, zeros, edges, counts                log-spaced histogram of the non-zero activations;
-                                                               zeros + sum(counts) = tokens analysed
-    coactivation  feature, other, count                        raw co-firing counts among top partners
-    bands         feature, band, lo, hi, count, tokens         quantile bands as sampled: edges, firing tokens in
-                                                               the band out of the tokens seen while banding
-    correlations  feature, kind (feature|neuron), rank, other, Pearson and cosine of the feature's activation with
-                  pearson, cosine                              another feature's / an input dimension's
-    logit_histograms feature, lo, hi, counts                   direct logit effects over the vocabulary, equal bins
-    features_fts  FTS5(explanation, top_tokens), rowid = id    full-text search
-
-The file is built into a temporary sibling and renamed into place (:func:`build`), so readers see
-the old complete database or the new one. :class:`FeatureDB` is the read API (read-only by default)
-used by the CLI, the web app, steering, monitoring and the explainers.
-"""
+"""Reading a features.db (:class:`FeatureDB`), and the one update it allows: explanations."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sqlite3
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
-from saelab.atomic import atomic_path, remove_stale_temps, storage_errors
+from saelab.atomic import storage_errors
 from saelab.errors import DatabaseDamaged, SAEMismatch
-from saelab.locks import exclusive
-
-SCHEMA_VERSION = 2
-EXAMPLE_KINDS = ("top", "quantile", "random")
-NEIGHBOUR_KINDS = ("decoder", "coact")
-CORRELATION_KINDS = ("feature", "neuron")
-ORDER_BY = {"id": "id", "density": "density", "max_act": "max_act", "mean_act": "mean_act", "score": "score"}
-
-SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE features (
-    id INTEGER PRIMARY KEY, count INTEGER NOT NULL, density REAL NOT NULL, max_act REAL NOT NULL,
-    mean_act REAL NOT NULL, explanation TEXT NOT NULL DEFAULT '', explanation_source TEXT NOT NULL DEFAULT '',
-    score REAL, x REAL, y REAL, cluster INTEGER, top_tokens TEXT NOT NULL DEFAULT '');
-CREATE TABLE examples (
-    feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL, quantile REAL, max_act REAL NOT NULL,
-    token_ids TEXT NOT NULL, tokens TEXT NOT NULL, acts TEXT NOT NULL, max_pos INTEGER NOT NULL,
-    seq INTEGER NOT NULL, pos INTEGER NOT NULL, PRIMARY KEY (feature, kind, rank)) WITHOUT ROWID;
-CREATE TABLE logit_effects (
-    feature INTEGER NOT NULL, sign INTEGER NOT NULL, rank INTEGER NOT NULL, token_id INTEGER NOT NULL,
-    token TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (feature, sign, rank)) WITHOUT ROWID;
-CREATE TABLE neighbours (
-    feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL, other INTEGER NOT NULL,
-    value REAL NOT NULL, PRIMARY KEY (feature, kind, rank)) WITHOUT ROWID;
-CREATE TABLE histograms (feature INTEGER PRIMARY KEY, zeros INTEGER NOT NULL, edges TEXT NOT NULL,
-    counts TEXT NOT NULL);
-CREATE TABLE coactivation (feature INTEGER NOT NULL, other INTEGER NOT NULL, count INTEGER NOT NULL,
-    PRIMARY KEY (feature, other)) WITHOUT ROWID;
-CREATE TABLE bands (feature INTEGER NOT NULL, band INTEGER NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL,
-    count INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (feature, band)) WITHOUT ROWID;
-CREATE TABLE correlations (feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
-    other INTEGER NOT NULL, pearson REAL NOT NULL, cosine REAL NOT NULL, PRIMARY KEY (feature, kind, rank))
-    WITHOUT ROWID;
-CREATE TABLE logit_histograms (feature INTEGER PRIMARY KEY, lo REAL NOT NULL, hi REAL NOT NULL, counts TEXT NOT NULL);
-CREATE VIRTUAL TABLE features_fts USING fts5(explanation, top_tokens);
-"""
-# Built after the bulk inserts (faster than maintaining them row by row).
-INDEXES = """
-CREATE INDEX features_density ON features(density);
-CREATE INDEX features_max_act ON features(max_act);
-CREATE INDEX features_cluster ON features(cluster, density);
-"""
-
-
-class Writer:
-    """Bulk inserts into a database under construction (see :func:`build`)."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def meta(self, **values) -> None:
-        self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                              [(k, json.dumps(v)) for k, v in values.items()])
-
-    def features(self, rows: Iterable[dict]) -> None:
-        """Rows with id, count, density, max_act, mean_act and optionally the other feature columns."""
-        cols = ("id", "count", "density", "max_act", "mean_act", "explanation", "explanation_source", "score",
-                "x", "y", "cluster", "top_tokens")
-        defaults = {"explanation": "", "explanation_source": "", "score": None, "x": None, "y": None,
-                    "cluster": None, "top_tokens": ""}
-        self.conn.executemany(f"INSERT INTO features VALUES ({', '.join('?' * len(cols))})",
-                              ([{**defaults, **r}[c] for c in cols] for r in rows))
-
-    def examples(self, rows: Iterable[dict]) -> None:
-        """Rows: feature, kind, rank, quantile, max_act, token_ids, tokens, acts (lists), max_pos, seq, pos."""
-        self.conn.executemany(
-            "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ((r["feature"], r["kind"], r["rank"], r.get("quantile"), r["max_act"], json.dumps(r["token_ids"]),
-              json.dumps(r["tokens"], ensure_ascii=False), json.dumps(r["acts"]), r["max_pos"], r["seq"], r["pos"])
-             for r in rows))
-
-    def logit_effects(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(feature, sign, rank, token_id, token, value)``."""
-        self.conn.executemany("INSERT INTO logit_effects VALUES (?, ?, ?, ?, ?, ?)", rows)
-
-    def neighbours(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(feature, kind, rank, other, value)``."""
-        self.conn.executemany("INSERT INTO neighbours VALUES (?, ?, ?, ?, ?)", rows)
-
-    def histograms(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(feature, zeros, edges list, counts list)``."""
-        self.conn.executemany("INSERT INTO histograms VALUES (?, ?, ?, ?)",
-                              ((f, z, json.dumps(e), json.dumps(c)) for f, z, e, c in rows))
-
-    def coactivation(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(feature, other, count)``."""
-        self.conn.executemany("INSERT INTO coactivation VALUES (?, ?, ?)", rows)
-
-    def bands(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(feature, band, lo, hi, count, tokens)``."""
-        self.conn.executemany("INSERT INTO bands VALUES (?, ?, ?, ?, ?, ?)", rows)
-
-    def correlations(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(feature, kind, rank, other, pearson, cosine)``."""
-        self.conn.executemany("INSERT INTO correlations VALUES (?, ?, ?, ?, ?, ?)", rows)
-
-    def logit_histograms(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(feature, lo, hi, counts list)``."""
-        self.conn.executemany("INSERT INTO logit_histograms VALUES (?, ?, ?, ?)",
-                              ((f, lo, hi, json.dumps(c)) for f, lo, hi, c in rows))
-
-    def map(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(id, x, y, cluster)``."""
-        self.conn.executemany("UPDATE features SET x = ?, y = ?, cluster = ? WHERE id = ?",
-                              ((x, y, c, i) for i, x, y, c in rows))
-
-
-IDENTITY_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-def sae_identity(sae) -> dict:
-    """What ties a features.db to its SAE: ``{"sae_weights_sha256", "d_sae"}``.
-
-    The hash covers the float32 bytes (and shapes) of W_enc, b_enc, W_dec and b_dec as loaded, so the
-    SAE read back from its folder hashes the same as the one that was analysed.
-    """
-    h = hashlib.sha256()
-    for name in IDENTITY_TENSORS:
-        t = getattr(sae, name).detach().float().cpu().contiguous()
-        h.update(f"{name}:{list(t.shape)};".encode())
-        h.update(memoryview(t.numpy()).cast("B"))
-    return {"sae_weights_sha256": h.hexdigest(), "d_sae": int(sae.d_sae)}
-
-
-@contextmanager
-def build(path: Path | str) -> Iterator[Writer]:
-    """Create a new features.db at ``path`` atomically: ``with build(p) as w: w.features(...)``.
-
-    Everything goes into a temporary sibling file (journal off: a crash just leaves the temp file,
-    which is deleted); on success the indexes and the FTS table are built, the file is fsynced and
-    renamed over ``path``.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file path for the feature database")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(path, "analysis"), atomic_path(path) as tmp, storage_errors(path):
-        remove_stale_temps(path)   # .features.db.tmp-PID of a killed analysis
-        tmp.write_bytes(b"")   # fails here, as an OSError, on a read-only folder (SQLite only says "unable to open")
-        conn = sqlite3.connect(tmp)
-        try:
-            conn.execute("PRAGMA journal_mode = OFF")
-            conn.execute("PRAGMA synchronous = OFF")
-            conn.executescript(SCHEMA)
-            writer = Writer(conn)
-            writer.meta(schema_version=SCHEMA_VERSION)
-            yield writer
-            conn.executescript(INDEXES)
-            _rebuild_fts(conn)
-            conn.commit()
-        finally:
-            conn.close()
-
-
-def _rebuild_fts(conn: sqlite3.Connection) -> None:
-    conn.execute("DELETE FROM features_fts")
-    conn.execute("INSERT INTO features_fts(rowid, explanation, top_tokens) "
-                 "SELECT id, explanation, top_tokens FROM features")
+from saelab.featuredb.schema import (CORRELATION_KINDS, EXAMPLE_KINDS, NEIGHBOUR_KINDS, ORDER_BY, SCHEMA_VERSION,
+                                     expected_columns)
+from saelab.featuredb.writing import sae_identity
 
 
 def fts_query(text: str) -> str:
@@ -237,20 +50,6 @@ def _filters(cluster, min_density, max_density) -> tuple[str, list]:
             where.append(clause)
             args.append(value)
     return (f" WHERE {' AND '.join(where)}" if where else ""), args
-
-
-TABLES = ("meta", "features", "examples", "logit_effects", "neighbours", "histograms", "coactivation",
-          "features_fts")
-
-
-def _expected_columns() -> dict[str, list[str]]:
-    """Column names of every table of :data:`SCHEMA`, read from an in-memory database built with it."""
-    mem = sqlite3.connect(":memory:")
-    try:
-        mem.executescript(SCHEMA)
-        return {t: [r[1] for r in mem.execute(f"PRAGMA table_info({t})")] for t in TABLES}
-    finally:
-        mem.close()
 
 
 class FeatureDB:
@@ -312,7 +111,7 @@ class FeatureDB:
         if problems:
             raise DatabaseDamaged(f"{self.path}: the feature database is damaged (SQLite quick_check: "
                                   f"{'; '.join(problems[:3])}); rebuild it with 'saelab analyze SAE_DIR'")
-        for table, columns in _expected_columns().items():
+        for table, columns in expected_columns().items():
             found = [r[1] for r in self.query(f"PRAGMA table_info({table})")]
             if found != columns:
                 what = "is missing" if not found else f"has columns {found}, expected {columns}"
@@ -501,4 +300,3 @@ class FeatureDB:
                 raise PermissionError(f"{self.path} was opened read-only; use FeatureDB.open(path, "
                                       f"writable=True) to store explanations") from None
             raise
-
