@@ -8,6 +8,7 @@ when the client goes away.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
@@ -19,10 +20,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from saelab.web.api import (ActivationsRequest, InspectRequest, ScanRequest, SteerRequest, check_text,
                             explanations)
+from saelab.generation import generate_ids, prompt_ids
 from saelab.monitor import Watchlist, scan
 from saelab.steer import Ablate, Add, Clamp, compare_generations, sae_hook_name, steering
-from saelab.generation import generate_ids, prompt_ids
 from saelab.textfeatures import inspect_text, text_latents
+
+POLL_S = 0.01
+"""How often the event stream looks for the generation thread's next message (a token takes far longer)."""
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger(__name__)
@@ -207,9 +211,22 @@ def _generate_both(state, model, sae, ids, edits, req: SteerRequest, out: queue.
         out.put(None)
 
 
-def _events(out: queue.Queue, cancel: threading.Event):
+async def _events(out: queue.Queue, cancel: threading.Event):
+    """The generation thread's messages as server-sent events.
+
+    Async, and never blocked in ``out.get()``: when the client leaves, Starlette cancels this generator at its
+    ``await``, so ``finally`` tells the generation thread at once. (A sync generator runs in a worker thread
+    blocked on the queue; cancelled, it was only closed when the garbage collector found it, which in a
+    long-lived process could be many seconds later, with the model held all along.)"""
     try:
-        while (msg := out.get()) is not None:
+        while True:
+            try:
+                msg = out.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(POLL_S)
+                continue
+            if msg is None:
+                break
             yield f"data: {json.dumps(msg)}\n\n"
     finally:
         cancel.set()
