@@ -1,10 +1,11 @@
 """The main job: every stage on the embedded default, then the browser.
 
 ``saelab demo`` runs on the builtin model; ``saelab demo --model smollm2`` on the real chat model
-SmolLM2-135M-Instruct (layer 15 of 30, the ``english`` corpus). A trained SAE for SmolLM2 ships with
-saelab (:data:`SHIPPED`, made by :meth:`DemoConfig.smollm2` with ``full=True``: harvest 409,600
-tokens, train TopK 8192/k 32 on 2M tokens), so the real-model demo evaluates, analyses and serves it
-without the ~25 minutes of harvest and training on two cores; ``--full`` makes it from scratch.
+SmolLM2-135M-Instruct (layer 15 of 30, the corpus ``english+chat:smollm2``: English prose and the model's
+own chat answers, which also ships). A trained SAE for SmolLM2 ships with saelab (:data:`SHIPPED`, made by
+:meth:`DemoConfig.smollm2` with ``full=True``: harvest 332,800 tokens, train TopK 8192/k 32 on 2M tokens),
+so the real-model demo evaluates, analyses and serves it without the ~15 minutes of harvest and training
+on two cores; ``--full`` makes it from scratch.
 
     runs/demo/acts/         harvest of the builtin model's middle residual stream on the stdlib corpus
     runs/demo/sae/          a TopK SAE trained on it (SAELens-compatible folder + saelab.json)
@@ -51,7 +52,9 @@ class DemoConfig:
     context: int = 256
     """Tokens per sequence."""
     harvest_tokens: int = 2_000_000
-    """Activations stored (and trained on)."""
+    """Activations stored."""
+    train_tokens: int | None = None
+    """Training tokens (None: one pass over the store, ``harvest_tokens``)."""
     latents: int = 4096
     """SAE width."""
     k: int = 32
@@ -67,10 +70,12 @@ class DemoConfig:
 
     @classmethod
     def smollm2(cls, run: Path = Path("runs/demo-smollm2"), full: bool = False) -> "DemoConfig":
-        """The real chat model: SmolLM2-135M-Instruct, the middle of its 30 layers, broad English text."""
+        """The real chat model: SmolLM2-135M-Instruct, the middle of its 30 layers, broad English text and the
+        model's own chat answers in equal shares (the train split is 1,300 windows of 256 tokens)."""
         shipped = SHIPPED / "smollm2"
-        return cls(run=run, model="smollm2", hook="blocks.15.hook_resid_post", corpus="english", context=256,
-                   harvest_tokens=409_600, latents=8192, k=32, eval_tokens=16_384, analyze_tokens=100_000,
+        return cls(run=run, model="smollm2", hook="blocks.15.hook_resid_post", corpus="english+chat:smollm2",
+                   context=256, harvest_tokens=332_800, train_tokens=2_000_000, latents=8192, k=32, eval_tokens=16_384,
+                   analyze_tokens=100_000,
                    shipped_sae=None if full or not (shipped / "cfg.json").is_file() else shipped)
 
     @classmethod
@@ -104,7 +109,7 @@ def run_demo(config: DemoConfig | None = None, say: Callable[[str], None] = prin
         return f"{store.n_rows:,} activations of width {store.d_in}"
 
     def do_train() -> str:
-        cfg = TrainConfig(architecture="topk", d_sae=c.latents, k=c.k, tokens=c.harvest_tokens)
+        cfg = TrainConfig(architecture="topk", d_sae=c.latents, k=c.k, tokens=c.train_tokens or c.harvest_tokens)
         sae = train(ActivationStore.open(acts), cfg, out=sae_dir, resume=(sae_dir / "checkpoint").exists())
         held = sae.provenance.get("held_out", {})
         return f"held-out FVU {held.get('fvu', float('nan')):.3f}, L0 {held.get('l0', float('nan')):.1f}"

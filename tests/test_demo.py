@@ -83,7 +83,12 @@ def test_smollm2_demo_config_uses_the_shipped_sae():
 
     c = DemoConfig.smollm2()
     assert c.shipped_sae == SHIPPED / "smollm2" and (c.shipped_sae / "cfg.json").is_file()
-    assert c.model == "smollm2" and c.corpus == "english" and c.hook == "blocks.15.hook_resid_post"
+    assert c.model == "smollm2" and c.corpus == "english+chat:smollm2" and c.hook == "blocks.15.hook_resid_post"
+    from saelab.provenance import Provenance
+    from saelab import load_sae
+
+    made = Provenance.of(load_sae(c.shipped_sae))
+    assert made.corpus["source"] == c.corpus and made.hook_read == c.hook   # the config that --full runs made it
     assert DemoConfig.smollm2(full=True).shipped_sae is None
     size = sum(p.stat().st_size for p in c.shipped_sae.iterdir())
     assert size < 25 * 2**20                                     # the budget for committed weights
