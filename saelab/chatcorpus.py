@@ -9,9 +9,10 @@ its end-of-turn token). A document is the whole exchange in the chat template (s
 answer), without its leading BOS, which the packer adds to every document.
 
 Built once by ``saelab corpus chat MODEL`` into :func:`saelab.corpus.chat_path` with a record (model
-identity, request list hash, settings, counts) beside it; the build appends a batch at a time to a ``.partial`` file, so an
-interrupted build resumes where it stopped, and it is rebuilt when the model, the request list or the
-settings change. The requests are saelab's; every answer is the model's.
+identity, request list hash, settings, counts) beside it. The build appends a batch at a time to a
+``.partial`` file, so an interrupted build resumes where it stopped; it is rebuilt when the model, the
+request list or the settings change. The requests are saelab's; every answer is the model's. SmolLM2's
+corpus ships built (``saelab/shipped/smollm2/chat_corpus.jsonl.gz``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _complete_lines(partial: Path) -> int:
     if not partial.is_file():
         return 0
     lines = partial.read_bytes().split(b"\n")
-    whole = [ln for ln in lines[:-1]]  # the part after the last newline is torn (or empty)
+    whole = lines[:-1]  # the part after the last newline is torn (or empty)
     keep = len(whole) - len(whole) % BATCH
     atomic.write_bytes(partial, b"".join(ln + b"\n" for ln in whole[:keep]))
     return keep
@@ -110,8 +111,8 @@ def _complete_lines(partial: Path) -> int:
 
 def _answer(lm, batch: list[str], seed: int) -> list[str]:
     """Each request and the model's answer, in the chat template, without the leading BOS."""
-    from saelab.measures import generate_batch
     from saelab.generation import prompt_ids
+    from saelab.measures import generate_batch
 
     encoded = [prompt_ids(lm, r, chat=True) for r in batch]
     answers = generate_batch(lm, encoded, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, seed=seed)

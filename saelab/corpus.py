@@ -134,9 +134,9 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
         if not path.is_file():
             raise FileNotFoundError(
                 f"corpus {spec.source!r} is not built yet: run 'saelab corpus chat {spec.source[len(CHAT):]}' (the model "
-                "answers ~800 requests: about 25 minutes for SmolLM2-135M on 2 CPU cores; it resumes if interrupted)")
+                "answers 801 requests: about 30 minutes for SmolLM2-135M on 2 CPU cores; it resumes if interrupted)")
         return path, [path]
-    if MIX in spec.source:
+    if MIX in spec.source and not Path(spec.source).expanduser().exists():   # a file may have a '+' in its name
         path = mix_path(spec.source)
         return path, [path]
     path = Path(spec.source).expanduser()

@@ -17,7 +17,7 @@ def _add_demo(sub) -> None:
                    help="builtin (default) or smollm2, the real chat model SmolLM2-135M-Instruct (runs/demo-smollm2; "
                         "uses the SAE that ships with saelab unless --full)")
     p.add_argument("--full", action="store_true", help="with --model smollm2: harvest and train the SAE here "
-                                                       "(~25 min on 2 cores) instead of using the shipped one")
+                                                       "(~15 min on 2 cores) instead of using the shipped one")
     p.add_argument("--quick", action="store_true", help="a smaller run for a first look (runs/demo-quick)")
     p.add_argument("--run", help="run folder (default runs/demo, runs/demo-quick with --quick, "
                                  "runs/demo-smollm2 with --model smollm2)")
