@@ -28,10 +28,10 @@ firings a TopK SAE spends on noise barely count). Then i
 Every L feature is thus a persisting child, a split child or new, and chaining the parent links across
 all sizes gives a family tree whose roots are the smallest SAE's features and each size's new features.
 
-Memory: the ``[d_S, d_L]`` score matrices are never held whole. S features go in blocks of ``block``
-rows; a block needs ``block × d_L`` floats for cos, the co-activation sums and the score, and the
-co-activations come from one sparse product ``Z_Lᵀ Z_S[:, block]`` (``Z_L`` sparse ``[d_L, n]`` with n·k
-entries, ``Z_S[:, block]`` dense ``[n, block]``), so 16k × 16k stays a few hundred MB.
+Cost: the ``[d_S, d_L]`` matrices are never held whole. S features go in blocks of ``block`` rows; a
+block holds ``block × d_L`` cosines, co-activation sums and scores. The sums E[z_i z_j] come from each
+token's active pairs (n·m_S·m_L of them whatever the sizes: 16.7M for n = 16384 and k = 32), binned by
+pair: no dense ``[n, d]`` activations and no ``n × d_S × d_L`` product. 16k × 16k: 16 blocks of 16M.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class FamilyConfig:
     cover: float = 0.5
     """Share of a parent's activation its children must fire under for two or more children to be a split."""
     block: int = 1024
-    """Features of the smaller SAE per block of the score matrices (memory ∝ block × d_L)."""
+    """Features of the smaller SAE per block of decoder cosines (memory ∝ block × d_L)."""
     batch: int = 4096
     """Tokens encoded per SAE call."""
 
@@ -119,42 +119,37 @@ def encode_sample(sae, x: torch.Tensor, batch: int = 4096) -> Codes:
     return Codes(values, indices, mean.float(), std.float(), fires)
 
 
-def _sparse_t(codes: Codes, d: int) -> torch.Tensor:
-    """The codes as a sparse (COO) matrix ``[d, n]`` (features × tokens)."""
-    on = codes.values > 0
-    tok = torch.arange(codes.values.shape[0])[:, None].expand_as(codes.values)[on]
-    coo = torch.sparse_coo_tensor(torch.stack([codes.indices[on], tok]), codes.values[on],
-                                  (d, codes.values.shape[0]), check_invariants=False)
-    return coo.coalesce()
-
-
-def _dense_block(codes: Codes, lo: int, hi: int) -> torch.Tensor:
-    """Columns ``lo:hi`` of the dense codes ``[n, hi - lo]``."""
-    n = codes.values.shape[0]
-    on = (codes.values > 0) & (codes.indices >= lo) & (codes.indices < hi)
-    tok = torch.arange(n)[:, None].expand_as(codes.values)[on]
-    out = torch.zeros(n, hi - lo)
-    out[tok, codes.indices[on] - lo] = codes.values[on]
-    return out
+def pair_products(small: Codes, large: Codes, d_l: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's active pairs: key ``i·d_L + j`` and z_i(t) z_j(t), each ``[p]`` with p ≤ n·m_S·m_L."""
+    prod = (small.values[:, :, None] * large.values[:, None, :]).reshape(-1)          # (n·m_S·m_L,)
+    key = (small.indices[:, :, None] * d_l + large.indices[:, None, :]).reshape(-1)
+    on = prod > 0
+    return key[on], prod[on]
 
 
 @torch.no_grad()
 def best_parents(w_small: torch.Tensor, small: Codes, w_large: torch.Tensor, large: Codes,
                  block: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per L feature: argmax_i s_ij, and cos, ρ, s there. ``w_*`` are decoder matrices ``[d, d_in]``."""
+    """Per L feature: argmax_i s_ij, and cos, ρ, s there. ``w_*`` are decoder matrices ``[d, d_in]``.
+
+    S features go in blocks; a block's E[z_i z_j] ``[block, d_L]`` is a weighted histogram of the pairs'
+    keys (:func:`pair_products`), its cosines a ``[block, d_in] @ [d_in, d_L]`` product.
+    """
     d_s, d_l, n = w_small.shape[0], w_large.shape[0], small.values.shape[0]
     ws, wl = F.normalize(w_small.float(), dim=1), F.normalize(w_large.float(), dim=1)
-    zl = _sparse_t(large, d_l)                                                    # (d_L, n) sparse
+    key, prod = pair_products(small, large, d_l)                                  # (p,), (p,)
     best = torch.full((d_l,), -1.0)
     parent = torch.full((d_l,), -1, dtype=torch.long)
     cos_at, co_at = torch.zeros(d_l), torch.zeros(d_l)
     for lo in range(0, d_s, block):
         hi = min(lo + block, d_s)
         cos = ws[lo:hi] @ wl.T                                                    # (b, d_L)
-        e = torch.sparse.mm(zl, _dense_block(small, lo, hi)).T / n                # (b, d_L): E[z_i z_j]
-        cov = e - small.mean[lo:hi, None] * large.mean[None, :]
-        sd = small.std[lo:hi, None] * large.std[None, :]
-        rho = torch.where(sd > 0, cov / sd.clamp_min(1e-12), torch.zeros_like(cov)).clamp(-1, 1)
+        inside = (key >= lo * d_l) & (key < hi * d_l)
+        e = torch.bincount(key[inside] - lo * d_l, weights=prod[inside].double(),
+                           minlength=(hi - lo) * d_l).view(hi - lo, d_l) / n       # (b, d_L): E[z_i z_j]
+        cov = e - small.mean[lo:hi, None].double() * large.mean[None, :].double()
+        sd = small.std[lo:hi, None].double() * large.std[None, :].double()
+        rho = torch.where(sd > 0, cov / sd.clamp_min(1e-30), torch.zeros_like(cov)).clamp(-1, 1).float()
         score = (cos.clamp_min(0) + rho.clamp_min(0)) / 2
         top, arg = score.max(0)                                                   # (d_L,)
         better = top > best

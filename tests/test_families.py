@@ -162,3 +162,29 @@ def test_clear_errors(tmp_path, capsys):
         run_families([sweep / "latents-00006", sweep / "latents-00004"], acts=tmp_path / "acts")
     with pytest.raises(ValueError, match="which activation store"):
         run_families([sweep / "latents-00004", sweep / "latents-00006"])
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_best_parents_equal_a_dense_computation(arch):
+    """The sparse co-firing path against the whole [d_S, d_L] matrices: cos, Pearson ρ, s, argmax."""
+    from saelab.families import best_parents
+
+    g = torch.Generator().manual_seed(3)
+    small, large = (SAE(SAEConfig(d_in=D_IN, d_sae=d, architecture=arch, k=3 if arch == "topk" else None))
+                    for d in (24, 40))
+    for i, sae in enumerate((small, large)):
+        sae.reset_parameters(seed=i)
+        with torch.no_grad():
+            sae.b_enc.fill_(-0.5 if arch == "relu" else 0.0)
+    x = torch.randn(600, D_IN, generator=g)
+    parent, cos, co, score = best_parents(small.W_dec, encode_sample(small, x), large.W_dec, encode_sample(large, x),
+                                          block=7)
+    zs, zl = small.encode(x).detach(), large.encode(x).detach()                       # (n, d)
+    rho = torch.corrcoef(torch.cat([zs, zl], 1).T)[:24, 24:].nan_to_num(0.0)          # (24, 40)
+    c = torch.nn.functional.normalize(small.W_dec.detach(), dim=1) @ torch.nn.functional.normalize(
+        large.W_dec.detach(), dim=1).T
+    s = (c.clamp_min(0) + rho.clamp_min(0)) / 2
+    torch.testing.assert_close(score, s.max(0).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s[parent, torch.arange(40)], s.max(0).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cos, c[parent, torch.arange(40)], atol=1e-5, rtol=0)
+    torch.testing.assert_close(co, rho[parent, torch.arange(40)], atol=1e-4, rtol=0)
