@@ -1,8 +1,9 @@
 """A sweep on disk for :mod:`saelab.families`: its members, the token sample, families.json, one feature's family.
 
-A sweep folder holds ``sweep.json`` (``{"format": "saelab-sweep", "members": [{"name", "d_sae", "path"},
-...]}``, smallest first) and one SAE folder per member; ``families.json`` is written beside it. A plain
-list of SAE folders (smallest first) works too.
+A sweep folder holds ``sweep.json`` (``{"format": "saelab-sweep", "members": [{"name", "d_sae", "k", "path"},
+...]}``, smallest first; :mod:`saelab.sweep`) and one SAE folder per member; ``families.json`` is written
+beside it. A sweep that also scans k is matched at one k. A plain list of SAE folders (smallest first)
+works too.
 
 **The token sample.** Every SAE encodes the same rows of the activation store it was trained on:
 the store's *held-out* split (whole sequences the trainer never trained on, with the training run's
@@ -41,8 +42,9 @@ class Sweep(NamedTuple):
     """sweep.json's training config ({} without one)."""
 
 
-def read_sweep(paths: Sequence[str | Path]) -> Sweep:
-    """A sweep folder (with sweep.json) or two or more SAE folders, smallest first."""
+def read_sweep(paths: Sequence[str | Path], k: int | None = None) -> Sweep:
+    """A sweep folder (with sweep.json) or two or more SAE folders, smallest first; ``k`` picks the members
+    with that k from a sweep that scans k too."""
     paths = [Path(p) for p in paths]
     if len(paths) == 1:
         folder = paths[0]
@@ -59,8 +61,15 @@ def read_sweep(paths: Sequence[str | Path]) -> Sweep:
                 isinstance(m, dict) and isinstance(m.get("path"), str) for m in members):
             raise ValueError(f"{file}: not a saelab sweep (expected format {SWEEP_FORMAT!r} and members with a path)")
         out = [{**m, "name": str(m.get("name") or m["path"]), "path": str((folder / m["path"]).resolve())}
-               for m in members]
-        return Sweep(folder, out, doc.get("config") if isinstance(doc.get("config"), dict) else {})
+               for m in members if k is None or m.get("k") == k]
+        ks = sorted({m.get("k") for m in members if m.get("k") is not None})
+        if k is not None and not out:
+            raise ValueError(f"{file}: no member has k={k} (the sweep has k = {', '.join(map(str, ks)) or 'none'})")
+        if len({m.get("d_sae") for m in out}) < len(out):
+            raise ValueError(f"{file}: the sweep scans k as well as latents (k = {', '.join(map(str, ks))}); "
+                             f"families compare sizes at one k: choose it (CLI: --k)")
+        config = doc.get("config", doc.get("train_config"))
+        return Sweep(folder, out, config if isinstance(config, dict) else {})
     out = [{"name": p.name, "path": str(p.resolve())} for p in paths]
     return Sweep(None, out, {})
 
@@ -118,10 +127,10 @@ def sample_rows(store: ActivationStore, tokens: int, heldout_fraction: float) ->
 
 
 def run_families(paths: Sequence[str | Path], acts=None, tokens: int = 16384, cfg: FamilyConfig | None = None,
-                 write: bool = True) -> dict:
+                 write: bool = True, k: int | None = None) -> dict:
     """Load the sweep, sample the store, match every size step; write families.json into the sweep folder."""
     cfg = cfg or FamilyConfig()
-    sweep = read_sweep(paths)
+    sweep = read_sweep(paths, k)
     saes = load_members(sweep)
     store = ActivationStore.open(find_store(sweep, acts))
     if store.d_in != saes[0].cfg.d_in:

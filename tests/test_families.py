@@ -139,6 +139,15 @@ def test_cli_writes_families_json_from_the_store_beside_the_sweep(tmp_path, caps
                  str(tmp_path / "acts"), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed["steps"][0]["counts"] == doc["steps"][0]["counts"] and "written" not in listed
+    # a sweep over latents × k (saelab.sweep's train_config key): one k at a time
+    index = json.loads((sweep / "sweep.json").read_text())
+    index["members"].insert(1, {**index["members"][0], "k": 2})
+    (sweep / "sweep.json").write_text(json.dumps({"format": "saelab-sweep", "version": 1, "train_config": {},
+                                                  "members": index["members"]}))
+    assert main(["families", str(sweep)]) == 2
+    assert "scans k as well" in capsys.readouterr().err
+    assert main(["families", str(sweep), "--k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"][0]["counts"] == doc["steps"][0]["counts"]
 
 
 def test_clear_errors(tmp_path, capsys):

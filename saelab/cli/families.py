@@ -17,6 +17,7 @@ def _add_families(sub) -> None:
     p.add_argument("sweep", nargs="+", help="sweep folder (with sweep.json), or two or more SAE folders, smallest first")
     p.add_argument("--acts", help="activation store the SAEs were trained on (default: sweep.json's, or acts/ beside "
                                   "the sweep folder)")
+    p.add_argument("--k", type=int, help="in a sweep that scans k too, the k whose sizes are compared")
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens every SAE encodes (default 16384)")
     p.add_argument("--tau", type=float, help="minimum match score for a parent (default 0.45)")
     p.add_argument("--cover", type=float, help="share of a parent's tokens its children must cover to split "
@@ -36,7 +37,7 @@ def _run_families(args) -> None:
     if args.tokens < 1:
         raise ValueError(f"--tokens must be positive, got {args.tokens}")
     cfg = FamilyConfig(**{k: v for k, v in (("tau", args.tau), ("cover", args.cover)) if v is not None})
-    doc = run_families(args.sweep, acts=args.acts, tokens=args.tokens, cfg=cfg)
+    doc = run_families(args.sweep, acts=args.acts, tokens=args.tokens, cfg=cfg, k=args.k)
     if args.concepts:
         doc["coverage"] = _coverage(args)
     if args.json:
@@ -70,7 +71,7 @@ def _coverage(args) -> dict:
     from saelab.provenance import stage_inputs
 
     concepts = read_concepts(args.concepts)
-    sweep = read_sweep(args.sweep)
+    sweep = read_sweep(args.sweep, args.k)
     saes = load_members(sweep)
     lm = load_model(stage_inputs(saes[0], model=args.model).model_name)
     progress = (lambda i, n: print(f"\rconcepts {i}/{n}", end="\n" if i == n else "", file=sys.stderr))
