@@ -22,8 +22,8 @@ firings a TopK SAE spends on noise barely count). Then i
 - **vanishes** when ``C(i)`` is empty;
 - **persists** when it has one child;
 - **splits** when it has two or more children whose coverage is at least ``cover`` (the parent's
-  activation is mostly where its children fire, so together they stand for it); with two or more children that do not cover
-  it, i persists as its best child (highest s) and the others become new.
+  activation is mostly where its children fire, so together they stand for it); with two or more
+  children that do not cover it, i persists as its best child (highest s) and the others become new.
 
 Every L feature is thus a persisting child, a split child or new, and chaining the parent links across
 all sizes gives a family tree whose roots are the smallest SAE's features and each size's new features.
@@ -43,7 +43,6 @@ import torch
 from torch.nn import functional as F
 
 FORMAT, VERSION = "saelab-families", 1
-RELATIONS = ("persist", "split", "new", "vanished")
 
 
 @dataclass
@@ -55,7 +54,7 @@ class FamilyConfig:
     cover: float = 0.5
     """Share of a parent's activation its children must fire under for two or more children to be a split."""
     block: int = 1024
-    """Features of the smaller SAE per block of decoder cosines (memory ∝ block × d_L)."""
+    """Features of the smaller SAE per block of the score matrices (memory ∝ block × d_L)."""
     batch: int = 4096
     """Tokens encoded per SAE call."""
 
@@ -93,7 +92,7 @@ class Step(NamedTuple):
     children: list[list[int]]
     """Per S feature, its children in L (best score first)."""
     coverage: torch.Tensor
-    """Per S feature, the share of its activation on tokens where one of its children fires ``[d_S]`` (NaN: never fired)."""
+    """Per S feature, the share of its activation where one of its children fires ``[d_S]`` (NaN: never fired)."""
     counts: dict
     """S features that persist / split / vanish, L features that are new, and L children of splits."""
 

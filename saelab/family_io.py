@@ -55,7 +55,8 @@ def read_sweep(paths: Sequence[str | Path], k: int | None = None) -> Sweep:
         try:
             doc = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{file}: unreadable sweep.json ({e}); re-run 'saelab sweep' or list the SAE folders") from None
+            raise ValueError(f"{file}: unreadable sweep.json ({e}); re-run 'saelab sweep' or list the SAE "
+                             f"folders") from None
         members = doc.get("members") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("format") != SWEEP_FORMAT or not isinstance(members, list) or not all(
                 isinstance(m, dict) and isinstance(m.get("path"), str) for m in members):

@@ -52,7 +52,8 @@ def sweep_run(web_run_dir, tmp_path_factory) -> tuple[Path, dict]:
     saes = [_sub_sae(sae, 32), sae, _sub_sae(sae, 128, extra_seed=5)]
     x = torch.randn(3000, sae.cfg.d_in, generator=torch.Generator().manual_seed(0))
     steps = families(saes, x)
-    members = [{"name": n, "path": str(root / n), "d_sae": s.cfg.d_sae} for n, s in zip(("small", "sae", "large"), saes)]
+    members = [{"name": n, "path": str(root / n), "d_sae": s.cfg.d_sae}
+               for n, s in zip(("small", "sae", "large"), saes)]
     doc = json.loads(json.dumps(families_json(steps, members, FamilyConfig(), {"rows": 3000})))
     (root / "sweep.json").write_text(json.dumps({"format": "saelab-sweep", "version": 1, "config": {},
                                                  "members": [{**m, "path": m["name"]} for m in members]}))

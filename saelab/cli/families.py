@@ -14,7 +14,8 @@ def _add_families(sub) -> None:
                                    "count per size step the features that persist, split, vanish or are new (the "
                                    "rule: saelab/families.py). Writes families.json into the sweep folder. With "
                                    "--concepts, also the share of named concepts that some feature covers per size.")
-    p.add_argument("sweep", nargs="+", help="sweep folder (with sweep.json), or two or more SAE folders, smallest first")
+    p.add_argument("sweep", nargs="+",
+                   help="sweep folder (with sweep.json), or two or more SAE folders, smallest first")
     p.add_argument("--acts", help="activation store the SAEs were trained on (default: sweep.json's, or acts/ beside "
                                   "the sweep folder)")
     p.add_argument("--k", type=int, help="in a sweep that scans k too, the k whose sizes are compared")

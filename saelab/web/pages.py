@@ -214,7 +214,8 @@ RELATION_WORDS = {"persist": "persists", "split": "splits", "new": "is new", "va
 
 
 def _match(m: dict) -> dict:
-    return {"id": m["id"], "text": f"cos {fmt(m['cos'], '.2f')} · ρ {fmt(m['co'], '.2f')} · s {fmt(m['score'], '.2f')}"}
+    text = f"cos {fmt(m['cos'], '.2f')} · ρ {fmt(m['co'], '.2f')} · s {fmt(m['score'], '.2f')}"
+    return {"id": m["id"], "text": text}
 
 
 def family_rows(fam: dict | None) -> dict | None:
