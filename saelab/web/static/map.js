@@ -16,8 +16,8 @@
   // Family relations (saelab families), the same colours as the feature page's badges.
   const RELATION_COLOURS = { persist: "#1f77b4", split: "#ff7f0e", new: "#2ca02c", vanished: "#7f7f7f" };
   const RELATION_WORDS = {
-    up: { persist: "persists from", split: "split off from", new: "is new: no parent in" },
-    down: { persist: "persists into", split: "splits into", vanished: "vanishes: no child in" },
+    up: { persist: "persists from", split: "split off from", new: "no parent in" },
+    down: { persist: "persists into", split: "splits into", vanished: "no child in" },
   };
   const MAX_CLUSTER_LABELS = 12;  // names drawn at once: more overlap into noise
   const MAX_POINT_LABELS = 40;    // points in view below which each point shows its explanation
