@@ -37,13 +37,15 @@ def synthetic_rows(n: int, seed: int = 0) -> torch.Tensor:
     return (on * mag) @ dirs * 3 + 1.0                                # (n, D_IN)
 
 
-def make_synthetic_store(path: Path, rows: int = 16384, shards: int = 4, seed: int = 0) -> st.ActivationStore:
-    """A real ActivationStore of synthetic rows (sequences of 32 positions)."""
+def make_synthetic_store(path: Path, rows: int = 16384, shards: int = 4, seed: int = 0,
+                         x: torch.Tensor | None = None) -> st.ActivationStore:
+    """A real ActivationStore of synthetic rows (sequences of 32 positions); ``x [rows, d_in]`` replaces them."""
+    x = synthetic_rows(rows, seed) if x is None else x
+    rows = x.shape[0]
     header = {"format": st.FORMAT, "version": st.VERSION, "model_name": "synthetic", "hook_name": "blocks.0.hook_x",
-              "hf_hook_name": "model.layers.0", "d_in": D_IN, "dtype": "float32", "context": 32,
+              "hf_hook_name": "model.layers.0", "d_in": x.shape[1], "dtype": "float32", "context": 32,
               "corpus": {"source": "synthetic", "split": "train", "seed": seed}}
     manifest = st.prepare(path, header, resume=False)
-    x = synthetic_rows(rows, seed)
     per = rows // shards
     for i in range(shards):
         seq = torch.arange(i * per, (i + 1) * per) // 32

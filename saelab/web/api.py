@@ -150,7 +150,8 @@ def feature_detail(state: RunState, i: int) -> dict:
     for n in rows:
         neighbours[n["kind"]].append({"id": n["other"], "value": n["value"], "explanation": names[n["other"]]})
     return {"feature": f, "examples": {k: db.examples(i, k) for k in ("top", "quantile", "random")},
-            "logit_effects": db.logit_effects(i), "neighbours": neighbours, "histogram": _histogram(db.histogram(i))}
+            "logit_effects": db.logit_effects(i), "neighbours": neighbours, "histogram": _histogram(db.histogram(i)),
+            "family": state.family(i)}
 
 
 @router.get("/info", summary="Model, hook, SAE, eval metrics, training curve, density histogram")
@@ -181,7 +182,8 @@ def api_feature_summary(request: Request, feature_id: int = Path(ge=0, le=MAX_ID
     return request.app.state.run.db.feature(feature_id)
 
 
-@router.get("/map", summary="Every feature's map position as columns: ids, x, y, cluster, density")
+@router.get("/map", summary="Every feature's map position as columns: ids, x, y, cluster, density "
+                            "(and family relations when the SAE is a member of a sweep with families.json)")
 def api_map(request: Request):
     return Response(request.app.state.run.map_json(), media_type="application/json")
 

@@ -205,8 +205,37 @@ def feature_page(request: Request, feature_id: int):
                       ("Fire together", [{**n, "value_text": f"J {n['value']:.3f}"} for n in d["neighbours"]["coact"]])]
     return render(request, "feature.html", active="Features", page_title=f"Feature {feature_id}", f=f, stats=stats,
                   example_sets=example_sets, logits=d["logit_effects"], neighbour_sets=neighbour_sets,
+                  family=family_rows(d["family"]),
                   can_run=state.has_sae, max_chars=request.app.state.config.max_prompt_chars,
                   plot_data={"histogram": d["histogram"], "feature": f["id"], "max_act": max_act})
+
+
+RELATION_WORDS = {"persist": "persists", "split": "splits", "new": "is new", "vanished": "vanishes"}
+
+
+def _match(m: dict) -> dict:
+    text = f"cos {fmt(m['cos'], '.2f')} · ρ {fmt(m['co'], '.2f')} · s {fmt(m['score'], '.2f')}"
+    return {"id": m["id"], "text": text}
+
+
+def family_rows(fam: dict | None) -> dict | None:
+    """The feature page's family box: its parent in the next-smaller SAE, its children in the next-larger."""
+    if fam is None:
+        return None
+    out = {"size": fam["size"], "up": None, "down": None}
+    if fam["smaller"] is not None:
+        rel = fam["relation"]
+        said = {"persist": "persists from", "split": "split off from", "new": "has no parent in"}[rel]
+        out["up"] = {"size": fam["smaller"]["name"], "relation": rel, "words": said, "coverage": "",
+                     "matches": [_match(fam["parent"])] if fam["parent"] else []}
+    if fam["larger"] is not None:
+        rel = fam["child_relation"]
+        said = {"persist": "persists into", "split": "splits into", "vanished": "has no child in"}[rel]
+        cover = fam.get("coverage")
+        out["down"] = {"size": fam["larger"]["name"], "relation": rel, "words": said,
+                       "coverage": f"children fire under {cover:.0%} of its activation" if cover is not None and
+                       fam["children"] else "", "matches": [_match(c) for c in fam["children"]]}
+    return out
 
 
 # -- interactive pages ---------------------------------------------------------------------------

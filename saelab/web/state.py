@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saelab.family_io import feature_family, read_families
 from saelab.featuredb import FeatureDB
 from saelab.fmap import cluster_names
 from saelab.formats import load_sae
@@ -98,6 +99,7 @@ class RunState:
         self.train_rows = read_train_log(sae_path)
         self._stats: dict[str, np.ndarray] | None = None
         self._map_json: bytes | None = None
+        self._family = self._read_family()
 
     @classmethod
     def open(cls, run_dir=None, *, db=None, sae=None, model=None) -> "RunState":
@@ -118,6 +120,31 @@ class RunState:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: unreadable eval.json ({e}); re-run 'saelab eval' or delete it") from None
+
+    def _read_family(self) -> tuple[dict, int] | None:
+        """(families.json, this SAE's size index) when the SAE folder (else features.db's folder) is a member
+        of a sweep with families.json beside sweep.json and the member has this database's feature count."""
+        found = read_families(self.sae_path if self.sae_path is not None else self.db_path.parent)
+        if found is None:
+            return None
+        doc, t = found
+        return found if doc["sizes"][t].get("d_sae") == self.db.count() else None
+
+    def family(self, feature: int) -> dict | None:
+        """The feature's parent in the next-smaller SAE and children in the next-larger (None outside a sweep)."""
+        return feature_family(*self._family, feature) if self._family is not None else None
+
+    def family_relations(self) -> dict | None:
+        """Per feature id: its relation from the next-smaller SAE (persist | split | new) and into the next-larger
+        (persist | split | vanished), each None at the ends of the sweep; None outside a sweep."""
+        if self._family is None:
+            return None
+        doc, t = self._family
+        up = doc["steps"][t - 1]["large_features"]["relation"] if t > 0 else None
+        down = doc["steps"][t]["small_features"]["relation"] if t < len(doc["steps"]) else None
+        sizes = doc["sizes"]
+        return {"size": sizes[t]["name"], "smaller": sizes[t - 1]["name"] if t > 0 else None,
+                "larger": sizes[t + 1]["name"] if t + 1 < len(sizes) else None, "up": up, "down": down}
 
     @property
     def label(self) -> str:
@@ -206,6 +233,10 @@ class RunState:
             data = {"ids": list(cols[0]), "x": [round(v, 5) for v in cols[1]], "y": [round(v, 5) for v in cols[2]],
                     "cluster": list(cols[3]), "density": [float(f"{v:.4g}") for v in cols[4]],
                     "label": [_short(t) for t in texts], "clusters": _clusters(cols[3], cols[1], cols[2], texts)}
+            fam = self.family_relations()
+            if fam is not None:   # per mapped point, like the other columns
+                data["family"] = {**fam, **{k: [fam[k][i] for i in cols[0]] if fam[k] else None
+                                            for k in ("up", "down")}}
             self._map_json = json.dumps(data, separators=(",", ":")).encode()
         return self._map_json
 

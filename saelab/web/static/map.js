@@ -13,6 +13,12 @@
                    "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d",
                    "#31a354", "#756bb1", "#636363", "#9c9ede"];
   const GREY = "#c0c4cc";
+  // Family relations (saelab families), the same colours as the feature page's badges.
+  const RELATION_COLOURS = { persist: "#1f77b4", split: "#ff7f0e", new: "#2ca02c", vanished: "#7f7f7f" };
+  const RELATION_WORDS = {
+    up: { persist: "persists from", split: "split off from", new: "no parent in" },
+    down: { persist: "persists into", split: "splits into", vanished: "no child in" },
+  };
   const MAX_CLUSTER_LABELS = 12;  // names drawn at once: more overlap into noise
   const MAX_POINT_LABELS = 40;    // points in view below which each point shows its explanation
   let points = null;
@@ -25,7 +31,10 @@
   // Marker style of the points idx (indices into points) under the colouring chosen.
   function markers(colorBy, idx) {
     const m = { size: points.ids.length > 20000 ? 3 : 6, opacity: 0.8 };
-    if (colorBy === "density") {
+    if (colorBy === "family-up" || colorBy === "family-down") {
+      const rel = points.family[colorBy === "family-up" ? "up" : "down"];
+      m.color = idx.map((i) => RELATION_COLOURS[rel[i]] || GREY);
+    } else if (colorBy === "density") {
       m.color = idx.map((i) => Math.log10(points.density[i]));
       m.colorscale = "Viridis";
       m.colorbar = { title: { text: "log10 density" }, thickness: 12 };
@@ -82,9 +91,25 @@
     Plotly.relayout(node, { annotations: labelsInView() });
   }
 
+  function drawFamilyLegend(colorBy, title) {
+    const side = colorBy === "family-up" ? "up" : "down";
+    const other = side === "up" ? points.family.smaller : points.family.larger;
+    title.textContent = "Family: " + points.family.size + (side === "up" ? " from " : " into ") + other;
+    const rel = points.family[side];
+    Object.keys(RELATION_WORDS[side]).forEach((r) => {
+      const tr = legend.appendChild(saelab.el("tr", { "data-relation": r }));
+      const td = tr.appendChild(saelab.el("td"));
+      const sw = td.appendChild(saelab.el("span", { class: "swatch" }));
+      sw.style.background = RELATION_COLOURS[r];
+      td.appendChild(document.createTextNode(r + ": " + RELATION_WORDS[side][r] + " " + other));
+      tr.appendChild(saelab.el("td", { class: "muted" }, rel.filter((x) => x === r).length));
+    });
+  }
+
   function drawLegend(colorBy) {
     saelab.clear(legend);
     const title = document.getElementById("legend-title");
+    if (colorBy.startsWith("family-")) return drawFamilyLegend(colorBy, title);
     if (colorBy === "density") {
       title.textContent = "Density";
       const dead = points.density.filter((d) => !(d > 0)).length;
@@ -232,6 +257,13 @@
     points = await saelab.api("/api/map");
     points.index = new Map(points.ids.map((id, i) => [id, i]));
     colourOf = new Map(points.clusters.slice(0, PALETTE.length).map((c, i) => [c.id, PALETTE[i]]));
+    if (points.family) {  // a member of a sweep with families.json: colour by the relation to a neighbouring size
+      const select = document.getElementById("color-by");
+      if (points.family.smaller) select.appendChild(saelab.el("option", { value: "family-up" },
+        "family: from " + points.family.smaller));
+      if (points.family.larger) select.appendChild(saelab.el("option", { value: "family-down" },
+        "family: into " + points.family.larger));
+    }
     if (cfg.around !== null && cfg.around !== undefined) {
       await drawNeighbourhood(Number(cfg.around), Number(document.getElementById("focus-n").value));
     } else {

@@ -1,0 +1,84 @@
+"""Feature families across the sizes of a sweep: ``saelab families``."""
+
+from __future__ import annotations
+
+import sys
+
+from saelab.cli.common import _print_json
+
+
+def _add_families(sub) -> None:
+    p = sub.add_parser("families", help="match features across the sizes of a sweep: persist, split, new, vanished",
+                       description="Match each SAE's features to the next larger SAE's by decoder cosine and by the "
+                                   "correlation of their activations on the same held-out tokens of the store, and "
+                                   "count per size step the features that persist, split, vanish or are new (the "
+                                   "rule: saelab/families.py). Writes families.json into the sweep folder. With "
+                                   "--concepts, also the share of named concepts that some feature covers per size.")
+    p.add_argument("sweep", nargs="+",
+                   help="sweep folder (with sweep.json), or two or more SAE folders, smallest first")
+    p.add_argument("--acts", help="activation store the SAEs were trained on (default: sweep.json's, or acts/ beside "
+                                  "the sweep folder)")
+    p.add_argument("--k", type=int, help="in a sweep that scans k too, the k whose sizes are compared")
+    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens every SAE encodes (default 16384)")
+    p.add_argument("--tau", type=float, help="minimum match score for a parent (default 0.45)")
+    p.add_argument("--cover", type=float, help="share of a parent's tokens its children must cover to split "
+                                               "(default 0.5)")
+    p.add_argument("--concepts", metavar="DIR", help="also concept coverage: NAME.pos.txt / NAME.neg.txt pairs here "
+                                                     "(saelab/prompts/concepts-builtin for the builtin model)")
+    p.add_argument("--threshold", type=float, default=0.9, help="held-out AUROC that covers a concept (default 0.9)")
+    p.add_argument("--model", help="model for --concepts instead of the one in the SAEs' provenance")
+    p.add_argument("--json", action="store_true", help="print families.json (and the coverage) as JSON")
+    p.set_defaults(func=_run_families)
+
+
+def _run_families(args) -> None:
+    from saelab.families import FamilyConfig
+    from saelab.family_io import run_families
+
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be positive, got {args.tokens}")
+    cfg = FamilyConfig(**{k: v for k, v in (("tau", args.tau), ("cover", args.cover)) if v is not None})
+    doc = run_families(args.sweep, acts=args.acts, tokens=args.tokens, cfg=cfg, k=args.k)
+    if args.concepts:
+        doc["coverage"] = _coverage(args)
+    if args.json:
+        _print_json(doc)
+        return
+    s = doc["sample"]
+    print(f"{len(doc['sizes'])} sizes; {s['rows']:,} tokens ({s['split']} rows of {s['store']}); {s['seconds']} s")
+    print(f"{'step':<28} {'persist':>8} {'split':>6} {'(children)':>10} {'vanished':>9} {'new':>6}")
+    for step in doc["steps"]:
+        c = step["counts"]
+        print(f"{step['small'] + ' → ' + step['large']:<28} {c['persist']:>8} {c['split']:>6} "
+              f"{c['split_children']:>10} {c['vanished']:>9} {c['new']:>6}")
+    if "written" in doc:
+        print(f"wrote {doc['written']}")
+    if "coverage" in doc:
+        cov = doc["coverage"]
+        print(f"concept coverage (best single feature, held-out AUROC ≥ {cov['threshold']}):")
+        for size, frac in zip(cov["sizes"], cov["covered"]):
+            print(f"  {size:<24} {frac:.0%} of {len(cov['concepts'])} concepts")
+        if "written" in cov:
+            print(f"wrote {cov['written']}")
+
+
+def _coverage(args) -> dict:
+    from pathlib import Path
+
+    from saelab.atomic import write_json
+    from saelab.coverage import CoverageConfig, concept_coverage, read_concepts
+    from saelab.family_io import load_members, read_sweep
+    from saelab.models import load_model
+    from saelab.provenance import stage_inputs
+
+    concepts = read_concepts(args.concepts)
+    sweep = read_sweep(args.sweep, args.k)
+    saes = load_members(sweep)
+    lm = load_model(stage_inputs(saes[0], model=args.model).model_name)
+    progress = (lambda i, n: print(f"\rconcepts {i}/{n}", end="\n" if i == n else "", file=sys.stderr))
+    cov = concept_coverage(lm, saes, [m["name"] for m in sweep.members], concepts,
+                           CoverageConfig(threshold=args.threshold), progress=progress)
+    if sweep.folder is not None:
+        write_json(Path(sweep.folder) / "coverage.json", cov)
+        cov["written"] = str(Path(sweep.folder) / "coverage.json")
+    return cov
