@@ -53,6 +53,8 @@ def main() -> None:
     configs = [replace(base, d_sae=n) for n in parse_sizes(args.latents, "--latents")]
     print(f"store {args.acts}: d_in {store.d_in}, {store.n_rows:,} rows; {len(configs)} TopK SAEs (k {args.k}), "
           f"{args.tokens:,} tokens each, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    # warm-up (first-use costs: thread pools, allocator, the store's page cache) outside every timing
+    train(store, replace(configs[0], tokens=4 * args.batch_size, eval_tokens=args.batch_size), progress=False)
     ratios = []
     for r in range(args.rounds):
         solo = [timed(lambda c=c: train(store, c, progress=False)) for c in configs]

@@ -129,6 +129,14 @@ def test_cli_sweep_then_scaling_json_and_report(store, tmp_path, capsys):
         assert (out / "scaling" / name).stat().st_size > 0
     assert "fvu_vs_latents" in (out / "scaling" / "report.html").read_text()
     assert main(["scaling", str(tmp_path)]) == 2             # not a sweep folder
+    # CE recovered that 'saelab eval' recorded (eval.json) is used as recorded, and fitted as 1 - CE recovered
+    for i, r in enumerate(rows):
+        (out / r["name"] / "eval.json").write_text(json.dumps({"downstream": {"ce_recovered_zero": 0.5 + 0.1 * i}}))
+    assert main(["scaling", str(out), "--json", "--out", str(tmp_path / "report")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["ce_recovered"] for r in result["members"]] == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert result["fits"]["ce_loss_vs_latents"]["y"] == "1 - ce_recovered"
+    assert (tmp_path / "report" / "report.html").exists()
 
 
 def test_power_law_fit_recovers_known_parameters():
