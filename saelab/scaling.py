@@ -44,6 +44,8 @@ class Fit(NamedTuple):
     """Root mean squared residual."""
     n: int
     """Points fitted."""
+    at_bound: bool = False
+    """b ended at the edge of its search range (0 or b_max): the points do not follow a decreasing power law."""
 
     def __call__(self, x) -> np.ndarray:
         return self.a * np.asarray(x, dtype=np.float64) ** (-self.b) + self.c
@@ -96,7 +98,8 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], b_max: float = 4.0) ->
         G = np.array([[x0 ** b, a_u * x0 ** b * math.log(x0), 0.0], [0, 1, 0], [0, 0, 1]])
         cov = G @ cov_u @ G.T
         ses = [float(math.sqrt(max(v, 0.0))) for v in np.diag(cov)]
-    return Fit(a_u * x0 ** b, b, c, *ses, rmse=math.sqrt(sse_b / n), n=n)
+    at_bound = not grid[1] < b < grid[-2]
+    return Fit(a_u * x0 ** b, b, c, *ses, rmse=math.sqrt(sse_b / n), n=n, at_bound=bool(at_bound))
 
 
 # -- a sweep's members -------------------------------------------------------------------------------
@@ -241,6 +244,9 @@ def _report(folder: Path, out: Path, rows: list[dict], all_fits: dict, main_name
     if main_name:
         f = all_fits[main_name]
         summary.append(f"Main fit ({main_name}): L(N) = {f['a']:.4g}·N^(-{f['b']:.4g}) + {f['c']:.4g}.")
+        if f["at_bound"]:
+            summary.append(f"The exponent ended at the edge of its search range (b = {f['b']:.3g}): these points "
+                           "do not follow a power law that falls with N; read the fit with care.")
         if f["n"] <= 5:
             summary.append(f"Only {f['n']} points for 3 parameters: " + ("the fit is exact and has no error "
                            "estimate." if f["n"] == 3 else f"the standard errors rest on {f['n'] - 3} degree(s) of "

@@ -96,7 +96,8 @@ def _run_scaling(args) -> None:
     for name, f in result["fits"].items():
         se = (f" (± {f['a_se']:.2g}, {f['b_se']:.2g}, {f['c_se']:.2g})" if f["b_se"] is not None
               else " (no error estimate: 3 points)")
-        print(f"{name}: L = {f['a']:.4g}·N^(-{f['b']:.4g}) + {f['c']:.4g}{se}, rms residual {f['rmse']:.2g}")
+        edge = "; b at the edge of its search range: not a falling power law" if f["at_bound"] else ""
+        print(f"{name}: L = {f['a']:.4g}·N^(-{f['b']:.4g}) + {f['c']:.4g}{se}, rms residual {f['rmse']:.2g}{edge}")
     if not result["fits"]:
         print("no fit: a power law needs at least 3 members that differ in latents (or in k)")
     print(f"report: {result['report']}")
