@@ -4,7 +4,8 @@ Every member is an ordinary training run (:func:`saelab.train.train_many` reads 
 it to all of them), so a member trains exactly as it would alone with the same seed, and its folder is
 exactly what ``saelab train --out`` writes. The layout of a sweep folder ``OUT``:
 
-    OUT/sweep.json          format "saelab-sweep", version 1: the shared train config and the members,
+    OUT/sweep.json          format "saelab-sweep", version 1: the store (acts; null when streamed from a
+                            model), the shared train config (train_config, without d_sae and k) and the members,
                             smallest first: {"name", "d_sae", "k", "arch", "path"} (path relative to OUT)
     OUT/latents-01024/      an SAE folder (cfg.json, weights, saelab.json, train_log.jsonl)
     OUT/k-032/              ... named by what varies: latents-NNNNN, k-NNN, or latents-NNNNN-k-NNN
@@ -103,7 +104,8 @@ def sweep(source, base: TrainConfig, out: str | Path, latents: Sequence[int] = (
         done = [m._replace(d_sae=sae.d_sae) for (m, _), sae in zip(members, saes)]
         if main:
             shared = {k: v for k, v in asdict(base).items() if k not in ("d_sae", "k")}
-            write_json(out / INDEX, {"format": FORMAT, "version": VERSION, "train_config": shared,
+            acts = str(Path(source.path).resolve()) if hasattr(source, "path") else None   # None: streamed
+            write_json(out / INDEX, {"format": FORMAT, "version": VERSION, "acts": acts, "train_config": shared,
                                      "members": [m._asdict() for m in sorted(done, key=_size)]})
     return [saes[i] for i in sorted(range(len(saes)), key=lambda i: _size(done[i]))]
 

@@ -43,6 +43,7 @@ def test_sweep_members_equal_solo_runs(store, tmp_path):
     saes = sweep(store, BASE, tmp_path / "sweep", latents=[64, 32], ks=[2, 4], progress=False)
     index, members = load_sweep(tmp_path / "sweep")
     assert index["format"] == "saelab-sweep" and index["version"] == 1 and index["train_config"]["seed"] == 3
+    assert index["acts"] == str(store.path.resolve()) and "d_sae" not in index["train_config"]
     assert [m.name for m in members] == ["latents-00032-k-002", "latents-00032-k-004", "latents-00064-k-002",
                                          "latents-00064-k-004"]
     assert [(m.d_sae, m.k, m.arch, m.path) for m in members][1] == (32, 4, "topk", "latents-00032-k-004")
