@@ -264,10 +264,10 @@ def _report(folder: Path, out: Path, rows: list[dict], all_fits: dict, main_name
                   Series(f"fit {f['a']:.3g}·N^-{f['b']:.3g} + {f['c']:.3g}", grid.tolist(), model(grid).tolist(),
                          style="curve")]
         png = plot_png(series, "latents" if f["x"] == "d_sae" else f["x"], "held-out FVU",
-                       title=f"{folder.name}: {main_name}", log=True)
+                       title=f"{folder.parent.name}/{folder.name}: {main_name}", log=True)
     command = "saelab scaling " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["scaling"] \
         else f"saelab scaling {shlex.quote(str(folder))}"
-    return write_report(out, f"Scaling: {folder.name}", summary, [table, fit_table], png,
+    return write_report(out, f"Scaling: {folder.parent.name}/{folder.name}", summary, [table, fit_table], png,
                         {k: v for k, v in result.items() if k != "report"}, command)
 
 
