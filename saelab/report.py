@@ -24,10 +24,13 @@ class Series(NamedTuple):
     ys: list[float]
     axis: str = "left"
     """``left`` or ``right`` (a second y axis)."""
+    style: str = "line"
+    """``line`` (points joined), ``points`` (markers only) or ``curve`` (a line without markers: a fit)."""
 
 
-def plot_png(series: Sequence[Series], xlabel: str, ylabel: str, y2label: str = "", title: str = "") -> bytes | None:
-    """A line plot as PNG bytes, or None without matplotlib."""
+def plot_png(series: Sequence[Series], xlabel: str, ylabel: str, y2label: str = "", title: str = "",
+             log: bool = False) -> bytes | None:
+    """A line plot as PNG bytes (``log``: both axes logarithmic), or None without matplotlib."""
     try:
         import matplotlib
 
@@ -39,8 +42,12 @@ def plot_png(series: Sequence[Series], xlabel: str, ylabel: str, y2label: str = 
     ax2 = ax.twinx() if any(s.axis == "right" for s in series) else None
     for i, s in enumerate(series):
         target = ax2 if s.axis == "right" else ax
-        target.plot(s.xs, s.ys, marker="o", linestyle="--" if s.axis == "right" else "-", color=f"C{i}",
+        line = "none" if s.style == "points" else "--" if s.axis == "right" else "-"
+        target.plot(s.xs, s.ys, marker=None if s.style == "curve" else "o", linestyle=line, color=f"C{i}",
                     label=s.label)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ax2 is not None:

@@ -22,10 +22,10 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -136,13 +136,14 @@ def _chain(first, rest):
 class _StopOnSignals:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step (a second one interrupts)."""
 
-    def __init__(self, trainer: Trainer):
-        self.trainer, self.old = trainer, {}
+    def __init__(self, trainers: list[Trainer]):
+        self.trainers, self.old = trainers, {}
 
     def _handle(self, signum, frame) -> None:
-        if self.trainer.stop_requested:
+        if any(t.stop_requested for t in self.trainers):
             raise KeyboardInterrupt
-        self.trainer.stop_requested = True
+        for t in self.trainers:
+            t.stop_requested = True
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -164,13 +165,14 @@ def _save_checkpoint(trainer: Trainer, out: Path, source: dict) -> None:
 class _Logger:
     """JSONL records in the run folder, a tqdm bar, and optionally wandb and a callback (rank 0 only)."""
 
-    def __init__(self, cfg: TrainConfig, out: Path | None, world: World, start: int, callback, progress: bool):
+    def __init__(self, cfg: TrainConfig, out: Path | None, world: World, start: int, callback, progress: bool,
+                 desc: str = ""):
         from tqdm import tqdm
 
         self.main, self.callback = world.is_main, callback
         self.path = out / LOG if out is not None and self.main else None
         self.file = None                 # opened at the first record: a run that stops before it leaves no log
-        self.bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=f"train {cfg.architecture}",
+        self.bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=desc or f"train {cfg.architecture}",
                         disable=not (progress and self.main))
         self.wandb = None
         if cfg.wandb_project and self.main:
@@ -178,7 +180,9 @@ class _Logger:
                 import wandb
             except ImportError:
                 raise ImportError("wandb logging needs the wandb extra: pip install 'saelab[wandb]'") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+            # one wandb run per SAE of a pass, named after its folder
+            named = {"name": out.name, "reinit": True} if desc and out is not None else {}
+            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), **named)
         self.t0, self.step0 = time.perf_counter(), start
 
     def record(self, m: dict, cfg: TrainConfig) -> None:
@@ -220,16 +224,46 @@ def train(source, config: TrainConfig, out: str | Path | None = None, resume: bo
     record. ``provenance`` adds saelab.json keys (the store's manifest supplies model, hook, corpus).
     Returns the SAE for raw activations, with ``sae.provenance``.
     """
+    log_one = (lambda i, rec: log(rec)) if log else None
+    return train_many(source, [config], [out], resume, log_one, progress, provenance)[0]
+
+
+SHARED_FIELDS = ("batch_size", "seed", "heldout_fraction", "device", "deterministic")
+"""Fields every SAE of one pass shares: they decide the batches (and where they are computed)."""
+
+
+def train_many(source, configs: list[TrainConfig], outs: list[str | Path | None], resume: bool = False,
+               log: Callable[[int, dict], None] | None = None, progress: bool = True,
+               provenance: dict | None = None) -> list[SAE]:
+    """Train several SAEs in one pass over ``source``: each batch is read once and fed to every SAE.
+
+    Each SAE ``i`` is trained exactly as ``train(source, configs[i], outs[i], ...)`` would train it alone
+    (same batches, same steps, same folder, checkpoints and resume), so the configs must agree on
+    :data:`SHARED_FIELDS`. ``log(i, record)`` receives SAE ``i``'s log records. A resume may find the SAEs at
+    different steps (a kill between two checkpoint writes): the pass restarts at the earliest and each SAE
+    joins at its own step; a finished SAE is loaded, not retrained. Returns the SAEs in the order given.
+    """
+    if not configs or len(configs) != len(outs):
+        raise ValueError(f"train_many needs one out per config, got {len(configs)} configs and {len(outs)} outs")
+    for f in SHARED_FIELDS:
+        values = {repr(getattr(c, f)) for c in configs}
+        if len(values) > 1:
+            raise ValueError(f"SAEs trained in one pass must share {f}; got {', '.join(sorted(values))}")
     tune_allocator()   # long batch job: keep big blocks in the heap (saelab.runtime)
-    device = default_device(config.device)
+    device = default_device(configs[0].device)
     world = World(device)
     ok = False
-    out = Path(out).expanduser() if out is not None else None
+    outs = [Path(o).expanduser() if o is not None else None for o in outs]
+    if len({o for o in outs if o is not None}) < sum(o is not None for o in outs):
+        raise ValueError("two SAEs of one pass cannot share a run folder")
     try:
-        with exclusive(out, "training") if out is not None and world.is_main else nullcontext():
-            sae = _train(source, config, out, resume, log, progress, provenance or {}, world, device)
+        with ExitStack() as locks:
+            for o in outs:
+                if o is not None and world.is_main:
+                    locks.enter_context(exclusive(o, "training"))
+            saes = _train(source, configs, outs, resume, log, progress, provenance or {}, world, device)
         ok = True
-        return sae
+        return saes
     finally:
         if ok:
             world.close()
@@ -237,93 +271,143 @@ def train(source, config: TrainConfig, out: str | Path | None = None, resume: bo
             dist.destroy_process_group()
 
 
-def _train(source, config, out, resume, log, progress, provenance, world, device) -> SAE:
-    ckpt = _open_run(out, resume, world)
-    if ckpt == "finished":
-        return load_sae(out)
-    if config.batch_size % world.size:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world.size} ranks")
-    start = ckpt[1]["step"] if ckpt else 0
-    it, first = _batches(source, config, world, start)
-    cfg = config.resolved(first.shape[1])
-    trainer = Trainer(cfg, first.shape[1], world, device)
-    info = _source_info(source, first.shape[1])
-    if ckpt:
-        _check_resume(ckpt[1], cfg, info, out)
-        trainer.load_state(*ckpt)
-        if world.is_main:
-            truncate_jsonl_log(out / LOG, start)
-    else:
+class _Run(NamedTuple):
+    """One SAE of a pass: where it goes and what drives it."""
+
+    index: int
+    out: Path | None
+    trainer: Trainer
+    logger: _Logger
+
+
+def _train(source, configs, outs, resume, log, progress, provenance, world, device) -> list[SAE]:
+    ckpts = [_open_run(out, resume, world) for out in outs]
+    saes: list[SAE | None] = [load_sae(out) if c == "finished" else None for c, out in zip(ckpts, outs)]
+    todo = [i for i, s in enumerate(saes) if s is None]
+    if not todo:
+        return saes
+    if configs[0].batch_size % world.size:
+        raise ValueError(f"batch_size {configs[0].batch_size} is not divisible by the {world.size} ranks")
+    start = min(ckpts[i][1]["step"] if ckpts[i] else 0 for i in todo)
+    it, first = _batches(source, configs[0], world, start)
+    d_in = first.shape[1]
+    info = _source_info(source, d_in)
+    sample = None
+    runs = []
+    for i in todo:
+        cfg, ckpt, out = configs[i].resolved(d_in), ckpts[i], outs[i]
+        trainer = Trainer(cfg, d_in, world, device)
+        if ckpt:
+            _check_resume(ckpt[1], cfg, info, out)
+            trainer.load_state(*ckpt)
+            if world.is_main:
+                truncate_jsonl_log(out / LOG, trainer.step)
+        else:
+            if out is not None and world.is_main:
+                truncate_jsonl_log(out / LOG, 0)      # records of a run killed before its first checkpoint
+            if sample is None:
+                sample = world.gather_rows(first.to(device).float())
+            trainer.initialize(sample)
         if out is not None and world.is_main:
-            truncate_jsonl_log(out / LOG, 0)      # records of a run killed before its first checkpoint
-        trainer.initialize(world.gather_rows(first.to(device).float()))
-    if out is not None and world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+        desc = "" if len(configs) == 1 else f"train {len(todo)} SAEs"
+        callback = (lambda rec, i=i: log(i, rec)) if log else None
+        runs.append(_Run(i, out, trainer, _Logger(cfg, out, world, trainer.step, callback,
+                                                  progress and i == todo[0], desc)))
     previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(cfg.deterministic or previous)
-    logger = _Logger(cfg, out, world, trainer.step, log, progress)
+    torch.use_deterministic_algorithms(configs[0].deterministic or previous)
     try:
-        with _StopOnSignals(trainer):
-            _loop(trainer, it, out, info, logger)
+        with _StopOnSignals([r.trainer for r in runs]):
+            _loop(runs, it, start, info, world)
     finally:
-        logger.close()
+        for r in runs:
+            r.logger.close()
         torch.use_deterministic_algorithms(previous)
-    return _finish(trainer, source, it, out, info, provenance)
+    finished = _finish([r.trainer for r in runs], source, it, [r.out for r in runs], info, provenance)
+    for r, sae in zip(runs, finished):
+        saes[r.index] = sae
+    return saes
 
 
-def _loop(trainer: Trainer, it: Iterator[torch.Tensor], out: Path | None, info: dict, logger: _Logger) -> None:
-    cfg, world = trainer.cfg, trainer.world
-    per_rank = cfg.batch_size // world.size
-    while trainer.step < cfg.steps:
+def _loop(runs: list[_Run], it: Iterator[torch.Tensor], step: int, info: dict, world: World) -> None:
+    """Global batch ``step`` on: each batch goes to every SAE that is at that step and not done."""
+    batch_size, d_in = runs[0].trainer.cfg.batch_size, runs[0].trainer.sae.d_in
+    per_rank, device = batch_size // world.size, runs[0].trainer.device
+    aux_name = {"relu": "l1_penalty", "jumprelu": "l0_penalty"}
+    while any(r.trainer.step < r.trainer.cfg.steps for r in runs):
         x = next(it, None)
         if x is None:
-            warnings.warn(f"the data ran out after {trainer.step} of {cfg.steps} steps; finishing early")
+            warnings.warn(f"the data ran out after {step} of {max(r.trainer.cfg.steps for r in runs)} steps; "
+                          "finishing early")
             return
-        if x.shape != (per_rank, trainer.sae.d_in):
-            raise ValueError(f"batch {trainer.step} has shape {tuple(x.shape)}, expected ({per_rank}, "
-                             f"{trainer.sae.d_in}) (batch_size {cfg.batch_size} over {world.size} ranks)")
-        m = trainer.train_step(x.to(trainer.device, non_blocking=True).float())
-        aux_name = {"relu": "l1_penalty", "jumprelu": "l0_penalty"}.get(cfg.architecture, "auxk")
-        m[aux_name] = m.pop("aux")
-        logger.record(m, cfg)
-        due = cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0
-        if out is not None and world.is_main and trainer.step < cfg.steps and (due or trainer.stop_requested):
-            _save_checkpoint(trainer, out, info)
-        if trainer.stop_requested:
-            where = f"; checkpoint in {out / CHECKPOINT}, continue with --resume" if out is not None else ""
-            raise KeyboardInterrupt(f"training stopped by a signal at step {trainer.step}{where}")
+        if x.shape != (per_rank, d_in):
+            raise ValueError(f"batch {step} has shape {tuple(x.shape)}, expected ({per_rank}, {d_in}) "
+                             f"(batch_size {batch_size} over {world.size} ranks)")
+        x = x.to(device, non_blocking=True).float()
+        stepped = []
+        for r in runs:
+            trainer, cfg = r.trainer, r.trainer.cfg
+            if trainer.step != step or trainer.step >= cfg.steps:
+                continue                      # ahead of the pass (resumed from a later checkpoint) or done
+            m = trainer.train_step(x)
+            m[aux_name.get(cfg.architecture, "auxk")] = m.pop("aux")
+            r.logger.record(m, cfg)
+            stepped.append(r)
+        step += 1
+        # a signal reaches every trainer; their flags were all-reduced in the step, so every rank agrees
+        stop = any(r.trainer.stop_requested for r in stepped)
+        for r in stepped:
+            cfg = r.trainer.cfg
+            due = cfg.checkpoint_every and r.trainer.step % cfg.checkpoint_every == 0
+            if r.out is not None and world.is_main and r.trainer.step < cfg.steps and (due or stop):
+                _save_checkpoint(r.trainer, r.out, info)
+        if stop:
+            outs = [str(r.out / CHECKPOINT) for r in stepped if r.out is not None]
+            where = f"; checkpoint in {', '.join(outs)}, continue with --resume" if outs else ""
+            raise KeyboardInterrupt(f"training stopped by a signal at step {step}{where}")
 
 
-def _finish(trainer: Trainer, source, it, out: Path | None, info: dict, provenance: dict) -> SAE:
+def _finish(trainers: list[Trainer], source, it, outs: list[Path | None], info: dict, provenance: dict) -> list[SAE]:
     """Fold the scale in, evaluate on held-out data, attach provenance, save (rank 0)."""
-    cfg = trainer.cfg
-    sae = trainer.finished_sae()
-    if not trainer.world.is_main:
-        return sae
+    saes = [t.finished_sae() for t in trainers]
+    if not trainers[0].world.is_main:
+        return saes
+    cfg = trainers[0].cfg
     if hasattr(source, "batches"):
-        held = source.batches(cfg.batch_size, split="heldout", heldout_fraction=cfg.heldout_fraction,
-                              shuffle=False, epochs=1) if _has_heldout(source, cfg) else iter(())
         if hasattr(it, "close"):
             it.close()
-    else:
-        held = it                   # batches the run never trained on
-    stats = heldout_stats(sae, held, cfg.eval_tokens)
-    if hasattr(held, "close"):
-        held.close()
-    prov = {**(store_provenance(source) if hasattr(source, "manifest") else {}), **provenance,
-            "tokens_trained": trainer.step * cfg.batch_size, "train_config": asdict(cfg),
-            "input_scale": trainer.input_scale, "trained_architecture": cfg.architecture}
-    if stats:
-        prov["feature_max_act"] = stats.pop("feature_max_act")
-        prov["feature_density"] = stats.pop("feature_density")
-        prov["held_out"] = stats
-    sae.provenance = prov
-    if out is not None:
-        with atomic_dir(out) as tmp:
-            save_sae(sae, tmp, **prov)
-            if (out / LOG).exists():
-                (tmp / LOG).write_bytes((out / LOG).read_bytes())
-    return sae
+        use = _has_heldout(source, cfg)
+        helds = [source.batches(cfg.batch_size, split="heldout", heldout_fraction=cfg.heldout_fraction,
+                                shuffle=False, epochs=1) if use else iter(()) for _ in trainers]
+    elif len(trainers) == 1:
+        helds = [it]                  # batches the run never trained on
+    else:                             # a plain iterator is read once: every SAE gets the same held-out rows
+        held, n = [], 0
+        for x in it:
+            if n >= max(t.cfg.eval_tokens for t in trainers):
+                break
+            held.append(x)
+            n += x.shape[0]
+        helds = [held] * len(trainers)
+    for trainer, sae, held, out in zip(trainers, saes, helds, outs):
+        cfg = trainer.cfg
+        stats = heldout_stats(sae, held, cfg.eval_tokens)
+        if hasattr(held, "close"):
+            held.close()
+        prov = {**(store_provenance(source) if hasattr(source, "manifest") else {}), **provenance,
+                "tokens_trained": trainer.step * cfg.batch_size, "train_config": asdict(cfg),
+                "input_scale": trainer.input_scale, "trained_architecture": cfg.architecture}
+        if stats:
+            prov["feature_max_act"] = stats.pop("feature_max_act")
+            prov["feature_density"] = stats.pop("feature_density")
+            prov["held_out"] = stats
+        sae.provenance = prov
+        if out is not None:
+            with atomic_dir(out) as tmp:
+                save_sae(sae, tmp, **prov)
+                if (out / LOG).exists():
+                    (tmp / LOG).write_bytes((out / LOG).read_bytes())
+    return saes
 
 
 def _has_heldout(store, cfg: TrainConfig) -> bool:

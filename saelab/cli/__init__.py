@@ -2,7 +2,7 @@
 
 Each stage has an ``_add_<stage>(sub)`` function that registers its subcommand(s) and sets
 ``func`` to a ``_run_<stage>(args)`` function; they live in the module of their pipeline step
-(``data``, ``train_eval``, ``features``, ``steering``, ``concepts``, ``families``, ``app``) and are listed in ``STAGES`` below.
+(``data``, ``train_eval``, ``scaling``, ``features``, ``steering``, ``concepts``, ``families``, ``app``) and are listed in ``STAGES`` below.
 Library errors a user can cause (bad path, wrong hook, corrupt file, a busy folder, a full disk:
 :class:`saelab.errors.SaelabError` and the builtin errors the library raises for them) are printed as
 one line ``saelab: error: ...`` with exit code 2, never a traceback.
@@ -21,13 +21,15 @@ from saelab.cli.concepts import _add_concepts
 from saelab.cli.data import _add_builtin, _add_harvest, _add_hooks
 from saelab.cli.families import _add_families
 from saelab.cli.features import _add_analyze, _add_explain
+from saelab.cli.scaling import _add_scaling, _add_sweep
 from saelab.cli.steering import _add_steer
 from saelab.cli.train_eval import _add_eval, _add_train
 from saelab.errors import SaelabError
 from saelab.runtime import tune_allocator
 
 
-STAGES = [_add_demo, _add_hooks, _add_builtin, _add_harvest, _add_train, _add_eval, _add_analyze, _add_explain, _add_steer, _add_concepts, _add_families, _add_serve]
+STAGES = [_add_demo, _add_hooks, _add_builtin, _add_harvest, _add_train, _add_sweep, _add_scaling, _add_eval, _add_analyze,
+          _add_explain, _add_steer, _add_concepts, _add_families, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,24 +8,35 @@ from saelab.cli.common import _print_json
 # -- train -----------------------------------------------------------------------------------------
 
 def _add_train(sub) -> None:
-    from saelab.sae import ARCHITECTURES
-
     p = sub.add_parser("train", help="train a sparse autoencoder on an activation store or a live model",
                        description="Train an SAE (relu | topk | batchtopk | jumprelu) on a harvested activation "
                                    "store (--acts) or on activations streamed from a model (--model/--hook/--corpus). "
                                    "Checkpoints every --checkpoint-every steps and on Ctrl-C; --resume continues. "
                                    "Data-parallel under torchrun.")
+    p.add_argument("--out", required=True, help="run folder; becomes the SAE folder when training ends")
+    add_train_options(p)
+    p.add_argument("--json", action="store_true", help="print the held-out summary as JSON")
+    p.set_defaults(func=_run_train)
+
+
+def add_train_options(p, sizes: bool = True) -> None:
+    """The options of ``saelab train`` (data, recipe, run), shared with ``saelab sweep``.
+
+    ``sizes``: also --latents and --k as single integers (a sweep defines them as lists itself)."""
+    from saelab.sae import ARCHITECTURES
+
     data = p.add_argument_group("data (one of)")
     data.add_argument("--acts", help="activation store folder (from 'saelab harvest')")
     data.add_argument("--model", help="model to stream from instead (builtin | smollm2 | hub id | HF folder | .gguf)")
     data.add_argument("--hook", help="hook point to stream (with --model), e.g. blocks.2.hook_resid_post")
     data.add_argument("--corpus", default="stdlib", help="corpus to stream (with --model; default stdlib)")
     data.add_argument("--context", type=int, default=256, help="tokens per sequence when streaming (default 256)")
-    p.add_argument("--out", required=True, help="run folder; becomes the SAE folder when training ends")
     p.add_argument("--arch", default="topk", choices=ARCHITECTURES, help="architecture (default topk)")
-    p.add_argument("--latents", type=int, help="number of latents d_sae (default: --expansion x d_in)")
+    if sizes:
+        p.add_argument("--latents", type=int, help="number of latents d_sae (default: --expansion x d_in)")
     p.add_argument("--expansion", type=int, default=8, help="latents per input dimension (default 8)")
-    p.add_argument("--k", type=int, default=32, help="active latents per token, topk/batchtopk (default 32)")
+    if sizes:
+        p.add_argument("--k", type=int, default=32, help="active latents per token, topk/batchtopk (default 32)")
     p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens (default 2M)")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step over all ranks (default 4096)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default per architecture)")
@@ -38,11 +49,20 @@ def _add_train(sub) -> None:
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--json", action="store_true", help="print the held-out summary as JSON")
-    p.set_defaults(func=_run_train)
 
 
-def _train_source(args, batch_size: int):
+def train_config(args, d_sae: int | None, k: int | None):
+    """The TrainConfig of a train/sweep command's options (``d_sae``/``k`` given apart: a sweep varies them)."""
+    from saelab.train import TrainConfig
+
+    return TrainConfig(architecture=args.arch, d_sae=d_sae, expansion=args.expansion, k=k,
+                       tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, l1_coefficient=args.l1,
+                       l0_coefficient=args.l0, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                       log_every=args.log_every, deterministic=args.deterministic, device=args.device,
+                       wandb_project=args.wandb)
+
+
+def train_source(args, batch_size: int):
     """The data of a train command and the provenance it implies."""
     import os
 
@@ -72,14 +92,10 @@ def _train_source(args, batch_size: int):
 
 
 def _run_train(args) -> None:
-    from saelab.train import TrainConfig, train
+    from saelab.train import train
 
-    source, prov = _train_source(args, args.batch_size)
-    cfg = TrainConfig(architecture=args.arch, d_sae=args.latents, expansion=args.expansion, k=args.k,
-                      tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, l1_coefficient=args.l1,
-                      l0_coefficient=args.l0, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                      log_every=args.log_every, deterministic=args.deterministic, device=args.device,
-                      wandb_project=args.wandb)
+    source, prov = train_source(args, args.batch_size)
+    cfg = train_config(args, args.latents, args.k)
     sae = train(source, cfg, out=args.out, resume=args.resume, progress=not args.json, provenance=prov)
     held = sae.provenance.get("held_out")
     if int(__import__("os").environ.get("RANK", "0")) != 0:

@@ -1,0 +1,132 @@
+"""Sweeps: many SAEs of one architecture from one pass over the data (a scan of latents, of k, or both).
+
+Every member is an ordinary training run (:func:`saelab.train.train_many` reads each batch once and feeds
+it to all of them), so a member trains exactly as it would alone with the same seed, and its folder is
+exactly what ``saelab train --out`` writes. The layout of a sweep folder ``OUT``:
+
+    OUT/sweep.json          format "saelab-sweep", version 1: the store (acts; null when streamed from a
+                            model), the shared train config (train_config, without d_sae and k) and the members,
+                            smallest first: {"name", "d_sae", "k", "arch", "path"} (path relative to OUT)
+    OUT/latents-01024/      an SAE folder (cfg.json, weights, saelab.json, train_log.jsonl)
+    OUT/k-032/              ... named by what varies: latents-NNNNN, k-NNN, or latents-NNNNN-k-NNN
+
+sweep.json is written once, after every member is saved: its presence means the sweep is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+from saelab.atomic import write_json
+from saelab.locks import exclusive
+from saelab.sae import SAE
+from saelab.train import train_many
+from saelab.train_config import TrainConfig
+
+FORMAT, VERSION, INDEX = "saelab-sweep", 1, "sweep.json"
+
+
+class Member(NamedTuple):
+    """One SAE of a sweep, as listed in sweep.json."""
+
+    name: str
+    """Folder name inside the sweep folder."""
+    d_sae: int | None
+    """Latents (None before training when the sweep scans only k: expansion × d_in)."""
+    k: int | None
+    """Active latents per token (None for relu/jumprelu)."""
+    arch: str
+    """Architecture trained."""
+    path: str
+    """Folder relative to the sweep folder."""
+
+
+def parse_sizes(text: str | None, flag: str) -> list[int]:
+    """``"1024,2048"`` → ``[1024, 2048]``; a clear error for anything but distinct positive integers."""
+    if text is None:
+        return []
+    parts = [p.strip() for p in str(text).split(",")]
+    bad = [p for p in parts if not p.isdigit() or int(p) <= 0]
+    if bad:
+        raise ValueError(f"{flag} takes positive integers separated by commas (e.g. {flag} 1024,2048,4096); "
+                         f"{', '.join(repr(p) for p in bad)} is not one")
+    sizes = [int(p) for p in parts]
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"{flag} lists a value twice: {text}")
+    return sorted(sizes)
+
+
+def plan(base: TrainConfig, latents: Sequence[int], ks: Sequence[int]) -> list[tuple[Member, TrainConfig]]:
+    """The members of a sweep over ``latents`` × ``ks`` (an empty list keeps ``base``'s value), smallest first."""
+    latents, ks = sorted(latents) or [base.d_sae], sorted(ks) or [base.k]
+    sparse = base.architecture in ("topk", "batchtopk")
+    if len(ks) > 1 and not sparse:
+        raise ValueError(f"a k scan needs a topk or batchtopk sweep; {base.architecture} has no k")
+    out = []
+    for d_sae in latents:
+        for k in ks:
+            parts = []
+            if len(latents) > 1 or len(ks) == 1:
+                parts.append(f"latents-{d_sae:05d}" if d_sae else f"expansion-{base.expansion:03d}")
+            if len(ks) > 1:
+                parts.append(f"k-{k:03d}")
+            name = "-".join(parts)
+            member = Member(name, d_sae, k if sparse else None, base.architecture, name)
+            out.append((member, replace(base, d_sae=d_sae, k=k)))
+    return out
+
+
+def sweep(source, base: TrainConfig, out: str | Path, latents: Sequence[int] = (), ks: Sequence[int] = (),
+          resume: bool = False, log: Callable[[str, dict], None] | None = None, progress: bool = True,
+          provenance: dict | None = None) -> list[SAE]:
+    """Train one SAE per (latents, k) of the scan on ``source`` in one pass; returns them smallest first.
+
+    ``base`` holds every other setting (tokens, seed, batch size, ...). ``resume`` continues every member
+    from its checkpoint (a finished member is loaded). ``log(name, record)`` receives each member's log
+    records. Writes ``out/sweep.json`` once every member is saved.
+    """
+    out = Path(out).expanduser()
+    members = plan(base, latents, ks)
+    main = int(os.environ.get("RANK", "0")) == 0          # under torchrun only rank 0 writes
+    with exclusive(out, "sweep") if main else nullcontext():
+        if not resume and (out / INDEX).exists():
+            raise FileExistsError(f"{out} already holds a finished sweep ({INDEX}); choose a new --out")
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        log_one = (lambda i, rec: log(members[i][0].name, rec)) if log else None
+        saes = train_many(source, [c for _, c in members], [out / m.path for m, _ in members], resume=resume,
+                          log=log_one, progress=progress, provenance=provenance)
+        done = [m._replace(d_sae=sae.d_sae) for (m, _), sae in zip(members, saes)]
+        if main:
+            shared = {k: v for k, v in asdict(base).items() if k not in ("d_sae", "k")}
+            acts = str(Path(source.path).resolve()) if hasattr(source, "path") else None   # None: streamed
+            write_json(out / INDEX, {"format": FORMAT, "version": VERSION, "acts": acts, "train_config": shared,
+                                     "members": [m._asdict() for m in sorted(done, key=_size)]})
+    return [saes[i] for i in sorted(range(len(saes)), key=lambda i: _size(done[i]))]
+
+
+def _size(m: Member) -> tuple[int, int]:
+    return (m.d_sae or 0, m.k or 0)
+
+
+def load_sweep(folder: str | Path) -> tuple[dict, list[Member]]:
+    """Read ``folder/sweep.json``: (the whole index, its members smallest first), checked."""
+    folder = Path(folder).expanduser()
+    path = folder / INDEX
+    if not path.is_file():
+        hint = (" (a sweep still running or stopped: finish it with 'saelab sweep ... --resume')"
+                if folder.is_dir() else "")
+        raise FileNotFoundError(f"{path} not found: {folder} is not a finished sweep folder from 'saelab sweep'{hint}")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is damaged") from None
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise ValueError(f"{path} is not a saelab sweep index (format {FORMAT!r} version {VERSION} expected)")
+    members = [Member(**m) for m in index["members"]]
+    return index, sorted(members, key=_size)
