@@ -318,3 +318,25 @@ def test_cli_concept_and_dial(planted_dir, capsys):
     assert (report / "report.html").is_file() and json.loads((report / "results.json").read_text()) == out
     assert main(["dial", str(d / "sae"), "--features", "5,6", "--prompts", str(d / "prompts.txt")]) == 2
     assert "--keywords" in capsys.readouterr().err
+
+
+def test_selection_does_not_grow_on_a_set_that_separates_the_wrong_way():
+    """Held out, every candidate is *lower* on positives (d′ < 0): a slightly less negative d′ is no gain."""
+    import random
+
+    from saelab.concept import split
+
+    n, cfg = 8, ConceptConfig(holdout=0.5, seed=3)
+    rng = random.Random(cfg.seed)
+    (tr_p, ho_p), (tr_n, ho_n) = split(n, cfg.holdout, rng), split(n, cfg.holdout, rng)
+    g = torch.Generator().manual_seed(0)
+    S = torch.zeros(2 * n, 3)
+    S[tr_p] = 1.0                                                      # training: every feature separates perfectly
+    S[[n + i for i in ho_n]] = 0.6 + 0.05 * torch.randn(len(ho_n), 3, generator=g)
+    S[ho_p, 0] = 0.20 + 0.05 * torch.randn(len(ho_p), generator=g)   # held out: lower on positives
+    S[ho_p, 1] = S[ho_p, 0] + 0.05                                    # ... a little less so for 1 and 2
+    S[ho_p, 2] = S[ho_p, 0] + 0.10
+    r = select_features(S, n, torch.ones(3), cfg)
+    first = r.steps[0]
+    assert first["heldout_auroc"] < 0.5 and first["heldout_dprime"] < 0
+    assert len(r.features) == 1 and r.steps[1]["joined"] is False
