@@ -1,8 +1,10 @@
 """Sweeps: many SAEs of one architecture from one pass over the data (a scan of latents, of k, or both).
 
 Every member is an ordinary training run (:func:`saelab.train.train_many` reads each batch once and feeds
-it to all of them), so a member trains exactly as it would alone with the same seed, and its folder is
-exactly what ``saelab train --out`` writes. The layout of a sweep folder ``OUT``:
+it to all of them), so a member trains exactly as it would alone with the same config, and its folder is
+exactly what ``saelab train --out`` writes. Members share the seed (so the data order) but not their initial
+weights: each gets its own ``init_seed`` (:func:`member_init_seed`), recorded in its saelab.json; a solo
+``saelab train --seed S --init-seed I`` makes the same SAE. The layout of a sweep folder ``OUT``:
 
     OUT/sweep.json          format "saelab-sweep", version 1: the store (acts; null when streamed from a
                             model), the shared train config (train_config, without d_sae and k) and the members,
@@ -61,6 +63,13 @@ def parse_sizes(text: str | None, flag: str) -> list[int]:
     return sorted(sizes)
 
 
+def member_init_seed(base: TrainConfig, d_sae: int | None, k: int | None) -> int:
+    """Each member's own initial weights (see ``TrainConfig.init_seed``), fixed by the sweep's seed and its size."""
+    if base.init_seed is not None:
+        return base.init_seed
+    return (base.seed * 1_000_003 + (d_sae or base.expansion) * 1009 + (k or 0)) % 2**63
+
+
 def plan(base: TrainConfig, latents: Sequence[int], ks: Sequence[int]) -> list[tuple[Member, TrainConfig]]:
     """The members of a sweep over ``latents`` × ``ks`` (an empty list keeps ``base``'s value), smallest first."""
     latents, ks = sorted(latents) or [base.d_sae], sorted(ks) or [base.k]
@@ -77,7 +86,7 @@ def plan(base: TrainConfig, latents: Sequence[int], ks: Sequence[int]) -> list[t
                 parts.append(f"k-{k:03d}")
             name = "-".join(parts)
             member = Member(name, d_sae, k if sparse else None, base.architecture, name)
-            out.append((member, replace(base, d_sae=d_sae, k=k)))
+            out.append((member, replace(base, d_sae=d_sae, k=k, init_seed=member_init_seed(base, d_sae, k))))
     return out
 
 

@@ -60,6 +60,9 @@ class TrainConfig:
     """Training tokens (steps = tokens // batch_size)."""
     seed: int = 0
     """Seeds the initialisation, the data order and resampling."""
+    init_seed: int | None = None
+    """Seed of the initial weights alone (None: ``seed``). A sweep gives each member its own, so that SAEs of
+    different sizes do not start from the same first decoder rows (which would make families look persistent)."""
     init_b_dec: str = "geometric_median"
     """b_dec initialisation on the first batch: geometric_median | mean | zeros."""
     normalize_inputs: bool = True

@@ -69,7 +69,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, d_in: int, world: World, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
         sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.architecture, cfg.k))
-        sae.reset_parameters(seed=cfg.seed)
+        sae.reset_parameters(seed=cfg.seed if cfg.init_seed is None else cfg.init_seed)
         if cfg.architecture == "jumprelu":
             sae.threshold.data.fill_(cfg.threshold_init)
         self.sae = sae.to(device).train()

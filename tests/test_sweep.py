@@ -16,7 +16,7 @@ from saelab import store as st
 from saelab.cli import main
 from saelab.formats import load_sae
 from saelab.scaling import fit_power_law, training_flops
-from saelab.sweep import INDEX, load_sweep, sweep
+from saelab.sweep import INDEX, load_sweep, member_init_seed, plan, sweep
 from saelab.train import CHECKPOINT, TrainConfig, train
 
 
@@ -49,12 +49,15 @@ def test_sweep_members_equal_solo_runs(store, tmp_path):
     assert [(m.d_sae, m.k, m.arch, m.path) for m in members][1] == (32, 4, "topk", "latents-00032-k-004")
     assert [s.d_sae for s in saes] == [32, 32, 64, 64]
     for m in members:
-        solo = train(store, replace(BASE, d_sae=m.d_sae, k=m.k), out=tmp_path / "solo" / m.name, progress=False)
+        init = member_init_seed(BASE, m.d_sae, m.k)
+        solo = train(store, replace(BASE, d_sae=m.d_sae, k=m.k, init_seed=init), out=tmp_path / "solo" / m.name,
+                     progress=False)
         folder = tmp_path / "sweep" / m.path
         assert_same(weights(folder), weights(tmp_path / "solo" / m.name))
         mine = load_sae(folder).provenance
         assert mine["held_out"] == solo.provenance["held_out"]
         assert {p.name for p in folder.iterdir()} == {p.name for p in (tmp_path / "solo" / m.name).iterdir()}
+        assert mine["train_config"]["init_seed"] == init
         logs = [(tmp_path / d / "train_log.jsonl").read_text().splitlines() for d in ("sweep/" + m.path, "solo/" + m.name)]
         assert [json.loads(r)["fvu"] for r in logs[0]] == [json.loads(r)["fvu"] for r in logs[1]]
 
@@ -159,3 +162,19 @@ def test_power_law_fit_recovers_known_parameters():
     assert three.b == pytest.approx(b, rel=1e-3) and three.b_se is None
     with pytest.raises(ValueError, match="at least 3 points"):
         fit_power_law(n[:2], y[:2])
+
+
+def test_members_do_not_share_their_initial_weights():
+    """Same seed (same data order), but each size starts from its own decoder rows: with one seed, a larger
+    SAE's first rows would start equal to the smaller's, and families would read that as persistence."""
+    from saelab.sae import SAE, SAEConfig
+
+    configs = [c for _, c in plan(BASE, [32, 64], [4])]
+    assert configs[0].seed == configs[1].seed == BASE.seed and configs[0].init_seed != configs[1].init_seed
+    rows = []
+    for c in configs:
+        sae = SAE(SAEConfig(8, c.d_sae, "topk", c.k))
+        sae.reset_parameters(seed=c.init_seed)
+        rows.append(sae.W_dec.detach()[:32])
+    assert (rows[0] * rows[1]).sum(1).abs().max() < 0.99           # no shared row
+    assert member_init_seed(replace(BASE, init_seed=7), 32, 4) == 7    # an explicit init seed is kept

@@ -43,6 +43,7 @@ def add_train_options(p, sizes: bool = True) -> None:
     p.add_argument("--l1", type=float, default=5.0, help="relu: L1 coefficient (default 5)")
     p.add_argument("--l0", type=float, default=1.0, help="jumprelu: L0 coefficient (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-seed", type=int, help="seed of the initial weights alone (default: --seed)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log records (default 10)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resumes)")
@@ -57,7 +58,7 @@ def train_config(args, d_sae: int | None, k: int | None):
 
     return TrainConfig(architecture=args.arch, d_sae=d_sae, expansion=args.expansion, k=k,
                        tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, l1_coefficient=args.l1,
-                       l0_coefficient=args.l0, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                       l0_coefficient=args.l0, seed=args.seed, init_seed=args.init_seed, checkpoint_every=args.checkpoint_every,
                        log_every=args.log_every, deterministic=args.deterministic, device=args.device,
                        wandb_project=args.wandb)
 
