@@ -146,9 +146,9 @@ def select_features(S: torch.Tensor, n_pos: int, scales: torch.Tensor, cfg: Conc
     while pool and len(chosen) < cfg.max_features:
         best = max(pool, key=lambda f: sep(chosen + [f], tr_p, tr_n))  # best training separation (AUROC, then d′)
         new = sep(chosen + [best], ho_p, ho_n)
-        # a d′ gain is relative to |d′|: for a set that separates the wrong way (d′ < 0), d′ · (1 + gain) is lower
+        # a d′ gain counts only for a set that separates the right way (d′ > 0), and is relative to |d′|
         joined = new.auroc >= held.auroc + cfg.min_gain or (
-            new.auroc >= held.auroc and new.dprime > held.dprime + cfg.min_rel_gain * abs(held.dprime))
+            new.auroc >= held.auroc and new.dprime > 0 and new.dprime > held.dprime + cfg.min_rel_gain * abs(held.dprime))
         steps.append({"feature": best, "heldout_auroc": new.auroc, "heldout_dprime": new.dprime, "joined": joined})
         if not joined:
             break

@@ -334,8 +334,8 @@ def test_selection_does_not_grow_on_a_set_that_separates_the_wrong_way():
     S[tr_p] = 1.0                                                      # training: every feature separates perfectly
     S[[n + i for i in ho_n]] = 0.6 + 0.05 * torch.randn(len(ho_n), 3, generator=g)
     S[ho_p, 0] = 0.20 + 0.05 * torch.randn(len(ho_p), generator=g)   # held out: lower on positives
-    S[ho_p, 1] = S[ho_p, 0] + 0.05                                    # ... a little less so for 1 and 2
-    S[ho_p, 2] = S[ho_p, 0] + 0.10
+    S[ho_p, 1] = S[ho_p, 0] + 0.20                                    # ... less so for 1 and 2: d′ rises a lot,
+    S[ho_p, 2] = S[ho_p, 0] + 0.30                                    # but stays below 0
     r = select_features(S, n, torch.ones(3), cfg)
     first = r.steps[0]
     assert first["heldout_auroc"] < 0.5 and first["heldout_dprime"] < 0
