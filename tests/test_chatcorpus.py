@@ -127,3 +127,16 @@ def test_corpus_chat_command_builds_and_refuses_a_model_without_a_chat_template(
     plain = save_tiny_model("llama", tmp_path / "plain")           # its tokenizer defines no chat template
     assert main(["corpus", "chat", str(plain)]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_the_shipped_smollm2_chat_corpus_answers_the_shipped_requests(tmp_path, monkeypatch):
+    """The corpus that ships was made from today's request list (else 'saelab corpus chat smollm2' would rebuild)."""
+    import hashlib
+
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
+    docs = list(documents(CorpusSpec("chat:smollm2", "all")))
+    reqs = chatcorpus.requests()
+    record = json.loads(chat_path("smollm2").with_suffix(".json").read_text())
+    assert record["settings"]["requests_sha256"] == hashlib.sha256("\n".join(reqs).encode()).hexdigest()
+    assert len(docs) == len(reqs) == record["documents"] == 801
+    assert all(f"user\n{r}<|im_end|>\n<|im_start|>assistant\n" in d.text for r, d in zip(reqs, docs))
