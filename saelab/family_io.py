@@ -9,7 +9,7 @@ works too.
 the store's *held-out* split (whole sequences the trainer never trained on, with the training run's
 ``heldout_fraction``), the first ``tokens`` rows of it in storage order; when the held-out split has
 fewer than ``MIN_HELDOUT`` rows, the first ``tokens`` rows of the whole store. families.json records which.
-The store is ``--acts``, else ``config.acts`` of sweep.json, else ``acts/`` beside the sweep folder.
+The store is ``--acts``, else sweep.json's ``acts`` (or ``config.acts``), else ``acts/`` beside the sweep folder.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class Sweep(NamedTuple):
     """name, d_sae, k, arch, path (absolute) of each SAE, smallest first."""
     config: dict
     """sweep.json's training config ({} without one)."""
+    acts: str | None = None
+    """sweep.json's ``acts``: the store the members were trained on (None when streamed, or without sweep.json)."""
 
 
 def read_sweep(paths: Sequence[str | Path], k: int | None = None) -> Sweep:
@@ -70,7 +72,8 @@ def read_sweep(paths: Sequence[str | Path], k: int | None = None) -> Sweep:
             raise ValueError(f"{file}: the sweep scans k as well as latents (k = {', '.join(map(str, ks))}); "
                              f"families compare sizes at one k: choose it (CLI: --k)")
         config = doc.get("config", doc.get("train_config"))
-        return Sweep(folder, out, config if isinstance(config, dict) else {})
+        acts = doc.get("acts") if isinstance(doc.get("acts"), str) else None
+        return Sweep(folder, out, config if isinstance(config, dict) else {}, acts)
     out = [{"name": p.name, "path": str(p.resolve())} for p in paths]
     return Sweep(None, out, {})
 
@@ -100,11 +103,11 @@ def load_members(sweep: Sweep) -> list:
 
 
 def find_store(sweep: Sweep, acts: str | Path | None) -> Path:
-    """``acts``, else sweep.json's ``config.acts``, else ``acts/`` beside the sweep folder."""
+    """``acts``, else sweep.json's ``acts`` (or ``config.acts``), else ``acts/`` beside the sweep folder."""
     if acts is not None:
         return Path(acts)
-    named = sweep.config.get("acts")
-    if isinstance(named, str):
+    named = sweep.acts or sweep.config.get("acts")
+    if isinstance(named, str) and Path(named).is_dir():     # recorded as an absolute path: the run may have moved
         return Path(named)
     if sweep.folder is not None and (sweep.folder.parent / "acts" / "manifest.json").is_file():
         return sweep.folder.parent / "acts"
