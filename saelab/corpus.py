@@ -15,7 +15,8 @@ A corpus is named by a *spec* string:
   (:mod:`saelab.chatcorpus`; built once by ``saelab corpus chat MODEL``), read as a ``.jsonl``.
 - ``A+B[+C...]``: a mix of local corpora in equal shares by characters: every part gives documents (in an
   order shuffled with seed 0) up to the size of the smallest part, and the mix is built once into the
-  cache as a ``.jsonl`` (documents named ``part:name``), then split and read like any ``.jsonl``.
+  cache as a ``.jsonl``. Its documents keep their names in their parts, so a document is in the mix's
+  validation split exactly when it is in its part's (the same on every machine).
 - ``hf:NAME[:CONFIG]``: a Hugging Face dataset (needs the ``hf`` extra and the network). Its own
   ``train``/``validation`` splits are used.
 
@@ -136,7 +137,7 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
                 f"corpus {spec.source!r} is not built yet: run 'saelab corpus chat {spec.source[len(CHAT):]}' (the model "
                 "answers 801 requests: about 30 minutes for SmolLM2-135M on 2 CPU cores; it resumes if interrupted)")
         return path, [path]
-    if MIX in spec.source and not Path(spec.source).expanduser().exists():   # a file may have a '+' in its name
+    if is_mix(spec.source):
         path = mix_path(spec.source)
         return path, [path]
     path = Path(spec.source).expanduser()
@@ -155,7 +156,7 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
 
 CHAT = "chat:"
 MIX = "+"
-MIX_VERSION = 1
+MIX_VERSION = 2
 
 
 def chat_path(model: str) -> Path:
@@ -178,6 +179,10 @@ def _unpack_shipped_chat(model: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(path.with_suffix(".json"), (shipped.parent / "chat_corpus.json").read_bytes())
     atomic.write_bytes(path, gzip.decompress(shipped.read_bytes()))
+
+
+def is_mix(source: str) -> bool:
+    return MIX in source and not Path(source).expanduser().exists()   # a file may have a '+' in its name
 
 
 def mix_path(source: str) -> Path:
@@ -205,19 +210,20 @@ def mix_path(source: str) -> Path:
             if used >= budget:
                 break
             used += len(d.text)
-            lines.append(json.dumps({"text": d.text, "source": f"{name}:{d.name}"}, ensure_ascii=False))
+            lines.append(json.dumps({"text": d.text, "name": d.name, "source": name}, ensure_ascii=False))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(out, ("\n".join(lines) + "\n").encode("utf-8"))
     return out
 
 
-def _jsonl_documents(path: Path, split: str) -> Iterator[Document]:
+def _jsonl_documents(path: Path, split: str, named: bool = False) -> Iterator[Document]:
+    """``named``: each line's ``name`` field names the document (a mix keeps its parts' names, so their splits)."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             name = f"{path.name}:{lineno}"
-            if not in_split(name, split):
+            if not named and not in_split(name, split):
                 continue
             try:
                 record = json.loads(line)
@@ -225,6 +231,10 @@ def _jsonl_documents(path: Path, split: str) -> Iterator[Document]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{path}:{lineno}: each line needs a string field 'text'")
+            if named:
+                name = str(record.get("name") or name)
+                if not in_split(name, split):
+                    continue
             yield Document(name, record["text"])
 
 
@@ -250,7 +260,7 @@ def documents(spec: CorpusSpec | str) -> Iterator[Document]:
         return _hf_documents(spec.source, spec.split)
     root, paths = files
     if root.is_file() and root.suffix == ".jsonl":
-        return _jsonl_documents(root, spec.split)
+        return _jsonl_documents(root, spec.split, named=is_mix(spec.source))
     return _read_text_files(root, paths, spec.split)
 
 

@@ -105,11 +105,14 @@ def test_a_mix_takes_equal_shares_by_characters(tmp_path, monkeypatch):
     small_chars = sum(len(json.loads(ln)["text"]) for ln in small.read_text().splitlines())
     assert by_part["small"] == small_chars                 # the smallest part whole
     assert small_chars <= by_part["big"] < small_chars + len("big document 199 " * 10)
-    # deterministic, and split like any corpus
+    # deterministic; a document keeps its part's name, so its split: the same on any machine, in any mix
     assert [d.text for d in documents(CorpusSpec(f"{big}+{small}", "all"))] == [d.text for d in docs]
     train = list(documents(CorpusSpec(f"{big}+{small}", "train")))
     valid = list(documents(CorpusSpec(f"{big}+{small}", "validation")))
     assert len(train) + len(valid) == len(docs) and valid
+    part_valid = {d.name for p in (big, small) for d in documents(CorpusSpec(str(p), "validation"))}
+    assert {d.name for d in valid} == part_valid & {d.name for d in docs}
+    assert not {d.name for d in train} & part_valid
 
 
 def test_a_mix_refuses_remote_parts(tmp_path):
