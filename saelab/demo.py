@@ -3,7 +3,7 @@
 ``saelab demo`` runs on the builtin model; ``saelab demo --model smollm2`` on the real chat model
 SmolLM2-135M-Instruct (layer 15 of 30, the corpus ``english+chat:smollm2``: English prose and the model's
 own chat answers, which also ships). A trained SAE for SmolLM2 ships with saelab (:data:`SHIPPED`, made by
-:meth:`DemoConfig.smollm2` with ``full=True``: harvest 332,800 tokens, train TopK 8192/k 32 on 2M tokens),
+:meth:`DemoConfig.smollm2` with ``full=True``: harvest 326,144 tokens, train TopK 8192/k 32 on 2M tokens),
 so the real-model demo evaluates, analyses and serves it without the ~15 minutes of harvest and training
 on two cores; ``--full`` makes it from scratch.
 
@@ -71,10 +71,10 @@ class DemoConfig:
     @classmethod
     def smollm2(cls, run: Path = Path("runs/demo-smollm2"), full: bool = False) -> "DemoConfig":
         """The real chat model: SmolLM2-135M-Instruct, the middle of its 30 layers, broad English text and the
-        model's own chat answers in equal shares (the train split is 1,300 windows of 256 tokens)."""
+        model's own chat answers in equal shares (the train split is 1,274 windows of 256 tokens)."""
         shipped = SHIPPED / "smollm2"
         return cls(run=run, model="smollm2", hook="blocks.15.hook_resid_post", corpus="english+chat:smollm2",
-                   context=256, harvest_tokens=332_800, train_tokens=2_000_000, latents=8192, k=32, eval_tokens=16_384,
+                   context=256, harvest_tokens=326_144, train_tokens=2_000_000, latents=8192, k=32, eval_tokens=16_384,
                    analyze_tokens=100_000,
                    shipped_sae=None if full or not (shipped / "cfg.json").is_file() else shipped)
 
