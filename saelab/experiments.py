@@ -36,8 +36,8 @@ from saelab.measures import concept_curve, encode_prompt, generate_batch, output
 from saelab.models import load_model
 from saelab.provenance import Provenance
 from saelab.report import Series, Table, plot_png, write_report
-from saelab.steer import concept_edits, sae_hook_name, steering
 from saelab.generation import generate_ids, prompt_ids
+from saelab.steer import concept_edits, sae_hook_name, steering
 
 PROMPTS = Path(__file__).parent / "prompts"
 EXPERIMENTS = ("golden-gate", "unsafe-code", "builtin-dial")
@@ -104,6 +104,13 @@ def load_run(run: Path | str, model: str | None = None):
     return load_model(name), sae, db
 
 
+def growth_table(chosen, where: str) -> Table:
+    """The dial's set at each size tried (:func:`saelab.concept.steering_set`)."""
+    return Table(f"Dial set, grown along the ranking ({where})", ["features", "strength", "fluent concept rate",
+                 "target reached"], [[", ".join(map(str, g["features"])), g["strength"], g["rate"], g["reached"]]
+                                     for g in chosen.growth])
+
+
 def _explanation(db, f: int) -> str:
     return (db.feature(f).get("explanation") or "") if db is not None else ""
 
@@ -151,7 +158,8 @@ def golden_gate(run, out, cfg: ExperimentConfig, command: str, model: str | None
            f"{hits[0]['nll_ratio']:.2f}× default" if hits else
            "aim not met: no dial value had >= 80% on concept (keywords) with NLL <= 1.5× default")
     results = {"experiment": "golden-gate", "model": lm.name, "chat": chat, "features": dial_features,
-               "detection_features": found.features, "growth": chosen.growth, "selection": found.steps, "ranking": found.ranking[:10], "classifier": found.classifier.to_json(),
+               "detection_features": found.features, "growth": chosen.growth, "selection": found.steps,
+               "ranking": found.ranking[:10], "classifier": found.classifier.to_json(),
                "calibration": {"prompts": 4, "strength": cal.strength, "reached": cal.reached,
                                "sweep": [{"value": q.value, "rate": q.concept_rate, "nll": q.nll} for q in cal.sweep]},
                "heldout_prompts": len(neutral) - 4, "max_new_tokens": cfg.max_new_tokens, "keywords": cfg.keywords,
@@ -165,9 +173,7 @@ def golden_gate(run, out, cfg: ExperimentConfig, command: str, model: str | None
     sel = Table("Detection set (held-out separation after each step)", ["feature", "held-out AUROC", "d′",
                 "joined", "explanation"], [[s["feature"], s["heldout_auroc"], s["heldout_dprime"], s["joined"],
                                             _explanation(db, s["feature"])] for s in found.steps])
-    grow = Table("Dial set, grown along the ranking (calibration questions)", ["features", "strength",
-                 "fluent concept rate", "target reached"],
-                 [[", ".join(map(str, g["features"])), g["strength"], g["rate"], g["reached"]] for g in chosen.growth])
+    grow = growth_table(chosen, "4 calibration questions")
     ranked = Table("Best-ranked features (training AUROC of max activation per text)", ["feature", "AUROC",
                    "mean pos", "mean neg", "explanation"],
                    [[r["feature"], r["auroc"], r["mean_pos"], r["mean_neg"], _explanation(db, r["feature"])]
@@ -218,9 +224,7 @@ def unsafe_code(run, out, cfg: ExperimentConfig, command: str, model: str | None
                    ["feature", "AUROC (train)", "mean pos", "mean neg", "in set", "explanation"],
                    [[r["feature"], r["auroc"], r["mean_pos"], r["mean_neg"], r["feature"] in feats,
                      _explanation(db, r["feature"])] for r in found.ranking[:10]])
-    grow = Table("Dial set, grown along the ranking (4 calibration requests; on concept = a dangerous call)",
-                 ["features", "strength", "fluent rate", "target reached"],
-                 [[", ".join(map(str, g["features"])), g["strength"], g["rate"], g["reached"]] for g in chosen.growth])
+    grow = growth_table(chosen, "4 calibration requests; on concept = a dangerous call")
     results = {"experiment": "unsafe-code", "model": lm.name, "chat": chat, "features": feats,
                "detection_features": found.features, "growth": chosen.growth,
                "ranking": found.ranking[:10], "selection": found.steps, "prompts": len(prompts),
