@@ -180,11 +180,15 @@ class Calibration(NamedTuple):
     sweep: list[DialValue]
 
 
+def is_fluent(point: DialValue, default: DialValue, cfg: ConceptConfig) -> bool:
+    """NLL ≤ ``max_nll_ratio`` × the default's and repetition ≤ ``max_repetition``."""
+    return point.nll <= cfg.max_nll_ratio * max(default.nll, 1e-6) and point.repetition <= cfg.max_repetition
+
+
 def pick_strength(sweep: Sequence[DialValue], cfg: ConceptConfig) -> tuple[float, bool]:
     """The smallest fluent value reaching the target rate, else the fluent value with the highest rate."""
     default, points = sweep[0], list(sweep[1:])
-    limit = cfg.max_nll_ratio * max(default.nll, 1e-6)
-    fluent = [p for p in points if p.nll <= limit and p.repetition <= cfg.max_repetition]
+    fluent = [p for p in points if is_fluent(p, default, cfg)]
     good = [p for p in fluent if p.concept_rate >= cfg.target_rate]
     if good:
         return min(p.value for p in good), True
@@ -195,20 +199,21 @@ def pick_strength(sweep: Sequence[DialValue], cfg: ConceptConfig) -> tuple[float
 
 
 def calibrate(lm, sae, features: Sequence[int], prompts: Sequence[str], classifier: ConceptClassifier | None,
-              cfg: ConceptConfig, *, chat: bool = False, db=None, max_act=None, progress=None) -> Calibration:
-    """Sweep the set's dial over ``cfg.values`` on ``prompts`` and pick the calibrated strength."""
+              cfg: ConceptConfig, *, chat: bool = False, db=None, max_act=None, progress=None,
+              default: DialValue | None = None) -> Calibration:
+    """Sweep the set's dial over ``cfg.values`` on ``prompts`` and pick the calibrated strength (``default``: the
+    unsteered point of an earlier sweep on the same prompts, reused)."""
     sweep = concept_curve(lm, sae, features, prompts, cfg.values, classifier=classifier, keywords=cfg.keywords,
-                          chat=chat, max_new_tokens=cfg.max_new_tokens, db=db, max_act=max_act, progress=progress)
+                          chat=chat, max_new_tokens=cfg.max_new_tokens, db=db, max_act=max_act, progress=progress,
+                          default=default)
     strength, reached = pick_strength(sweep, cfg)
     return Calibration(strength, reached, sweep)
 
 
 def best_fluent_rate(cal: Calibration, cfg: ConceptConfig) -> float:
     """The concept rate at the calibrated strength when that value is fluent (else 0)."""
-    default = cal.sweep[0]
-    limit = cfg.max_nll_ratio * max(default.nll, 1e-6)
     point = next(p for p in cal.sweep[1:] if p.value == cal.strength)
-    return point.concept_rate if point.nll <= limit and point.repetition <= cfg.max_repetition else 0.0
+    return point.concept_rate if is_fluent(point, cal.sweep[0], cfg) else 0.0
 
 
 class SteeringSet(NamedTuple):
@@ -224,10 +229,11 @@ def steering_set(lm, sae, result: ConceptResult, prompts: Sequence[str], cfg: Co
     order = list(result.features) + [r["feature"] for r in result.ranking if r["feature"] not in result.features]
     order = order[:max(cfg.steer_max_features, 1)]
     best: tuple[float, list[int], Calibration] | None = None
-    growth, since_better = [], 0
+    growth, since_better, growth_default = [], 0, None
     for n in range(1, len(order) + 1):
         cal = calibrate(lm, sae, order[:n], prompts, result.classifier, cfg, chat=chat, db=db, max_act=max_act,
-                        progress=progress)
+                        progress=progress, default=growth_default)
+        growth_default = cal.sweep[0]  # the unsteered answers do not depend on the set: measured once
         rate_n = best_fluent_rate(cal, cfg)
         growth.append({"features": order[:n], "strength": cal.strength, "rate": rate_n, "reached": cal.reached})
         if best is None or rate_n > best[0]:

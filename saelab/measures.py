@@ -122,15 +122,17 @@ class DialValue(NamedTuple):
 def concept_curve(model, sae, features: Sequence[int], prompts: Sequence[str], values: Sequence[float], *,
                   classifier: ConceptClassifier | None = None, keywords: Sequence[str] = (), mode: str = "clamp",
                   chat: bool = False, positions: str = "all", max_new_tokens: int = 32, temperature: float = 0.0,
-                  samples: int = 1, seed: int = 0, max_act=None, db=None, progress=None) -> list[DialValue]:
+                  samples: int = 1, seed: int = 0, max_act=None, db=None, progress=None,
+                  default: DialValue | None = None) -> list[DialValue]:
     """The default, then each dial value: generate from every prompt with the feature set at that value
-    (one dial for all features), and measure each answer unsteered. ``progress(i, total)`` is called per point."""
+    (one dial for all features), and measure each answer unsteered. ``progress(i, total)`` is called per point.
+    ``default``: the unsteered point of an earlier curve on the same prompts and judge, reused as it is."""
     model = as_loaded_model(model)
     if classifier is None and not keywords:
         raise ValueError("a concept rate needs the concept's classifier or a keyword list")
     encoded = [encode_prompt(model, p, chat, max_new_tokens) for p in prompts]
-    out = []
-    for j, v in enumerate([None, *values]):
+    out = [default] if default is not None else []
+    for j, v in enumerate([*values] if default is not None else [None, *values], start=len(out)):
         edits = {} if v is None else concept_edits(features, v, mode)
         gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, samples=samples)
         if positions == "all":  # one batched generate for all prompts (left-padded): every position is edited

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from saelab.cli.common import _print_json
-from saelab.cli.train_eval import add_train_options, train_config, train_source
+from saelab.cli.train_eval import add_train_options, held_out_summary, train_config, train_source
 
 
 # -- sweep -----------------------------------------------------------------------------------------
@@ -52,8 +52,7 @@ def _run_sweep(args) -> None:
         return
     for r in rows:
         held = r["held_out"]
-        fvu = f"held-out FVU {held['fvu']:.4f}, L0 {held['l0']:.1f}, dead {held['dead_fraction']:.2%}" if held \
-            else "no held-out data"
+        fvu = held_out_summary(held) if held else "no held-out data"
         print(f"{args.out}/{r['path']}: {r['arch']} {r['d_sae']} latents" + (f", k {r['k']}" if r["k"] else "")
               + f"; {fvu}")
     print(f"next: saelab scaling {args.out}")

@@ -104,10 +104,14 @@ def _run_train(args) -> None:
     if args.json:
         _print_json({"out": args.out, "architecture": args.arch, "d_sae": sae.d_sae, "held_out": held})
     elif held:
-        print(f"{args.out}: {args.arch} SAE, {sae.d_sae} latents; held-out FVU {held['fvu']:.4f}, "
-              f"L0 {held['l0']:.1f}, dead {held['dead_fraction']:.2%} ({held['tokens']:,} tokens)")
+        print(f"{args.out}: {args.arch} SAE, {sae.d_sae} latents; {held_out_summary(held)} ({held['tokens']:,} tokens)")
     else:
         print(f"{args.out}: {args.arch} SAE, {sae.d_sae} latents (no held-out data to evaluate on)")
+
+
+def held_out_summary(held: dict) -> str:
+    """A trained SAE's held-out statistics (saelab.json's ``held_out``) in one line."""
+    return f"held-out FVU {held['fvu']:.4f}, L0 {held['l0']:.1f}, dead {held['dead_fraction']:.2%}"
 
 
 # -- eval ------------------------------------------------------------------------------------------
