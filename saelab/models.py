@@ -201,7 +201,8 @@ def load_model(name_or_path: str = BUILTIN, device: str | torch.device = "cpu",
     config = AutoConfig.from_pretrained(source)
     is_causal = _is_causal(config)
     cls = AutoModelForCausalLM if is_causal else AutoModel
-    model = cls.from_pretrained(source, dtype=dtype).to(device).eval()
+    # safetensors only: transformers never falls back to a pickle (a hub id included)
+    model = cls.from_pretrained(source, dtype=dtype, use_safetensors=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     lm = LoadedModel(model, tokenizer, name_or_path, config.model_type, is_causal, path)
     record = path / GGUF_RECORD if path is not None else None
@@ -213,19 +214,26 @@ def load_model(name_or_path: str = BUILTIN, device: str | torch.device = "cpu",
     return lm
 
 
-PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Files in pickle format (torch.save's zip or plain pickles) under the names transformers loads weights from,
+# and the index that points it at sharded ones.
+PICKLED_WEIGHTS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 def _refuse_pickled_weights(path: Path) -> None:
-    """A local folder whose weights exist only as pickles (pytorch_model.bin): refused, never unpickled,
-    since unpickling a file can run any code in it."""
-    if any(path.glob("*.safetensors")):
-        return                          # transformers then reads the safetensors, never the pickles
-    pickles = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+    """A local model folder holding any pickle-format weight file is refused, never unpickled, even when
+    safetensors sit beside it: unpickling can run any code in the file, and a decoy ``.safetensors`` that
+    transformers does not read would otherwise let it fall back to the pickle. A folder without
+    transformers' own safetensors files is refused too (load_model then asks for safetensors only)."""
+    pickles = sorted({p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern)})
     if pickles:
-        raise InvalidModel(f"{path}: the weights are only in pickle files ({', '.join(pickles[:3])}); saelab never "
+        raise InvalidModel(f"{path}: holds pickle-format weight files ({', '.join(pickles[:3])}); saelab never "
                            "unpickles files, as that can run code hidden in them. Convert the folder to safetensors "
-                           "where you trust it (model.save_pretrained(folder, safe_serialization=True))")
+                           "where you trust it (model.save_pretrained(folder, safe_serialization=True)) and remove "
+                           "the pickles")
+    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        raise InvalidModel(f"{path}: no {' or '.join(SAFETENSORS_WEIGHTS)}; saelab reads model weights from "
+                           "safetensors only (save the model with model.save_pretrained(folder))")
 
 
 def _is_causal(config) -> bool:

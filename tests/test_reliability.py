@@ -535,7 +535,7 @@ def test_model_folder_with_only_pickled_weights_is_refused_unopened(tmp_path, mo
         raise AssertionError("a pickle was opened")
 
     monkeypatch.setattr(torch, "load", never)
-    with pytest.raises(InvalidModel, match=r"only in pickle files \(pytorch_model.bin\); saelab never unpickles"):
+    with pytest.raises(InvalidModel, match=r"holds pickle-format weight files \(pytorch_model.bin\); saelab never unpickles"):
         load_model(str(folder))
     assert isinstance(InvalidModel("x"), SaelabError)
 
