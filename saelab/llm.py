@@ -4,7 +4,8 @@
 and OpenAI all speak this protocol, so one client on the standard library's urllib serves every backend
 without an SDK dependency. It retries what is worth retrying (HTTP 429 and 5xx, timeouts, dropped
 connections) with exponential backoff (honouring ``Retry-After``), fails at once with a clear message
-on what is not (401, 404, malformed replies), and keeps a tally of requests, tokens (from the replies'
+on what is not (401, 404, malformed replies), follows no redirect (urllib would send the API key on
+to wherever ``Location`` points), and keeps a tally of requests, tokens (from the replies'
 ``usage``) and estimated cost.
 
 ``llm_explanation`` prompts as Bills et al. 2023 ("Language models can explain neurons in language
@@ -67,6 +68,18 @@ class LLMTally:
         return text + (f", est. ${self.cost_usd:.4f}" if self.cost_usd else "")
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would resend the Authorization header to wherever Location points
+    (another host included), handing the API key and the prompt to it. Returning None makes the 3xx
+    reply an HTTPError, which ``LLMClient._post`` reports as one clear error."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 class LLMClient:
     """Chat completions against ``base_url`` (e.g. ``http://localhost:8000/v1``).
 
@@ -120,9 +133,11 @@ class LLMClient:
             self.tally.requests += 1
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     raw = response.read()
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    raise LLMError(_redirect_message(self.url, e.code, e.headers.get("Location"))) from e
                 detail = _error_detail(e.read())
                 if e.code != 429 and e.code < 500:
                     raise LLMError(f"{self.url} answered HTTP {e.code}: {detail}{_hint(e.code)}") from e
@@ -178,6 +193,13 @@ def _error_detail(body: bytes) -> str:
     err = obj.get("error", obj) if isinstance(obj, dict) else obj
     msg = err.get("message", err) if isinstance(err, dict) else err
     return str(msg)[:300]
+
+
+def _redirect_message(url: str, code: int, location: str | None) -> str:
+    where = repr(location[:300]) if location else "(no Location header)"
+    return (f"{url} answered HTTP {code}, a redirect to {where}: saelab follows no redirect, so that the API "
+            "key and the prompts never go to an address you did not name; if the new address is right, "
+            "give it as the endpoint")
 
 
 def _hint(code: int) -> str:
