@@ -163,8 +163,9 @@ def bar(iterable: Iterable | None = None, *, total: float | None = None, desc: s
     if disable or not enabled():
         counter = _Silent(total, desc, unit, initial, unit_scale, stream)
     elif is_terminal(stream):
+        # disable=False explicitly: the CLI sets TQDM_DISABLE to hide the bars of the libraries underneath
         counter = tqdm(total=total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale, leave=leave,
-                       file=stream, dynamic_ncols=True, **tqdm_kwargs)
+                       file=stream, dynamic_ncols=True, disable=False, **tqdm_kwargs)
     else:
         counter = LineProgress(total, desc, unit, initial, unit_scale, stream)
     return counter if iterable is None else _counted(iterable, counter)

@@ -47,12 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar too
+             # every other tqdm bar of the libraries underneath (transformers' GGUF de-quantising bar); saelab's
+             # own progress (saelab.progress) passes disable=False and still shows
+             "TQDM_DISABLE": "1",
              "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
 def quiet_third_party() -> None:
-    """No progress bars or advisory warnings from the libraries underneath: a result or an error is all a
-    command prints (``--verbose`` keeps them). Env vars, because transformers reads them on first import."""
+    """No progress bars or advisory warnings from the libraries underneath: saelab's own progress (stderr), its
+    results and its errors are all a command prints (``--verbose`` keeps them). Env vars, because transformers reads them on first import."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     # umap: "n_jobs value 1 overridden to 1 by setting random_state" (we seed the layout on purpose)
