@@ -25,6 +25,7 @@ from saelab.cli.scaling import _add_scaling, _add_sweep
 from saelab.cli.steering import _add_steer
 from saelab.cli.train_eval import _add_eval, _add_train
 from saelab.errors import SaelabError
+from saelab.model_names import check_hook_name, check_model_name
 from saelab.runtime import tune_allocator
 
 
@@ -62,6 +63,22 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
 
 
+REMOTE_MODEL_OPTION = {"explain"}
+"""Commands whose --model is not a model to load (explain's names the LLM served at --llm)."""
+
+
+def check_names(args) -> None:
+    """The model and hook names a command was given, checked before torch is even imported: a typo fails in
+    a second with the nearest known names (:mod:`saelab.model_names`), not after a model load or hub retries."""
+    model = getattr(args, "model", None)
+    if not isinstance(model, str) or args.command in REMOTE_MODEL_OPTION:
+        return
+    check_model_name(model)
+    hooks = getattr(args, "hook", None)
+    for hook in [hooks] if isinstance(hooks, str) else hooks or []:
+        check_hook_name(model, hook)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -69,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_third_party()
     tune_allocator()
     try:
+        check_names(args)
         args.func(args)
     except SaelabError as e:
         print(f"saelab: error: {e}", file=sys.stderr)
