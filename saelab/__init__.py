@@ -1,27 +1,55 @@
 """saelab: dictionary learning on language models.
 
-Public API (re-exported names only; each lives in its stage's module).
+Public API (re-exported names only; each lives in its stage's module). The re-exports are lazy
+(PEP 562): ``import saelab`` loads no torch or transformers, so ``saelab --help`` and every
+command's argument parsing answer at once; ``saelab.load_model`` imports its module on first use.
 """
 
-from saelab.analyze import analyze
-from saelab.corpus import CorpusSpec
-from saelab.evaluate import EvalReport, evaluate
-from saelab.explain import detection_score, offline_explanation
-from saelab.featuredb import FeatureDB
-from saelab.fmap import layout, neighbourhood_map
-from saelab.formats import load_sae, save_sae
-from saelab.harvest import harvest
-from saelab.hooks import capture, hook_names, intervene, resolve
-from saelab.llm import LLMClient
-from saelab.models import LoadedModel, load_model
-from saelab.monitor import Watchlist, scan
-from saelab.neuronpedia import export_neuronpedia
-from saelab.sae import SAE, SAEConfig
-from saelab.stage_config import AnalyzeConfig, EvalConfig, HarvestConfig
-from saelab.store import ActivationStore
-from saelab.steer import Ablate, Add, Clamp, steering
-from saelab.textfeatures import contrastive_search, inspect_text
-from saelab.train import TrainConfig, train
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+# public name -> the module it lives in
+_EXPORTS = {
+    "analyze": "saelab.analyze",
+    "CorpusSpec": "saelab.corpus",
+    "EvalReport": "saelab.evaluate",
+    "evaluate": "saelab.evaluate",
+    "detection_score": "saelab.explain",
+    "offline_explanation": "saelab.explain",
+    "FeatureDB": "saelab.featuredb",
+    "layout": "saelab.fmap",
+    "neighbourhood_map": "saelab.fmap",
+    "load_sae": "saelab.formats",
+    "save_sae": "saelab.formats",
+    "harvest": "saelab.harvest",
+    "capture": "saelab.hooks",
+    "hook_names": "saelab.hooks",
+    "intervene": "saelab.hooks",
+    "resolve": "saelab.hooks",
+    "LLMClient": "saelab.llm",
+    "LoadedModel": "saelab.models",
+    "load_model": "saelab.models",
+    "Watchlist": "saelab.monitor",
+    "scan": "saelab.monitor",
+    "export_neuronpedia": "saelab.neuronpedia",
+    "SAE": "saelab.sae",
+    "SAEConfig": "saelab.sae",
+    "AnalyzeConfig": "saelab.stage_config",
+    "EvalConfig": "saelab.stage_config",
+    "HarvestConfig": "saelab.stage_config",
+    "ActivationStore": "saelab.store",
+    "Ablate": "saelab.steer",
+    "Add": "saelab.steer",
+    "Clamp": "saelab.steer",
+    "steering": "saelab.steer",
+    "contrastive_search": "saelab.textfeatures",
+    "inspect_text": "saelab.textfeatures",
+    "TrainConfig": "saelab.train",
+    "train": "saelab.train",
+}
 
 __all__ = [
     "Ablate",
@@ -62,3 +90,31 @@ __all__ = [
     "Watchlist",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first access and cache the name in this module."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'saelab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value   # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package, where importing a submodule that shares its name with a function (``saelab.analyze``,
+    ``harvest``, ``evaluate``, ``train``) leaves ``saelab.analyze`` the function, as the eager re-exports did:
+    the import system's ``setattr(saelab, "analyze", <module>)`` is not kept for those names."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

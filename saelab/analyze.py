@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
-from tqdm import tqdm
 
 from saelab.corpus import CorpusSpec, bos_token_id
 from saelab.dashboard import band_rows, correlation_rows, logit_histograms
@@ -38,6 +37,7 @@ from saelab.locks import exclusive
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
 from saelab.models import LoadedModel, load_model
 from saelab.positions import PositionRule
+from saelab.progress import bar as progress_bar
 from saelab.provenance import Provenance, stage_inputs
 from saelab.stage_config import AnalyzeConfig, with_overrides
 from saelab.runtime import tune_allocator
@@ -95,7 +95,7 @@ def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = Tr
     warmup = max(1, math.ceil(cfg.tokens / context / cfg.batch_size) // 20)
     by_split: dict[str, int] = {}
     start, n_batches, final_rms = time.perf_counter(), 0, None
-    with tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="analysing", disable=not progress) as bar:
+    with progress_bar(total=cfg.tokens, unit="tok", unit_scale=True, desc="analysing", disable=not progress) as bar:
         for ids, split in token_batches(lm, setup.corpus, cfg, context):
             if n_batches == 0 and lm.is_causal:      # the final norm's scale for the logit effects
                 final_rms = mean_final_rms(lm, ids[:FINAL_RMS_SEQS], rule)
@@ -295,7 +295,7 @@ def write_explanations(db, progress: bool = True) -> int:
     """Offline explanations and detection scores (:mod:`saelab.explain`) for every live feature; returns the
     number written."""
     rows = []
-    for f in tqdm(db.live_features(), desc="explaining", unit="feat", disable=not progress):
+    for f in progress_bar(db.live_features(), desc="explaining", unit="feat", disable=not progress):
         result = explain_and_score(record_from_db(db, f))
         rows.append((f, result.explanation, "offline", result.score))
     db.set_explanations(rows)

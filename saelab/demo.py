@@ -18,6 +18,7 @@ Each stage is skipped when its artifact is already complete, and an interrupted 
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from saelab.featuredb import FeatureDB
 from saelab.formats import load_sae
 from saelab.harvest import harvest
 from saelab.models import load_model
+from saelab.progress import format_duration
+from saelab.runtime import shell_command
 from saelab.store import ActivationStore
 from saelab.train import TrainConfig, train
 
@@ -90,9 +93,9 @@ def _stage(name: str, say: Callable[[str], None], fn: Callable[[], str | None], 
         say(f"[{name}] already complete, skipped")
         return
     say(f"[{name}] running...")
-    t0 = time.time()
+    t0 = time.monotonic()
     detail = fn()
-    say(f"[{name}] done in {time.time() - t0:.0f}s" + (f": {detail}" if detail else ""))
+    say(f"[{name}] done in {format_duration(time.monotonic() - t0)}" + (f": {detail}" if detail else ""))
 
 
 def run_demo(config: DemoConfig | None = None, say: Callable[[str], None] = print) -> dict:
@@ -196,6 +199,9 @@ def format_summary(s: dict, url: str | None) -> str:
     for f in s["notable"]:
         score = f" (detection {f['score']:.2f})" if f["score"] is not None else ""
         lines.append(f"  feature {f['id']:>5}: {f['explanation']}{score}")
+    serve = f"{shell_command()} serve {shlex.quote(s['run'])}"
     if url:
-        lines.append(f"browse: {url}   (Ctrl-C stops the server; 'saelab serve {s['run']}' starts it again)")
+        lines.append(f"browse: {url}   (Ctrl-C stops the server; '{serve}' starts it again)")
+    else:
+        lines.append(f"browse: '{serve}' serves it on http://127.0.0.1:8765/")
     return "\n".join(lines)

@@ -43,13 +43,13 @@ from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from saelab.corpus import CorpusSpec, bos_token_id
 from saelab.eval_report import Downstream, EvalReport, Reconstruction, SelfCheck, Sparsity, compare
 from saelab.hooks import HookError, PrefixReplay, capture, hook_shapes, intervene, resolve, run_to_hooks
 from saelab.models import LoadedModel, load_model
 from saelab.positions import PositionRule
+from saelab.progress import bar as progress_bar
 from saelab.provenance import Provenance, stage_inputs
 from saelab.runtime import tune_allocator
 from saelab.stage_config import EvalConfig, with_overrides
@@ -387,10 +387,10 @@ def evaluate(sae, model: LoadedModel | str | None = None, corpus: CorpusSpec | s
     label, ids = name or "sae", inp.ids
     try:
         if ev.causal and "mean" in ev.ablations:
-            with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: mean activation", disable=not progress,
+            with progress_bar(total=ids.numel(), unit="tok", desc=f"{label}: mean activation", disable=not progress,
                       leave=False) as bar:
                 ev.mean_activation(ids, cfg.batch_size, bar)
-        with tqdm(total=ids.numel(), unit="tok", desc=f"{label}: evaluating", disable=not progress,
+        with progress_bar(total=ids.numel(), unit="tok", desc=f"{label}: evaluating", disable=not progress,
                   leave=False) as bar:
             for b in ids.split(cfg.batch_size):
                 ev.step(b)

@@ -19,15 +19,16 @@ the explanation alone whether it fires, and the score is the balanced accuracy (
 
 from __future__ import annotations
 
+import math
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 __all__ = ["Example", "FeatureRecord", "ExplanationResult", "OfflineJudge", "offline_explanation", "detection_score",
            "explain_and_score", "explain_db", "record_from_db", "heldout_split", "parse_feature_selection",
-           "parse_explanation", "token_patterns", "quote_token", "UnusableReply"]
+           "context_theme", "content_words", "word_rates", "FUNCTION_WORDS", "parse_explanation", "token_patterns", "quote_token", "UnusableReply"]
 
 
 class Example(NamedTuple):
@@ -229,6 +230,57 @@ def example_snippet(examples: Sequence[Example], before: int = 5, after: int = 2
     return f"“{text}”"
 
 
+# English function words: they say how a text is built, not what it is about (a context's theme is named
+# by its content words; a map cluster too, see saelab.fmap).
+FUNCTION_WORDS = frozenset("""a about above after again against all also am an and any are as at be because been before
+being below between both but by can could did do does doing down during each few for from further had has have
+having he her here hers herself him himself his how i if in into is it its itself just me more most my myself no
+nor not now of off on once only or other our ours ourselves out over own same she should so some such than that
+the their theirs them themselves then there these they this those through to too under until up very was we were
+what when where which while who whom why will with would you your yours yourself yourselves one two may might must
+shall us let get got like yes okay ok oh well much many every another something anything nothing someone
+anyone everyone thing things way really""".split())
+_WORD = re.compile(r"[A-Za-z][a-z]{2,}")
+THEME_MIN_SHARE = 0.3
+"""A theme word is in at least this share of the feature's example windows (and in 3 of them)..."""
+THEME_LIFT = 3.0
+"""...and that share is at least this many times its share of the corpus windows (the background)."""
+
+
+def content_words(tokens: Sequence[str]) -> set[str]:
+    """The content words of a window: lower-cased words of 3+ letters that are not English function words."""
+    return {w.lower() for w in _WORD.findall("".join(tokens))} - FUNCTION_WORDS
+
+
+def word_rates(windows: Sequence[Example]) -> dict[str, float]:
+    """Share of ``windows`` that contain each content word: the corpus background for :func:`context_theme`."""
+    counts: Counter = Counter(w for ex in windows for w in content_words(ex.tokens))
+    return {w: c / len(windows) for w, c in counts.items()} if windows else {}
+
+
+def context_theme(examples: Sequence[Example], background: dict[str, float] | None = None, n: int = 4,
+                  exclude: set[str] = frozenset()) -> list[str]:
+    """The shared theme of a feature's contexts: content words found in many of its windows (``THEME_MIN_SHARE``)
+    and over-represented against the corpus windows ``background`` (``THEME_LIFT`` times their share there,
+    smoothed for words the background never saw), ranked by share × log lift. ``exclude``: words already named
+    (the firing tokens). No background (no corpus windows to compare with), or fewer than 3 distinct firing
+    windows: no theme."""
+    windows = {tuple(ex.tokens) for ex in examples if max(ex.acts, default=0.0) > 0}   # a repeated window counts once
+    if len(windows) < 3 or not background:
+        return []
+    counts: Counter = Counter(w for tokens in windows for w in content_words(tokens))
+    floor = min(background.values()) / 2       # half of "in one corpus window": for words it never saw
+    scored = []
+    for word, c in counts.items():
+        share = c / len(windows)
+        if c < 3 or share < THEME_MIN_SHARE or word in exclude:
+            continue
+        lift = share / max(background.get(word, 0.0), floor)
+        if lift >= THEME_LIFT:
+            scored.append((-share * math.log(lift), word))
+    return [w for _, w in sorted(scored)[:n]]
+
+
 def _unquote(body: str) -> str:
     return re.sub(r"\\(.)", lambda m: _UNESC.get(m[1], m[1]), body)
 
@@ -260,14 +312,16 @@ def _firing_stats(examples: Sequence[Example]):
     return tok_w, prev_w, {p: w / total for p, w in pat_w.items()}, {p: c / max(n_tokens, 1) for p, c in base.items()}
 
 
-def offline_explanation(record: FeatureRecord) -> str:
+def offline_explanation(record: FeatureRecord, background: dict[str, float] | None = None) -> str:
     """A deterministic one-line explanation from examples and logit effects (no LLM).
 
     Grammar (``OfflineJudge`` parses it back):
-    ``fires on TOKENS[ after CONTEXT][, PATTERN...][; promotes LOGITS][; e.g. “SNIPPET”]`` where TOKENS are
-    backticked tokens with their share of the activation mass (whitespace and lone symbols also named in
-    words), or ``diverse tokens, e.g. ...`` when no token holds 20% of it; SNIPPET is the strongest
-    example's context with the firing token in brackets.
+    ``fires on TOKENS[ after CONTEXT][, PATTERN...][; in contexts about THEME][; promotes LOGITS][; e.g. “SNIPPET”]``
+    where TOKENS are backticked tokens with their share of the activation mass (whitespace and lone symbols also
+    named in words), or ``diverse tokens, e.g. ...`` when no token holds 20% of it; THEME is the content words
+    shared by the example windows and rarer in the corpus (:func:`context_theme`; ``background`` is the corpus
+    windows' :func:`word_rates`); SNIPPET is the strongest example's context with the firing token in brackets.
+    The theme is words, not backticked tokens: the judge (detection score) does not read it.
     """
     tok_w, prev_w, pat_frac, base = _firing_stats(list(record.top) + list(record.quantile))
     shares = _shares(tok_w)
@@ -299,6 +353,10 @@ def offline_explanation(record: FeatureRecord) -> str:
     if ctx:
         text += " after " + " or ".join(quote_token(t) for t in ctx)
     text += "".join(", " + PATTERNS[p] for p in pats)
+    named = {w for tok, _ in shares[:4] for w in content_words([tok])}
+    theme = context_theme(list(record.top) + list(record.quantile), background, exclude=named)
+    if theme:
+        text += "; in contexts about " + ", ".join(theme)
     if record.positive_logits:
         text += "; promotes " + ", ".join(quote_token(t) for t, _ in record.positive_logits[:3])
     snippet = example_snippet(list(record.top) + list(record.quantile))
@@ -397,7 +455,9 @@ def explain_and_score(record: FeatureRecord, *, client=None, judge: Judge | None
     held-out part (``heldout_split``) with ``judge`` (default ``OfflineJudge``).
     The score is None when the record has no held-out positives or no negatives."""
     seen, pos, neg = heldout_split(record)
-    text = client.explain(seen) if client is not None else offline_explanation(seen)
+    # the offline theme's background: the random windows as a sample of the corpus (their words only; the
+    # judge never reads the theme, so the held-out labels cannot leak into the score through it)
+    text = client.explain(seen) if client is not None else offline_explanation(seen, word_rates(record.random))
     score = detection_score(text, pos, neg, judge or OfflineJudge()) if pos and neg else None
     return ExplanationResult(text, score, len(pos), len(neg))
 

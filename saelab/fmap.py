@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from saelab.explain import FUNCTION_WORDS
 from saelab.featuredb import FeatureDB
 from saelab.formats import load_sae
 
@@ -184,20 +185,22 @@ def _classical_mds(D: torch.Tensor) -> torch.Tensor:
 
 # Words that say how an explanation is phrased, not what the feature is about.
 STOPWORDS = frozenset("""a an and are as at be by for from in into is it its of on or that the this to with
-fires fire firing activates active tokens token e.g eg diverse mostly often after before""".split())
+fires fire firing activates active tokens token e.g eg diverse mostly often after before contexts""".split())
 _TERM = re.compile(r"`([^`]+)`|([A-Za-z][A-Za-z_'-]{2,})")
 
 
 def explanation_terms(text: str) -> set[str]:
-    """The terms of one explanation: each backticked token as written (`self`), and each other word
-    (lower-cased, 3+ letters, not a stopword); the offline explainer's "; promotes ..." and "; e.g. “...”" tails
+    """The terms of one explanation: each backticked token as written (`self`) unless it is an English function
+    word (` of`), and each other word (lower-cased, 3+ letters, neither a stopword nor a function word); the offline explainer's "; promotes ..." and "; e.g. “...”" tails
     are left out (the next token, and one example's context, not what fires)."""
     text = re.split(r";\s*(?:promotes\b|e\.g\.\s*“)", text, maxsplit=1)[0]
     terms = set()
     for quoted, word in _TERM.findall(text):
         if quoted:
+            if quoted.strip().lower() in FUNCTION_WORDS:
+                continue                 # ` of`, ` the`: how text is built, not what a cluster is about
             terms.add(f"`{quoted}`" if quoted.strip() else f"`{quoted.replace(' ', '␣')}`")  # a space token, visible
-        elif word.lower() not in STOPWORDS:
+        elif word.lower() not in STOPWORDS and word.lower() not in FUNCTION_WORDS:
             terms.add(word.lower())
     return terms
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import torch
-from tqdm import tqdm
 
 from saelab import store as st
 from saelab.corpus import WINDOW_START, CorpusSpec, bos_token_id, tokenizer_identity
@@ -38,6 +37,7 @@ from saelab.hooks import HookPoint, hook_shapes, resolve, run_to_hooks
 from saelab.locks import exclusive
 from saelab.models import LoadedModel, load_model
 from saelab.positions import SINK_FACTOR, PositionRule
+from saelab.progress import bar as progress_bar
 from saelab.runtime import tune_allocator
 from saelab.stage_config import HarvestConfig, with_overrides
 from saelab.token_cache import sequences
@@ -347,7 +347,7 @@ def _run(lm: LoadedModel, sinks: list[_Sink], seq_iter: Iterator[torch.Tensor], 
     context = sinks[0].manifest["context"]
     background = spare_core(device)
     writer = _Writer(background)
-    bar = tqdm(total=n_seqs * context, initial=min(seq0, n_seqs) * context, unit="tok", unit_scale=True,
+    bar = progress_bar(total=n_seqs * context, initial=min(seq0, n_seqs) * context, unit="tok", unit_scale=True,
                disable=not progress, desc="harvest")
     # Packing (and tokenising, for uncached corpora) runs in its own thread when a core is spare.
     batches = _batched(itertools.islice(seq_iter, seq0, n_seqs), batch_size)

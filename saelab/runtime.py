@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,3 +60,28 @@ def cache_root() -> Path:
         return Path(os.environ["SAELAB_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "saelab"
+
+
+def shell_command() -> str:
+    """How a new shell runs this saelab, for the hints commands print ("'saelab serve runs/demo' starts it
+    again"): ``saelab`` when that name on PATH is this installation's script; else the script's path
+    (relative when under the working folder: ``.venv/bin/saelab``), since a fresh shell has no virtualenv
+    active; else ``python -m saelab`` with this interpreter."""
+    script = Path(sys.executable).parent / "saelab"
+    if not script.is_file():
+        return f"{_shell_path(Path(sys.executable))} -m saelab"
+    on_path = shutil.which("saelab")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "saelab"
+    return _shell_path(script)
+
+
+def _shell_path(path: Path) -> str:
+    """``path`` as a shell word: relative to the working folder when under it (``.venv/bin/saelab``)."""
+    path = path.absolute()
+    try:
+        shown = os.path.join(".", path.relative_to(Path.cwd())) if path.parent == Path.cwd() else \
+            str(path.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(path)
+    return shlex.quote(shown)

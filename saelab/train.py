@@ -35,6 +35,7 @@ from saelab.atomic import (atomic_dir, recover_dir, remove_stale_temps, storage_
                            write_json, write_tensors)
 from saelab.distributed import World, default_device
 from saelab.locks import exclusive
+from saelab.progress import bar as progress_bar
 from saelab.formats import load_sae, save_sae
 from saelab.runtime import tune_allocator
 from saelab.sae import SAE
@@ -163,16 +164,14 @@ def _save_checkpoint(trainer: Trainer, out: Path, source: dict) -> None:
 
 
 class _Logger:
-    """JSONL records in the run folder, a tqdm bar, and optionally wandb and a callback (rank 0 only)."""
+    """JSONL records in the run folder, a progress bar, and optionally wandb and a callback (rank 0 only)."""
 
     def __init__(self, cfg: TrainConfig, out: Path | None, world: World, start: int, callback, progress: bool,
                  desc: str = ""):
-        from tqdm import tqdm
-
         self.main, self.callback = world.is_main, callback
         self.path = out / LOG if out is not None and self.main else None
         self.file = None                 # opened at the first record: a run that stops before it leaves no log
-        self.bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=desc or f"train {cfg.architecture}",
+        self.bar = progress_bar(total=cfg.steps, initial=start, unit="step", desc=desc or f"train {cfg.architecture}",
                         disable=not (progress and self.main))
         self.wandb = None
         if cfg.wandb_project and self.main:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up saelab: a Python environment with torch (CPU wheel unless one is already installed) and
-# saelab itself with its web extras. Prints the environment's bin folder on the last line.
+# saelab itself with its web extras. Says how to run saelab (stderr); prints the environment's bin folder
+# on the last line of stdout.
 #   - inside an active virtualenv/conda env: installs there (and keeps that env's torch, GPU or not);
 #   - otherwise: creates ./.venv.
 #   --test also installs the test tools (pytest, httpx, playwright) and Debian's chromium.
@@ -39,4 +40,11 @@ if [ "$want_test" = 1 ]; then
   pip_install --no-deps "sae-dashboard==0.8.0" || echo "setup: sae-dashboard not installed; its tests will be skipped" >&2
   bash scripts/install_browser.sh || echo "setup: chromium not installed; browser tests will be skipped" >&2
 fi
-dirname "$("$py" -c 'import sys; print(sys.executable)')"
+bin=$(dirname "$("$py" -c 'import sys; print(sys.executable)')")
+# How to run saelab from here on (stderr: the last line of stdout stays the bin folder, for demo.sh).
+if [ "$py" = python ]; then
+  echo "setup: done; saelab is installed in the active environment ($bin): run 'saelab --help'" >&2
+else
+  echo "setup: done; in every new shell, first run 'source .venv/bin/activate' (then 'saelab --help'), or call .venv/bin/saelab directly" >&2
+fi
+echo "$bin"

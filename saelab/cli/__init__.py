@@ -25,6 +25,7 @@ from saelab.cli.scaling import _add_scaling, _add_sweep
 from saelab.cli.steering import _add_steer
 from saelab.cli.train_eval import _add_eval, _add_train
 from saelab.errors import SaelabError
+from saelab.model_names import check_hook_name, check_model_name
 from saelab.runtime import tune_allocator
 
 
@@ -47,16 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar too
+             # every other tqdm bar of the libraries underneath (transformers' GGUF de-quantising bar); saelab's
+             # own progress (saelab.progress) passes disable=False and still shows
+             "TQDM_DISABLE": "1",
              "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
 def quiet_third_party() -> None:
-    """No progress bars or advisory warnings from the libraries underneath: a result or an error is all a
-    command prints (``--verbose`` keeps them). Env vars, because transformers reads them on first import."""
+    """No progress bars or advisory warnings from the libraries underneath: saelab's own progress (stderr), its
+    results and its errors are all a command prints (``--verbose`` keeps them). Env vars, because transformers reads them on first import."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     # umap: "n_jobs value 1 overridden to 1 by setting random_state" (we seed the layout on purpose)
     warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+
+
+REMOTE_MODEL_OPTION = {"explain"}
+"""Commands whose --model is not a model to load (explain's names the LLM served at --llm)."""
+
+
+def check_names(args) -> None:
+    """The model and hook names a command was given, checked before torch is even imported: a typo fails in
+    a second with the nearest known names (:mod:`saelab.model_names`), not after a model load or hub retries."""
+    model = getattr(args, "model", None)
+    if not isinstance(model, str) or args.command in REMOTE_MODEL_OPTION:
+        return
+    check_model_name(model)
+    hooks = getattr(args, "hook", None)
+    for hook in [hooks] if isinstance(hooks, str) else hooks or []:
+        check_hook_name(model, hook)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_third_party()
     tune_allocator()
     try:
+        check_names(args)
         args.func(args)
     except SaelabError as e:
         print(f"saelab: error: {e}", file=sys.stderr)

@@ -43,7 +43,7 @@ def _run_demo(args) -> None:
         config = DemoConfig.quick() if args.quick else DemoConfig()
     if args.run:
         config.run = Path(args.run)
-    summary = run_demo(config, say=(lambda m: print(m, file=sys.stderr)) if args.json else print)
+    summary = run_demo(config, say=lambda m: print(m, file=sys.stderr if args.json else sys.stdout, flush=True))
     url = None if args.no_serve else f"http://{args.host}:{args.port}/"
     if args.json:
         _print_json({**summary, "url": url})

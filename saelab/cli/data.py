@@ -66,13 +66,12 @@ def _run_builtin_train(args) -> None:
 
 
 def _run_builtin_eval(args) -> None:
-    from tqdm import tqdm
-
     from saelab.builtin.make import evaluate_bits_per_byte
     from saelab.models import load_model
+    from saelab.progress import bar as progress_bar
 
     lm = load_model(args.model)
-    with tqdm(desc="scoring validation windows", unit="win", disable=args.json, leave=False) as bar:
+    with progress_bar(desc="scoring validation windows", unit="win", disable=args.json, leave=False) as bar:
         report = evaluate_bits_per_byte(lm.model, lm.tokenizer, progress=bar.update)
     report = {"model": args.model, **report}
     if args.json:
@@ -210,16 +209,14 @@ def _run_store_verify(args) -> None:
 def _run_corpus_chat(args) -> None:
     from functools import partial
 
-    from tqdm import tqdm
-
     from saelab.chatcorpus import build, requests
     from saelab.models import load_model
+    from saelab.progress import bar as progress_bar
 
-    bar = tqdm(total=len(requests()), unit="request", desc=f"chat:{args.model}")
+    bar = progress_bar(total=len(requests()), unit="request", desc=f"chat:{args.model}")
 
     def progress(done: int, total: int) -> None:
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)
 
     path = build(args.model, load=partial(load_model, device=args.device), progress=progress)
     bar.close()

@@ -277,11 +277,10 @@ def _add_explain(sub) -> None:
 def _run_explain(args) -> None:
     import statistics
 
-    from tqdm import tqdm
-
     from saelab.explain import OfflineJudge, explain_db, parse_feature_selection
     from saelab.featuredb import FeatureDB
     from saelab.llm import LLMClient, LLMJudge
+    from saelab.progress import bar as progress_bar
 
     if args.llm is None and (args.model or args.judge == "llm"):
         raise ValueError("--model and --judge llm need an endpoint: add --llm URL")
@@ -296,7 +295,7 @@ def _run_explain(args) -> None:
         ids = [i for i in parse_feature_selection(args.features, db.n_features) if i in live]
         ids = ids[:args.max_features] if args.max_features is not None else ids
         try:
-            with tqdm(total=len(ids), desc="explaining", unit="feature", leave=False) as bar:
+            with progress_bar(total=len(ids), desc="explaining", unit="feature", leave=False) as bar:
                 results = explain_db(db, ids, client=client, judge=judge, skip_existing=args.skip_existing,
                                      progress=bar.update)
         finally:

@@ -19,12 +19,15 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+"""saelab.sae.ARCHITECTURES, spelt out: building the parser must not import torch (tests/test_cli_startup.py
+checks that the two agree)."""
+
+
 def add_train_options(p, sizes: bool = True) -> None:
     """The options of ``saelab train`` (data, recipe, run), shared with ``saelab sweep``.
 
     ``sizes``: also --latents and --k as single integers (a sweep defines them as lists itself)."""
-    from saelab.sae import ARCHITECTURES
-
     data = p.add_argument_group("data (one of)")
     data.add_argument("--acts", help="activation store folder (from 'saelab harvest')")
     data.add_argument("--model", help="model to stream from instead (builtin | smollm2 | hub id | HF folder | .gguf)")
