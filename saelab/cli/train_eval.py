@@ -23,7 +23,7 @@ def add_train_options(p, sizes: bool = True) -> None:
     """The options of ``saelab train`` (data, recipe, run), shared with ``saelab sweep``.
 
     ``sizes``: also --latents and --k as single integers (a sweep defines them as lists itself)."""
-    from saelab.sae import ARCHITECTURES
+    from saelab import arch as architectures
 
     data = p.add_argument_group("data (one of)")
     data.add_argument("--acts", help="activation store folder (from 'saelab harvest')")
@@ -31,7 +31,7 @@ def add_train_options(p, sizes: bool = True) -> None:
     data.add_argument("--hook", help="hook point to stream (with --model), e.g. blocks.2.hook_resid_post")
     data.add_argument("--corpus", default="stdlib", help="corpus to stream (with --model; default stdlib)")
     data.add_argument("--context", type=int, default=256, help="tokens per sequence when streaming (default 256)")
-    p.add_argument("--arch", default="topk", choices=ARCHITECTURES, help="architecture (default topk)")
+    p.add_argument("--arch", default="topk", choices=architectures.names(), help="architecture (default topk)")
     if sizes:
         p.add_argument("--latents", type=int, help="number of latents d_sae (default: --expansion x d_in)")
     p.add_argument("--expansion", type=int, default=8, help="latents per input dimension (default 8)")
