@@ -12,6 +12,7 @@ Training compute (FLOPs, multiply-add = 2) per member, counted per token trained
   decoder and encoder gradients on the k kept latents) + 4·d_in·k_aux (AuxK decode and its gradient);
   the sparse step never forms a dense (batch, d_sae) gradient, so this is what it computes.
 - relu/jumprelu: 12·d_in·d_sae (6 × the 2·d_in·d_sae weights: forward, and a backward of twice its cost).
+- matryoshka_batchtopk: the dense 12·d_in·d_sae plus AuxK's 4·d_in·k_aux.
 
 Each count is its architecture's ``flops_per_token`` (:mod:`saelab.arch`).
 

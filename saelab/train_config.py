@@ -20,7 +20,7 @@ class TrainConfig:
     """How an SAE is trained (what is needed to *run* it lives in SAEConfig)."""
 
     architecture: str = "topk"
-    """relu | topk | batchtopk | jumprelu (``saelab.arch.names()``)."""
+    """relu | topk | batchtopk | jumprelu | matryoshka_batchtopk (``saelab.arch.names()``)."""
     d_sae: int | None = None
     """Number of latents; None: expansion × d_in."""
     expansion: int = 8
@@ -41,6 +41,8 @@ class TrainConfig:
     """topk/batchtopk: weight α of the AuxK loss (Gao et al. §A.2)."""
     k_aux: int | None = None
     """topk/batchtopk: dead latents used by AuxK per token; None: d_in // 2."""
+    matryoshka_widths: list[int] | None = None
+    """matryoshka_batchtopk: ends of the nested prefixes, increasing, the last d_sae; None: d_sae/8, /4, /2, 1."""
     dead_tokens: int | None = None
     """A latent is dead when it has not fired in this many tokens; None: tokens/10, at most 10M."""
     resample_every: int | None = None

@@ -5,7 +5,7 @@ imported below (the import order is the order ``names()`` lists them in, and ``-
 """
 
 # isort: off
-from saelab.arch import relu, topk, jumprelu  # noqa: F401  (registration)
+from saelab.arch import relu, topk, jumprelu, matryoshka  # noqa: F401  (registration)
 # isort: on
 from saelab.arch.base import Architecture, StepStats, by_saved_name, get, names, register, saved_names
 
