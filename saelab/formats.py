@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from saelab import arch as architectures
 from saelab.atomic import atomic_dir, write_json, write_tensors
 from saelab.errors import InvalidSAE
 from saelab.sae import SAE, SAEConfig
@@ -47,8 +48,6 @@ SAELENS_LLM_METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hoo
                              "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path",
                              "sae_lens_version", "sae_lens_training_version")
 """Top-level keys of an old flat SAELens cfg.json that SAELens 6 moves into metadata."""
-_SAVED_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
-_OUR_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 _DENSITY_EPS = 1e-10  # SAELens' epsilon inside log10(density + eps)
 _INT, _STR, _BOOL, _DICT = ("an integer", int), ("a string", str), ("true or false", bool), ("an object", dict)
 CFG_FIELDS = {"d_in": _INT, "d_sae": _INT, "k": _INT, "num_latents": _INT, "expansion_factor": _INT,
@@ -82,12 +81,11 @@ def save_sae(sae: SAE, path, **provenance) -> None:
     as ``input_scale``.
     """
     prov = _jsonable({**sae.provenance, **provenance}, "provenance")
-    arch = sae.cfg.architecture
-    prov.setdefault("trained_architecture", arch)
+    prov.setdefault("trained_architecture", sae.cfg.architecture)
     for key in ("feature_density", "feature_max_act"):
         if key in prov and len(prov[key]) != sae.d_sae:
             raise ValueError(f"provenance {key!r} has {len(prov[key])} values but the SAE has d_sae={sae.d_sae}")
-    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if _SAVED_ARCH[arch] == "jumprelu" else [])
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if sae.rule.threshold_at_inference else [])
     tensors = {n: getattr(sae, n).detach().cpu().contiguous() for n in names}
     _check_finite(tensors, f"the SAE being saved to {path}", "refusing to save; the training run diverged")
     with atomic_dir(path) as tmp:
@@ -103,10 +101,10 @@ def _saelens_cfg(sae: SAE, prov: dict) -> dict:
     """The SAELens v6 inference config (``SAEConfig.to_dict`` of StandardSAE / TopKSAE / JumpReLUSAE)."""
     metadata = {**sae.cfg.metadata, **{k: prov[k] for k in METADATA_KEYS if k in prov},
                 "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
-    cfg = {"architecture": _SAVED_ARCH[sae.cfg.architecture], "d_in": sae.d_in, "d_sae": sae.d_sae,
+    cfg = {"architecture": sae.rule.saved_name, "d_in": sae.d_in, "d_sae": sae.d_sae,
            "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none"}
-    if cfg["architecture"] == "topk":
+    if sae.rule.ranks_per_token:
         cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
     cfg["metadata"] = _jsonable(metadata, "metadata")
     return cfg
@@ -316,16 +314,16 @@ def _flat_to_v6(cfg: dict, file: Path) -> dict:
 
 def _saelens_to_ours(spec: dict, t: dict, cfg_file: Path, weights_file: Path):
     """Check a SAELens config + state dict and fold its options into our weights → (arch, k, tensors)."""
-    arch = spec.get("architecture")
+    saved = spec.get("architecture")
     d_in, d_sae = _int_field(spec, "d_in", cfg_file), _int_field(spec, "d_sae", cfg_file)
-    if arch == "batchtopk" and "topk_threshold" in t:  # a training checkpoint: SAELens saves it as jumprelu
-        t["threshold"] = torch.full((d_sae,), float(t.pop("topk_threshold")))
-        arch = "jumprelu"
-    if arch is None:
+    if saved is None:
         raise ValueError(f"{cfg_file}: missing key 'architecture'; the config is incomplete")
-    if arch not in _OUR_ARCH:
-        raise ValueError(f"{cfg_file}: SAELens architecture {arch!r} is not supported; saelab loads "
-                         f"{', '.join(_OUR_ARCH)} (relu, topk, jumprelu; batchtopk is saved as jumprelu)")
+    rule = architectures.by_saved_name(saved)
+    if rule is None:
+        raise ValueError(f"{cfg_file}: SAELens architecture {saved!r} is not supported; saelab loads "
+                         f"{', '.join(architectures.saved_names())} (batchtopk kinds are saved as jumprelu)")
+    if saved != rule.saved_name and "topk_threshold" in t:  # a BatchTopK training checkpoint: one global threshold
+        t["threshold"] = torch.full((d_sae,), float(t.pop("topk_threshold")))
     norm = spec.get("normalize_activations", "none")
     if norm != "none":
         raise ValueError(f"{cfg_file}: normalize_activations={norm!r} is not supported: its input scaling is "
@@ -334,7 +332,7 @@ def _saelens_to_ours(spec: dict, t: dict, cfg_file: Path, weights_file: Path):
     if "log_threshold" in t:
         t["threshold"] = t.pop("log_threshold").exp()
     scaling = t.pop("scaling_factor", None)
-    _check_tensors(t, _shapes(d_in, d_sae, arch == "jumprelu"), weights_file)
+    _check_tensors(t, _shapes(d_in, d_sae, rule.threshold_at_inference), weights_file)
     if scaling is not None:  # old SAELens: x̂ = (z · s) W_dec + b_dec
         if scaling.shape != (d_sae,) or not torch.isfinite(scaling).all():
             raise ValueError(f"{weights_file}: scaling_factor must be {d_sae} finite values")
@@ -342,13 +340,13 @@ def _saelens_to_ours(spec: dict, t: dict, cfg_file: Path, weights_file: Path):
             if not spec.get("finetuning_scaling_factor"):
                 raise ValueError(f"{cfg_file}: weights have a scaling_factor but finetuning_scaling_factor is false")
             t["W_dec"] = t["W_dec"] * scaling[:, None]
-    k = _int_field(spec, "k", cfg_file) if arch == "topk" else None
-    if arch == "topk" and spec.get("rescale_acts_by_decoder_norm"):
+    k = _int_field(spec, "k", cfg_file) if rule.needs_k else None
+    if rule.ranks_per_token and spec.get("rescale_acts_by_decoder_norm"):
         norms = t["W_dec"].norm(dim=1)  # (d_sae,) as SAELens' _fold_norm_topk
         t.update(W_enc=t["W_enc"] * norms, b_enc=t["b_enc"] * norms, W_dec=t["W_dec"] / norms[:, None])
     if not spec.get("apply_b_dec_to_input", True):
         _fold_b_dec_off_input(t)
-    return _OUR_ARCH[arch], k, t
+    return rule.name, k, t
 
 
 def _density_from_sparsity(file: Path, d_sae: int) -> list[float]:

@@ -30,9 +30,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from saelab import arch as architectures
+from saelab.arch.rules import jumprelu, step, threshold_latents, topk_latents
 from saelab.basis import SparseActs, sparse_from_dense
 
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "ForwardOutput", "SubsetEncoder", "jumprelu", "step",
+           "threshold_latents", "topk_latents"]
+
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+"""The four base architectures, each its own activation rule. Every architecture an SAE may have,
+training recipes built on these included (matryoshka_batchtopk), is ``saelab.arch.names()``."""
 
 
 @dataclass
@@ -44,18 +51,14 @@ class SAEConfig:
     d_sae: int
     """Number of latents (dictionary size)."""
     architecture: str = "topk"
-    """relu | topk | batchtopk | jumprelu."""
+    """A registered architecture (``saelab.arch.names()``): relu | topk | batchtopk | jumprelu | ..."""
     k: int | None = None
     """Active latents per token for topk/batchtopk (None otherwise)."""
     metadata: dict = field(default_factory=dict)
     """Provenance carried into cfg.json: model_name, hook_name, hf_hook_name, context_size, ..."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown SAE architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
-        if self.architecture in ("topk", "batchtopk"):
-            if not self.k or self.k < 1 or self.k > self.d_sae:
-                raise ValueError(f"{self.architecture} needs 1 <= k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+        architectures.get(self.architecture).check_k(self.k, self.d_sae)
         if self.d_in < 1 or self.d_sae < 1:
             raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
 
@@ -71,62 +74,6 @@ class ForwardOutput(NamedTuple):
     """Mean number of active latents per token (scalar)."""
 
 
-class _JumpReLU(torch.autograd.Function):
-    """z = pre · 1[pre > θ]; ∂z/∂θ from a rectangle kernel of width ``bandwidth`` (Rajamanoharan §3)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad * (pre > threshold)
-        near = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
-        grad_threshold = (-(threshold / eps) * near * grad).sum(0)
-        return grad_pre, grad_threshold, None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre − θ) with the same straight-through pseudo-gradient for θ (the L0 penalty's)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        near = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
-        return None, (-(1.0 / eps) * near * grad).sum(0), None
-
-
-def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    return _JumpReLU.apply(pre, threshold, bandwidth)
-
-
-def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    return _Step.apply(pre, threshold, bandwidth)
-
-
-def topk_latents(pre: torch.Tensor, k: int) -> SparseActs:
-    """The k largest of ``pre [..., d_sae]`` per token, ReLU'd: ``[..., k]`` (zeros where fewer are positive)."""
-    values, indices = pre.topk(k, dim=-1, sorted=False)
-    return SparseActs(F.relu(values), indices)
-
-
-def threshold_latents(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """JumpReLU at inference: pre · 1[pre > θ], and ReLU too, as SAELens and Gemma Scope do: the same for
-    θ ≥ 0, and no negative latents when a learned θ is below 0. ``threshold`` broadcasts over ``pre``."""
-    return F.relu(pre) * (pre > threshold)
-
-
 class SAE(nn.Module):
     """Sparse autoencoder (see the module docstring for the math and shapes)."""
 
@@ -138,28 +85,32 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.threshold = nn.Parameter(torch.zeros(d_sae), requires_grad=cfg.architecture == "jumprelu")
+        self.threshold = nn.Parameter(torch.zeros(d_sae), requires_grad=self.rule.trains_threshold)
         self.provenance: dict = {}  # how it was made (saelab.json): model, hook, corpus, train config, stats
         self.reset_parameters()
 
     @property
+    def rule(self) -> architectures.Architecture:
+        """The architecture's class (:mod:`saelab.arch`): its activation and how it is trained."""
+        return architectures.get(self.cfg.architecture)
+
+    @property
     def uses_threshold(self) -> bool:
         """JumpReLU always; BatchTopK at inference (after training has set θ)."""
-        return self.cfg.architecture == "jumprelu" or (self.cfg.architecture == "batchtopk" and not self.training)
+        return self.rule.trains_threshold or (self.rule.threshold_at_inference and not self.training)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Decoder rows uniform on the sphere (norm 0.1 for relu), encoder = decoder transpose (Gao §A.1)."""
+        """Decoder rows uniform on the sphere (at the architecture's norm), encoder = decoder transpose (Gao §A.1)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         W = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=g)
         W /= W.norm(dim=1, keepdim=True)
-        if self.cfg.architecture == "relu":
-            W *= 0.1  # Anthropic (April 2024 update): small decoder norms, unconstrained afterwards
+        W *= self.rule.decoder_init_norm
         self.W_dec.copy_(W)
         self.W_enc.copy_(W.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
-        if self.cfg.architecture == "jumprelu":
+        if self.rule.trains_threshold:
             self.threshold.fill_(1e-3)
 
     @property
@@ -176,21 +127,9 @@ class SAE(nn.Module):
 
     def activate(self, pre: torch.Tensor, bandwidth: float = 1e-3) -> torch.Tensor:
         """Apply the architecture's activation to ``pre [batch, d_sae]`` (dense result)."""
-        arch = self.cfg.architecture
-        if self.uses_threshold:
-            if self.training:
-                return jumprelu(pre, self.threshold, bandwidth)
-            return threshold_latents(pre, self.threshold)
-        if arch == "relu":
-            return F.relu(pre)
-        if arch == "topk":
-            vals, idx = topk_latents(pre, self.cfg.k)
-            return torch.zeros_like(pre).scatter_(-1, idx, vals)
-        # batchtopk in training: the k·batch largest over the flattened batch
-        flat = F.relu(pre).flatten()
-        n_keep = min(flat.numel(), self.cfg.k * pre.reshape(-1, pre.shape[-1]).shape[0])
-        vals, idx = flat.topk(n_keep, sorted=False)
-        return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
+        if self.training:
+            return self.rule.train_activation(pre, self, bandwidth)
+        return self.rule.activation(pre, self.threshold, self.cfg.k)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., d_in]`` → latents ``z [..., d_sae]`` (dense)."""
@@ -215,7 +154,7 @@ class SAE(nn.Module):
         TopK: m = k straight from the pre-activations, never dense. Other architectures: the dense
         encoding's non-zero latents, m = the most any token of ``x`` has (zeros pad the others).
         """
-        if self.cfg.architecture == "topk":
+        if self.rule.ranks_per_token:
             return topk_latents(self.pre_acts(x), self.cfg.k)
         return sparse_from_dense(self.encode(x))
 
@@ -226,7 +165,7 @@ class SAE(nn.Module):
         architectures it returns the k largest activations of the dense encoding.
         """
         k = k or self.cfg.k
-        if self.cfg.architecture == "topk":
+        if self.rule.ranks_per_token:
             return topk_latents(self.pre_acts(x), k)
         vals, idx = self.encode(x).topk(k, dim=-1, sorted=False)
         return SparseActs(vals, idx)
@@ -271,14 +210,15 @@ class SubsetEncoder:
     """
 
     def __init__(self, sae: SAE, features, device: torch.device | str | None = None):
-        self.arch, self.k = sae.cfg.architecture, sae.cfg.k
+        self.rule, self.k = sae.rule, sae.cfg.k
         idx = torch.tensor(list(features), dtype=torch.long)
         if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < sae.d_sae):
             raise ValueError(f"feature ids {idx.tolist()} out of range: this SAE has {sae.d_sae} features "
                              f"(ids 0..{sae.d_sae - 1})")
         get = lambda t: t.detach().to(device=device, dtype=torch.float32)  # noqa: E731
-        W_enc = get(sae.W_enc) if self.arch == "topk" else get(sae.W_enc[:, idx])  # (d_in, d_sae) or (d_in, n)
-        b_enc = get(sae.b_enc) if self.arch == "topk" else get(sae.b_enc[idx])
+        every = self.rule.ranks_per_token  # topk: the rank among all latents decides
+        W_enc = get(sae.W_enc) if every else get(sae.W_enc[:, idx])  # (d_in, d_sae) or (d_in, n)
+        b_enc = get(sae.b_enc) if every else get(sae.b_enc[idx])
         # (x − b_dec)·W + b_enc = x·W + (b_enc − b_dec·W): one fused addmm per call, no elementwise pass on x
         self.W_enc, self.bias = W_enc, b_enc - get(sae.b_dec) @ W_enc
         self.idx = idx.to(device)
@@ -287,12 +227,5 @@ class SubsetEncoder:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()  # (positions, d_in)
         pre = torch.addmm(self.bias, flat, self.W_enc)  # (positions, n), or (positions, d_sae) for topk
-        if self.arch == "topk":
-            kth = pre.topk(self.k, dim=-1).values[:, -1:]  # (positions, 1) the k-th largest pre-activation
-            sel = pre[:, self.idx]  # (positions, n)
-            z = torch.where(sel >= kth, F.relu(sel), 0.0)
-        elif self.arch == "relu":
-            z = F.relu(pre)
-        else:  # jumprelu, and batchtopk at inference: the same rule as SAE.activate
-            z = threshold_latents(pre, self.threshold)
+        z = self.rule.subset_activation(pre, self.idx, self.threshold, self.k)  # the rule SAE.activate uses
         return z.reshape(*x.shape[:-1], z.shape[-1])

@@ -12,6 +12,9 @@ Training compute (FLOPs, multiply-add = 2) per member, counted per token trained
   decoder and encoder gradients on the k kept latents) + 4·d_in·k_aux (AuxK decode and its gradient);
   the sparse step never forms a dense (batch, d_sae) gradient, so this is what it computes.
 - relu/jumprelu: 12·d_in·d_sae (6 × the 2·d_in·d_sae weights: forward, and a backward of twice its cost).
+- matryoshka_batchtopk: the dense 12·d_in·d_sae plus AuxK's 4·d_in·k_aux.
+
+Each count is its architecture's ``flops_per_token`` (:mod:`saelab.arch`).
 
 Adam's per-step update (about 10 FLOPs per weight, divided by the batch) and the sort of TopK are left
 out: both are below 1% at the batch sizes used.
@@ -27,6 +30,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from saelab import arch as architectures
 from saelab.report import Series, Table, plot_png, write_report
 from saelab.sweep import load_sweep
 
@@ -105,12 +109,8 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], b_max: float = 4.0) ->
 # -- a sweep's members -------------------------------------------------------------------------------
 
 def training_flops(arch: str, d_in: int, d_sae: int, k: int | None, k_aux: int | None, tokens: int) -> float:
-    """Training FLOPs of one SAE (the formula of this module's docstring)."""
-    if arch in ("topk", "batchtopk"):
-        per_token = 2 * d_in * d_sae + 6 * d_in * (k or 0) + 4 * d_in * min(k_aux or 0, d_sae)
-    else:
-        per_token = 12 * d_in * d_sae
-    return float(per_token) * tokens
+    """Training FLOPs of one SAE (its architecture's count per token, :mod:`saelab.arch`)."""
+    return architectures.get(arch).flops_per_token(d_in, d_sae, k, k_aux) * tokens
 
 
 def member_rows(folder: str | Path, ce: bool = False, ce_tokens: int = 16_384, acts: str | None = None,

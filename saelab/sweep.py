@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
+from saelab import arch as architectures
 from saelab.atomic import write_json
 from saelab.locks import exclusive
 from saelab.sae import SAE
@@ -73,7 +74,7 @@ def member_init_seed(base: TrainConfig, d_sae: int | None, k: int | None) -> int
 def plan(base: TrainConfig, latents: Sequence[int], ks: Sequence[int]) -> list[tuple[Member, TrainConfig]]:
     """The members of a sweep over ``latents`` × ``ks`` (an empty list keeps ``base``'s value), smallest first."""
     latents, ks = sorted(latents) or [base.d_sae], sorted(ks) or [base.k]
-    sparse = base.architecture in ("topk", "batchtopk")
+    sparse = architectures.get(base.architecture).needs_k
     if len(ks) > 1 and not sparse:
         raise ValueError(f"a k scan needs a topk or batchtopk sweep; {base.architecture} has no k")
     out = []

@@ -332,7 +332,6 @@ def _loop(runs: list[_Run], it: Iterator[torch.Tensor], step: int, info: dict, w
     """Global batch ``step`` on: each batch goes to every SAE that is at that step and not done."""
     batch_size, d_in = runs[0].trainer.cfg.batch_size, runs[0].trainer.sae.d_in
     per_rank, device = batch_size // world.size, runs[0].trainer.device
-    aux_name = {"relu": "l1_penalty", "jumprelu": "l0_penalty"}
     while any(r.trainer.step < r.trainer.cfg.steps for r in runs):
         x = next(it, None)
         if x is None:
@@ -349,7 +348,7 @@ def _loop(runs: list[_Run], it: Iterator[torch.Tensor], step: int, info: dict, w
             if trainer.step != step or trainer.step >= cfg.steps:
                 continue                      # ahead of the pass (resumed from a later checkpoint) or done
             m = trainer.train_step(x)
-            m[aux_name.get(cfg.architecture, "auxk")] = m.pop("aux")
+            m[trainer.rule.aux_metric] = m.pop("aux")
             r.logger.record(m, cfg)
             stepped.append(r)
         step += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from saelab.sae import ARCHITECTURES
+from saelab import arch as architectures
 
 RUN_ONLY_FIELDS = ("checkpoint_every", "log_every", "wandb_project", "device")
 """Config fields that may change between a run and its resumption (they do not alter the math)."""
@@ -20,7 +20,7 @@ class TrainConfig:
     """How an SAE is trained (what is needed to *run* it lives in SAEConfig)."""
 
     architecture: str = "topk"
-    """relu | topk | batchtopk | jumprelu."""
+    """relu | topk | batchtopk | jumprelu | matryoshka_batchtopk (``saelab.arch.names()``)."""
     d_sae: int | None = None
     """Number of latents; None: expansion × d_in."""
     expansion: int = 8
@@ -41,13 +41,15 @@ class TrainConfig:
     """topk/batchtopk: weight α of the AuxK loss (Gao et al. §A.2)."""
     k_aux: int | None = None
     """topk/batchtopk: dead latents used by AuxK per token; None: d_in // 2."""
+    matryoshka_widths: list[int] | None = None
+    """matryoshka_batchtopk: ends of the nested prefixes, increasing, the last d_sae; None: d_sae/8, /4, /2, 1."""
     dead_tokens: int | None = None
     """A latent is dead when it has not fired in this many tokens; None: tokens/10, at most 10M."""
     resample_every: int | None = None
     """relu: resample dead latents every this many steps (not in the last quarter); None: steps/4; 0: never."""
     lr: float | None = None
-    """Adam learning rate; None: 2e-3 (topk, batchtopk; best of 4e-4/2e-3 on a 1.4M-token builtin run),
-    2e-4 (jumprelu), 1e-4 (relu)."""
+    """Adam learning rate; None: the architecture's (``default_lr``): 2e-3 (topk, batchtopk; best of 4e-4/2e-3
+    on a 1.4M-token builtin run), 2e-4 (jumprelu), 1e-4 (relu)."""
     lr_warmup_steps: int | None = None
     """Linear warm-up steps; None: 5% of the steps, at most 1000."""
     lr_decay: str = "linear"
@@ -85,8 +87,7 @@ class TrainConfig:
     def resolved(self, d_in: int) -> "TrainConfig":
         """A copy with every automatic value (None) made concrete for inputs of width ``d_in``."""
         c = self
-        if c.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {c.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        rule = architectures.get(c.architecture)
         if c.lr_decay not in ("linear", "cosine") or c.init_b_dec not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"lr_decay must be linear|cosine and init_b_dec geometric_median|mean|zeros, "
                              f"got {c.lr_decay!r}, {c.init_b_dec!r}")
@@ -94,11 +95,7 @@ class TrainConfig:
             raise ValueError(f"tokens ({c.tokens}) must be at least one batch ({c.batch_size})")
         d_sae = c.d_sae or int(c.expansion * d_in)
         steps = c.tokens // c.batch_size
-        sparse_k = c.architecture in ("topk", "batchtopk")
-        if sparse_k and not (c.k and 1 <= c.k <= d_sae):
-            raise ValueError(f"{c.architecture} needs 1 <= k <= d_sae ({d_sae}), got k={c.k}")
-        lr = c.lr or {"topk": 2e-3, "batchtopk": 2e-3, "jumprelu": 2e-4, "relu": 1e-4}[c.architecture]
-        return replace(c, d_sae=d_sae, k=c.k if sparse_k else None, lr=lr,
+        return replace(c, d_sae=d_sae, lr=c.lr or rule.default_lr, **rule.resolve(c, d_in, d_sae),
                        k_aux=c.k_aux or max(1, d_in // 2),
                        dead_tokens=c.dead_tokens or min(10_000_000, max(c.batch_size, c.tokens // 10)),
                        resample_every=steps // 4 if c.resample_every is None else c.resample_every,
@@ -125,5 +122,5 @@ def lr_at(cfg: TrainConfig, step_: int) -> float:
 
 
 def sparsity_coefficient_at(cfg: TrainConfig, step_: int) -> float:
-    base = cfg.l1_coefficient if cfg.architecture == "relu" else cfg.l0_coefficient
-    return base * min(1.0, (step_ + 1) / max(1.0, cfg.sparsity_warmup_fraction * cfg.steps))
+    """λ of the architecture's sparsity penalty at ``step_`` (its schedule is the architecture's)."""
+    return architectures.get(cfg.architecture).sparsity_coefficient(cfg, step_)

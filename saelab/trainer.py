@@ -1,45 +1,27 @@
-"""One SAE and its optimiser: the four recipes' losses and steps, the initialisation, checkpoint
-state, and held-out statistics. :mod:`saelab.train` runs it over data (resume, logging, DDP, saving).
+"""One SAE and its optimiser: the step (each architecture's loss is its class's, :mod:`saelab.arch`),
+the initialisation, checkpoint state, and held-out statistics. :mod:`saelab.train` runs it over data (resume, logging, DDP, saving).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import torch
 from torch.nn import functional as F
 
+from saelab.arch import StepStats
 from saelab.distributed import World
 from saelab.errors import SaelabError
-from saelab.sae import SAE, SAEConfig, jumprelu, step
-from saelab.sparse_topk import batchtopk_code, index_sum, sparse_grads, topk_code
-from saelab.train_config import TrainConfig, lr_at, sparsity_coefficient_at
+from saelab.sae import SAE, SAEConfig
+from saelab.train_config import TrainConfig, lr_at
 
 CHECKPOINT_FORMAT = "saelab-train-checkpoint"
-UNIT_NORM = ("topk", "batchtopk", "jumprelu")
 
 
 class NonFiniteLoss(SaelabError, ValueError):
     """The inputs or the loss hold NaN/inf: the run stops before the step and nothing is checkpointed."""
-
-
-class StepStats(NamedTuple):
-    """Sums over one rank's batch, all-reduced across ranks before use."""
-
-    err_sq: torch.Tensor
-    """Σ_tokens ‖x − x̂‖² (scalar)."""
-    loss: torch.Tensor
-    """This rank's total loss (scalar)."""
-    aux: torch.Tensor
-    """AuxK loss, or the (unweighted) sparsity penalty for relu/jumprelu (scalar)."""
-    active: torch.Tensor
-    """Σ_tokens active latents (scalar)."""
-    fired: torch.Tensor
-    """Tokens on which each latent fired [d_sae]."""
-    min_kept: torch.Tensor
-    """batchtopk: smallest positive activation kept (scalar; +inf when none)."""
 
 
 # -- initialisation --------------------------------------------------------------------------------
@@ -69,13 +51,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, d_in: int, world: World, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
         sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.architecture, cfg.k))
+        self.rule = sae.rule  # the architecture: its loss, its schedule, its constraints
         sae.reset_parameters(seed=cfg.seed if cfg.init_seed is None else cfg.init_seed)
-        if cfg.architecture == "jumprelu":
-            sae.threshold.data.fill_(cfg.threshold_init)
+        self.rule.init(sae, cfg)
         self.sae = sae.to(device).train()
-        self.sparse = cfg.architecture in ("topk", "batchtopk")
         self.params = {n: p for n, p in sae.named_parameters() if p.requires_grad}
-        if self.sparse:
+        if self.rule.hand_gradients:
             # Adam updates W_encᵀ [d_sae, d_in], contiguous (the sparse gradient's rows are latents, and
             # fused Adam is 4x slower on a transposed tensor); sae.W_enc is a view of the same storage.
             self.params["W_enc"] = torch.nn.Parameter(sae.W_enc.detach().t().contiguous())
@@ -117,7 +98,9 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        stats = self._sparse_loss(x) if self.sparse else self._dense_loss(x)
+        for p in self.params.values():
+            p.grad = None
+        stats = self.rule.loss(sae, self.params, x, cfg, self.step, self.dead)
         params = list(self.params.values())
         self.world.mean_grads_(params)
         reduced = self._reduce(x, stats)
@@ -125,47 +108,13 @@ class Trainer:
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"the loss became {loss} at step {self.step} (lr {lr:.3g}); the run is stopped and "
                                 "the last checkpoint kept. Lower the learning rate (--lr) or check the inputs")
-        if cfg.architecture in UNIT_NORM:
+        if self.rule.unit_norm_decoder:
             sae.remove_parallel_decoder_grad()
         self.opt.step()
         self._after_update(reduced, x)
         self.step += 1
         return {"step": self.step, "tokens": self.step * cfg.batch_size, **reduced, "lr": lr,
                 "dead_fraction": float(self.dead.float().mean())}
-
-    def _sparse_loss(self, x: torch.Tensor) -> StepStats:
-        cfg, sae = self.cfg, self.sae
-        with torch.no_grad():
-            pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)     # (B, d_sae): the one dense product
-            code = (topk_code if cfg.architecture == "topk" else batchtopk_code)(pre, cfg.k)
-        out = sparse_grads(sae, x, code, self.dead, cfg.k_aux, cfg.auxk_alpha)
-        for name, g in out.grads.items():
-            p = self.params[name]
-            p.grad = g if g.shape == p.shape else g.t()
-        B = x.shape[0]
-        on = code.val > 0
-        fired = index_sum(code.col, on.float(), cfg.d_sae)
-        min_kept = code.val[on].min() if bool(on.any()) else torch.tensor(float("inf"), device=x.device)
-        loss = out.err_sq / B + cfg.auxk_alpha * out.aux
-        return StepStats(out.err_sq, loss, out.aux, on.sum().float(), fired, min_kept)
-
-    def _dense_loss(self, x: torch.Tensor) -> StepStats:
-        cfg, sae = self.cfg, self.sae
-        for p in self.params.values():
-            p.grad = None
-        pre = sae.pre_acts(x)                                      # (B, d_sae)
-        if cfg.architecture == "relu":
-            z = F.relu(pre)
-            penalty = (z * sae.W_dec.norm(dim=1)).sum(-1).mean()
-        else:
-            z = jumprelu(pre, sae.threshold, cfg.bandwidth)
-            penalty = step(pre, sae.threshold, cfg.bandwidth).sum(-1).mean()
-        err_sq = (z @ sae.W_dec + sae.b_dec - x).pow(2).sum()
-        loss = err_sq / x.shape[0] + sparsity_coefficient_at(cfg, self.step) * penalty
-        loss.backward()
-        on = (z > 0).detach()
-        return StepStats(err_sq.detach(), loss.detach(), penalty.detach(), on.sum().float(), on.sum(0).float(),
-                         torch.tensor(float("inf"), device=x.device))
 
     def _reduce(self, x: torch.Tensor, s: StepStats) -> dict:
         """All-reduce the step's sums (and the stop flag) in one collective; return global metrics."""
@@ -186,19 +135,16 @@ class Trainer:
 
     @torch.no_grad()
     def _after_update(self, reduced: dict, x: torch.Tensor) -> None:
-        cfg, sae = self.cfg, self.sae
-        if cfg.architecture in UNIT_NORM:
-            sae.set_decoder_norm_to_unit()
-        if cfg.architecture == "jumprelu":
-            sae.threshold.clamp_(min=0.0)
+        cfg = self.cfg
+        self.rule.after_update(self.sae)
         self.since_fired += reduced.pop("_tokens")
         self.since_fired[reduced.pop("_fired") > 0] = 0
         min_kept = reduced.pop("_min_kept")
-        if cfg.architecture == "batchtopk" and min_kept is not None:
+        if self.rule.learns_batch_threshold and min_kept is not None:
             self.threshold_sum += min_kept
             self.threshold_count += 1
         every = cfg.resample_every
-        if (cfg.architecture == "relu" and every and (self.step + 1) % every == 0
+        if (self.rule.resamples_dead and every and (self.step + 1) % every == 0
                 and self.step + 1 <= 0.75 * cfg.steps):
             self.resample_dead(x)
 
@@ -266,9 +212,10 @@ class Trainer:
         """The trained SAE for raw inputs: eval mode, BatchTopK threshold set, input scale folded in."""
         sae = self.sae
         sae.W_enc.data = sae.W_enc.data.contiguous()
-        if self.cfg.architecture == "batchtopk":
+        if self.rule.learns_batch_threshold:
             if not self.threshold_count:
-                raise ValueError("batchtopk training kept no positive activation; no threshold can be learned")
+                raise ValueError(f"{self.cfg.architecture} training kept no positive activation; "
+                                 "no threshold can be learned")
             sae.threshold.fill_(self.threshold_sum / self.threshold_count)
         sae.fold_input_scale(self.input_scale)
         return sae.eval()

@@ -78,8 +78,8 @@ def test_an_unknown_attribute_is_an_attribute_error():
         raise AssertionError("saelab.no_such_name did not raise")
 
 
-def test_the_clis_architecture_choices_are_the_sae_modules():
+def test_the_clis_architecture_choices_are_the_registrys():
+    from saelab import arch
     from saelab.cli.train_eval import ARCHITECTURES as CLI_ARCHITECTURES
-    from saelab.sae import ARCHITECTURES
 
-    assert CLI_ARCHITECTURES == ARCHITECTURES
+    assert CLI_ARCHITECTURES == tuple(arch.names())

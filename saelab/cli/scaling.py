@@ -30,11 +30,13 @@ def _add_sweep(sub) -> None:
 def _run_sweep(args) -> None:
     import os
 
+    from saelab import arch as architectures
     from saelab.sweep import parse_sizes, sweep
 
     latents = parse_sizes(args.latents, "--latents")        # checked before any data is opened
-    ks = parse_sizes(args.k, "--k") if args.arch in ("topk", "batchtopk") else []
-    if args.arch not in ("topk", "batchtopk") and "," in str(args.k):
+    has_k = architectures.get(args.arch).needs_k
+    ks = parse_sizes(args.k, "--k") if has_k else []
+    if not has_k and "," in str(args.k):
         raise ValueError(f"--k lists several values, but {args.arch} has no k; use --arch topk or batchtopk")
     if len(latents) < 2 and len(ks) < 2:
         raise ValueError("a sweep scans at least two values: give --latents A,B,... and/or --k A,B,...")

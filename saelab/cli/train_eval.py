@@ -19,8 +19,8 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
-"""saelab.sae.ARCHITECTURES, spelt out: building the parser must not import torch (tests/test_cli_startup.py
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
+"""saelab.arch.names(), spelt out: building the parser must not import torch (tests/test_cli_startup.py
 checks that the two agree)."""
 
 
@@ -45,6 +45,8 @@ def add_train_options(p, sizes: bool = True) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default per architecture)")
     p.add_argument("--l1", type=float, default=5.0, help="relu: L1 coefficient (default 5)")
     p.add_argument("--l0", type=float, default=1.0, help="jumprelu: L0 coefficient (default 1)")
+    p.add_argument("--matryoshka-widths", metavar="W1,W2,...",
+                   help="matryoshka_batchtopk: ends of the nested prefixes (default latents/8,/4,/2,all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-seed", type=int, help="seed of the initial weights alone (default: --seed)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
@@ -57,9 +59,11 @@ def add_train_options(p, sizes: bool = True) -> None:
 
 def train_config(args, d_sae: int | None, k: int | None):
     """The TrainConfig of a train/sweep command's options (``d_sae``/``k`` given apart: a sweep varies them)."""
+    from saelab.sweep import parse_sizes
     from saelab.train import TrainConfig
 
-    return TrainConfig(architecture=args.arch, d_sae=d_sae, expansion=args.expansion, k=k,
+    widths = parse_sizes(args.matryoshka_widths, "--matryoshka-widths") if args.matryoshka_widths else None
+    return TrainConfig(architecture=args.arch, d_sae=d_sae, expansion=args.expansion, k=k, matryoshka_widths=widths,
                        tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, l1_coefficient=args.l1,
                        l0_coefficient=args.l0, seed=args.seed, init_seed=args.init_seed, checkpoint_every=args.checkpoint_every,
                        log_every=args.log_every, deterministic=args.deterministic, device=args.device,
