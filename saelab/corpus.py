@@ -11,18 +11,24 @@ A corpus is named by a *spec* string:
   or a ``.jsonl`` file whose lines carry a ``text`` field. Local files are split the same way.
 - ``english``: broad English prose built offline from Debian text packages (WordNet glosses,
   fortunes, the Jargon File, The Devil's Dictionary; see :mod:`saelab.english`), read as a ``.jsonl``.
+- ``reference``: topical, technical prose from more Debian packages (the Python documentation, Linux man
+  pages, the GCIDE dictionary; see :mod:`saelab.english`), read as a ``.jsonl``.
 - ``chat:MODEL``: the model's own answers, in its chat template, to a broad hand-written list of requests
   (:mod:`saelab.chatcorpus`; built once by ``saelab corpus chat MODEL``), read as a ``.jsonl``.
 - ``A+B[+C...]``: a mix of local corpora in equal shares by characters: every part gives documents (in an
   order shuffled with seed 0) up to the size of the smallest part, and the mix is built once into the
   cache as a ``.jsonl``. Its documents keep their names in their parts, so a document is in the mix's
-  validation split exactly when it is in its part's (the same on every machine).
+  validation split exactly when it is in its part's (the same on every machine). A part written ``A*N``
+  (N a whole number) gets N shares: ``english*2+stdlib*3+chat:smollm2`` is 2:3:1 by characters, each share
+  the size of the smallest part per share.
 - ``hf:NAME[:CONFIG]``: a Hugging Face dataset (needs the ``hf`` extra and the network). Its own
   ``train``/``validation`` splits are used.
 
 Documents are tokenized and packed into sequences of ``context`` tokens: each document is preceded by
 BOS, documents are concatenated in an order shuffled by ``seed``, the stream is cut into consecutive
-pieces of ``context - 1`` tokens, and **every window starts with BOS** followed by one piece. Real
+pieces of ``context - 1`` tokens, and **every window starts with exactly one BOS** followed by one piece:
+where a piece would begin with a document's own BOS, that BOS *is* the window's (it is not repeated; until
+December 2026 such windows began with two BOS tokens, see :data:`WINDOW_START`). Real
 models park attention on their first position (an "attention sink" whose residual norm is ~100× the
 rest: 25,000 vs ~180 at SmolLM2's layer 15), whatever token is there; starting each window with BOS
 puts that sink on a token that every stage excludes (:data:`WINDOW_START`), rather than on a word
@@ -50,8 +56,10 @@ from saelab import atomic, english
 from saelab.runtime import cache_root
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
-WINDOW_START = "bos"
-"""How windows start (recorded in stores as ``bos.window_start``): a BOS token, then ``context - 1`` tokens."""
+WINDOW_START = "one_bos"
+"""How windows start (recorded in stores as ``bos.window_start``): one BOS token, then ``context - 1`` tokens
+(a document's own BOS at the cut is the window's BOS, not a second one). Stores recording ``"bos"`` were
+packed before this rule: a window that began at a document start held two BOS tokens there."""
 SPLITS = ("train", "validation", "all")
 VALIDATION_ONE_IN = 20
 
@@ -125,8 +133,8 @@ def source_files(spec: CorpusSpec | str) -> tuple[Path, list[Path]] | None:
         return root, _stdlib_files(root)
     if spec.source.startswith("hf:"):
         return None
-    if spec.source == "english":
-        path = english.corpus_path()
+    if spec.source in (english.NAME, english.REFERENCE):
+        path = english.corpus_path(spec.source)
         return path, [path]
     if spec.source.startswith(CHAT):
         path = chat_path(spec.source[len(CHAT):])
@@ -187,10 +195,7 @@ def is_mix(source: str) -> bool:
 
 def mix_path(source: str) -> Path:
     """The built mix of ``A+B[+...]`` (see the module docstring), built now if missing or stale."""
-    parts = source.split(MIX)
-    if len(parts) < 2 or not all(parts) or any(p.startswith("hf:") for p in parts):
-        raise ValueError(f"corpus {source!r}: a mix joins two or more local corpora with '+', e.g. english+chat:smollm2 "
-                         "(hf: datasets cannot be mixed)")
+    parts, shares = _mix_parts(source)
     files = [source_files(CorpusSpec(p, "all")) for p in parts]
     h = hashlib.sha256(f"mix v{MIX_VERSION}\n{source}\n".encode())
     for _, paths in files:
@@ -201,19 +206,34 @@ def mix_path(source: str) -> Path:
     if out.is_file():
         return out
     docs = [list(documents(CorpusSpec(p, "all"))) for p in parts]
-    budget = min(sum(len(d.text) for d in part) for part in docs)
+    share = min(sum(len(d.text) for d in part) / n for part, n in zip(docs, shares))
     lines = []
-    for name, part in zip(parts, docs):
+    for name, part, n in zip(parts, docs, shares):
         random.Random(0).shuffle(part)
         used = 0
         for d in part:
-            if used >= budget:
+            if used >= share * n:
                 break
             used += len(d.text)
             lines.append(json.dumps({"text": d.text, "name": d.name, "source": name}, ensure_ascii=False))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(out, ("\n".join(lines) + "\n").encode("utf-8"))
     return out
+
+
+def _mix_parts(source: str) -> tuple[list[str], list[int]]:
+    """The parts of a mix and their shares (``A*3`` → ``A``, 3)."""
+    parts, shares = [], []
+    for item in source.split(MIX):
+        name, star, n = item.rpartition("*") if "*" in item else (item, "", "1")
+        if not name or not n.isdigit() or int(n) < 1 or name.startswith("hf:"):
+            raise ValueError(f"corpus {source!r}: a mix joins two or more local corpora with '+', each optionally "
+                             "with a whole number of shares, e.g. english*2+chat:smollm2 (hf: datasets cannot be mixed)")
+        parts.append(name)
+        shares.append(int(n))
+    if len(parts) < 2:
+        raise ValueError(f"corpus {source!r}: a mix joins two or more local corpora with '+', e.g. english+chat:smollm2")
+    return parts, shares
 
 
 def _jsonl_documents(path: Path, split: str, named: bool = False) -> Iterator[Document]:
@@ -275,11 +295,17 @@ def token_stream(docs: Iterable[Document], tokenizer, bos_id: int, seed: int | N
 
 
 def pack(stream: Iterable[int], context: int, bos_id: int) -> Iterator[torch.Tensor]:
-    """``[context]`` int64 windows: BOS, then the next ``context - 1`` tokens of the stream; a short tail is dropped."""
+    """``[context]`` int64 windows: BOS, then the next ``context - 1`` tokens of the stream; a short tail is dropped.
+
+    BOS tokens of the stream that fall right after a window's BOS are dropped (a document starting at the
+    cut): every window starts with exactly one BOS.
+    """
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
     buf: list[int] = [bos_id]
     for tok in stream:
+        if tok == bos_id and len(buf) == 1:
+            continue                                   # the window's BOS already stands for the document's
         buf.append(tok)
         if len(buf) == context:
             yield torch.tensor(buf, dtype=torch.long)

@@ -39,7 +39,9 @@ from saelab.corpus import (CorpusSpec, bos_token_id, documents, in_split, pack, 
                            tokenizer_identity)
 
 FORMAT = "saelab-token-cache"
-VERSION = 1
+VERSION = 2
+"""2: windows start with exactly one BOS (:data:`saelab.corpus.WINDOW_START`). The cached document tokens did
+not change, but the key did, so nothing packed under the old rule is taken for the new one."""
 MAX_TEXT_BYTES = 2 << 30      # larger local corpora are tokenised on the fly
 BUILD_BATCH_CHARS = 4 << 20   # text per tokenizer call while building (bounds memory)
 
@@ -218,16 +220,27 @@ def _pack_cached(corpus, split: str, bos: int, context: int, seed: int | None,
         doc = corpus.tokens[corpus.offsets[i]:corpus.offsets[i + 1]]
         pieces += [bos_piece, doc]
         have += 1 + len(doc)
-        if have >= chunk_windows * piece:
-            flat = np.concatenate(pieces).astype(np.int64)             # (have,)
-            n = have // piece
-            yield from _bos_led(flat[:n * piece].reshape(n, piece), bos)
-            pieces, have = [flat[n * piece:]], have - n * piece
-    if have >= piece:                                                    # the last whole windows; a short tail is dropped
-        n = have // piece
-        yield from _bos_led(np.concatenate(pieces).astype(np.int64)[:n * piece].reshape(n, piece), bos)
+        if have >= chunk_windows * (piece + 1):
+            windows, rest = _cut(np.concatenate(pieces).astype(np.int64), piece, bos)
+            yield from windows
+            pieces, have = [rest], len(rest)
+    if have:                                                             # the last whole windows; a short tail is dropped
+        yield from _cut(np.concatenate(pieces).astype(np.int64), piece, bos)[0]
 
 
-def _bos_led(pieces: np.ndarray, bos: int) -> torch.Tensor:
-    """``[n, context]`` windows from ``pieces [n, context - 1]``: a BOS column first."""
-    return torch.from_numpy(np.concatenate([np.full((len(pieces), 1), bos, dtype=np.int64), pieces], axis=1))
+def _cut(flat: np.ndarray, piece: int, bos: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Windows of ``flat`` as :func:`pack` cuts them (BOS + ``piece`` tokens, a stream BOS at the cut
+    dropped), and the uncut rest (its leading BOS tokens already dropped)."""
+    starts, p, n = [], 0, len(flat)
+    while True:
+        while p < n and flat[p] == bos:
+            p += 1                                   # a document's BOS at the cut: the window's BOS stands for it
+        if p + piece > n:
+            break
+        starts.append(p)
+        p += piece
+    if not starts:
+        return [], flat[p:]
+    body = flat[np.asarray(starts)[:, None] + np.arange(piece)]                 # (n_windows, piece)
+    windows = np.concatenate([np.full((len(starts), 1), bos, dtype=np.int64), body], axis=1)
+    return list(torch.from_numpy(windows)), flat[p:]

@@ -48,9 +48,24 @@ def test_packing_is_bos_separated_and_deterministic(tmp_path):
     assert all(len(s) == 16 for s in a)
     assert all(s[0] == tok.bos_token_id for s in a)          # every window starts with BOS (the sink rule)
     flat = [t for s in a for t in s[1:]]
-    assert flat.count(tok.bos_token_id) >= 4                  # documents are still separated by BOS
+    assert flat.count(tok.bos_token_id) >= 3                  # documents are still separated by BOS (one may start a window)
     stream = list(token_stream(documents(CorpusSpec(str(tmp_path), "all")), tok, bos_id=0, seed=None))
     assert [s.tolist() for s in pack(stream, 16, 99)] == [[99] + stream[i:i + 15]
                                                           for i in range(0, len(stream) - 14, 15)]
     with pytest.raises(ValueError):
         list(pack([1, 2, 3], 1, 0))
+
+
+def test_a_window_starting_at_a_document_start_has_one_bos(tmp_path):
+    for i in range(6):
+        (tmp_path / f"f{i}.py").write_text(f"v{i} = {i}\n" * (i + 1))
+    tok = tiny_tokenizer()
+    bos = tok.bos_token_id
+    windows = [s.tolist() for s in sequences(CorpusSpec(str(tmp_path), "all"), tok, context=8, seed=0)]
+    assert windows[0][0] == bos and windows[0][1] != bos          # the corpus' first window: one BOS
+    assert all(w[0] == bos and w[1] != bos for w in windows)      # and every other window
+    # Hand-cut stream (BOS = 0): documents [5 6 7] [8 9] [] [1 2 3 4]; the second window starts at a
+    # document, so its BOS stands for that document's; an empty document's BOS is dropped with it.
+    stream = [0, 5, 6, 7, 0, 8, 9, 0, 0, 1, 2, 3, 4]
+    assert [s.tolist() for s in pack(stream, 4, 0)] == [[0, 5, 6, 7], [0, 8, 9, 0], [0, 1, 2, 3]]
+    assert [s.tolist() for s in pack([0, 1, 2, 0, 3, 4], 3, 0)] == [[0, 1, 2], [0, 3, 4]]

@@ -62,6 +62,18 @@ def test_jsonl_and_many_windows_per_document(tmp_path, cache_dir, tok):
         assert len(fly) > 64 and _same(cached, fly)   # more than one chunk of windows
 
 
+def test_document_starts_at_the_cut_keep_one_bos(tmp_path, cache_dir, tok):
+    """Documents whose BOS + tokens exactly fill a window's piece: every later window starts at a
+    document, and both paths drop that document's BOS the same way (one BOS per window)."""
+    path = tmp_path / "d.jsonl"
+    piece = tok("x = 1", add_special_tokens=False)["input_ids"]
+    context = len(piece) + 2                           # BOS + (document BOS + its tokens)
+    path.write_text("\n".join(json.dumps({"text": "x = 1"}) for _ in range(200)) + "\n")
+    cached, fly = _both(CorpusSpec(str(path), "all"), tok, context, 0)
+    assert len(fly) > 64 and _same(cached, fly)
+    assert all(int(w[0]) == tok.bos_token_id and int(w[1]) != tok.bos_token_id for w in fly)
+
+
 def test_stdlib_prefix_equal(cache_dir, tok):
     spec = CorpusSpec("stdlib", "validation")
     cached = list(itertools.islice(sequences(spec, tok, 64, 5), 300))
