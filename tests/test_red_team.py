@@ -9,6 +9,7 @@ which test proves which promise.
 from __future__ import annotations
 
 import json
+import re
 import os
 import pickle
 import shutil
@@ -92,3 +93,95 @@ def test_model_folder_without_transformers_safetensors_is_refused(tmp_path):
     (folder / "decoy.safetensors").write_bytes(b"junk")
     with pytest.raises(InvalidModel, match=r"no model.safetensors or model.safetensors.index.json"):
         load_model(str(folder))
+
+
+# -- 4. chat templates: bounded in time and size, escapes refused in one line -------------------------
+
+LOOP = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+        "{{ messages[0]['content'] }}")
+RICH = ("{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+        "<|endoftext|>{{ m['role'] }} {{ ns.n }}\n{{ m['content'] | tojson }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+ESCAPE = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+
+
+def with_template(src: Path, out: Path, template: str) -> Path:
+    """A copy of the model folder ``src`` whose tokenizer has ``template`` as its chat template."""
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_bounded_rendering_matches_transformers(tiny_llama, tmp_path):
+    from saelab.chat_template import chat_ids, render_chat
+
+    tok = load_model(str(with_template(tiny_llama, tmp_path / "m", RICH))).tokenizer
+    msgs = [{"role": "user", "content": 'say "hi" <b>'}, {"role": "assistant", "content": "hi"}]
+    for gen in (True, False):
+        assert render_chat(tok, msgs, gen) == tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+        assert chat_ids(tok, msgs, gen) == list(tok.apply_chat_template(
+            msgs, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"])
+
+
+@pytest.mark.parametrize("template, message", [
+    (LOOP, "ran more than 2,000,000 steps"),
+    ("{{ 'x' * 10**12 }}", "built a sequence of more than"),
+    ("{{ 'x' * 900000 + 'y' * 900000 }}", "built a sequence of more than"),
+    ("{{ 7 ** 100000000 }}", "raised a number to the power"),
+    ("{{ '%0999999999d' % 1 }}", "formatted a field wider than"),
+    ("{% for i in range(100000) %}{{ 'abcdefghijkl' }}{% endfor %}", "wrote more than 1,000,000 characters"),
+    (ESCAPE, "tried something the sandbox forbids"),
+    ("{{ raise_exception('only user and assistant roles') }}", "failed: TemplateError: only user and assistant"),
+    ("{% for %}", "does not compile"),
+])
+def test_chat_templates_that_loop_grow_or_escape_end_in_one_clear_error(tiny_llama, tmp_path, template, message):
+    import time
+
+    from saelab.errors import ChatTemplateError
+    from saelab.generation import prompt_ids
+
+    lm = load_model(str(with_template(tiny_llama, tmp_path / "m", template)))
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=re.escape(message)):
+        prompt_ids(lm, "hi", chat=True)
+    assert time.monotonic() - start < 30
+
+
+def test_cli_chat_with_a_looping_or_escaping_template_prints_one_line(tiny_llama, tmp_path, capsys):
+    sae = SAE(SAEConfig(32, 8, "relu"))
+    sae.reset_parameters(seed=0)
+    for name, template, says in (("loop", LOOP, "ran more than"), ("escape", ESCAPE, "the sandbox forbids")):
+        model = with_template(tiny_llama, tmp_path / name, template)
+        save_sae(sae, tmp_path / f"sae-{name}", model_name=str(model), hook_name="blocks.1.hook_resid_post")
+        assert main(["steer", str(tmp_path / f"sae-{name}"), "--prompt", "hi", "--feature", "0=1", "--chat"]) == 2
+        err = capsys.readouterr().err  # (transformers' own progress bar may precede the line)
+        lines = [ln for ln in err.splitlines() if ln.startswith("saelab: error:")]
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(f"saelab: error: the chat template of {str(model)!r} ") and says in lines[0]
+
+
+def test_served_chat_request_with_a_looping_template_frees_the_model(web_run_dir, tmp_path):
+    """A looping template is stopped with a 422; the next request runs (no 503: the model gate is free)."""
+    from fastapi.testclient import TestClient
+
+    from saelab.formats import load_sae
+    from saelab.provenance import Provenance
+    from saelab.web.app import create_app
+    from saelab.web.guard import ServerConfig
+
+    model = with_template(Path(Provenance.of(load_sae(web_run_dir / "sae")).model_name), tmp_path / "m", LOOP)
+    app = create_app(web_run_dir, model=str(model), config=ServerConfig(max_new_tokens=4))
+    with TestClient(app, base_url="http://127.0.0.1:8765") as client:
+        body = {"prompt": "hi", "max_new_tokens": 2, "features": [{"id": 0, "value": 1, "mode": "clamp"}]}
+        r = client.post("/api/steer", json={**body, "chat": True})
+        assert r.status_code == 422 and "ran more than 2,000,000 steps" in r.json()["detail"]
+        assert client.post("/api/steer", json={**body, "chat": False}).status_code == 200
