@@ -49,3 +49,7 @@ class InvalidModel(SaelabError, ValueError):
 
 class ChatTemplateError(SaelabError, ValueError):
     """A model's chat template failed, tried to leave its sandbox, or ran past its time or size bounds."""
+
+
+class NotAFile(SaelabError, ValueError):
+    """A path that should be a regular file is a FIFO, device, socket or folder (reading it could block forever)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.atomic import regular_file
 from saelab.builtin import MODEL_DIR
 from saelab.errors import InvalidModel
 from saelab.runtime import cache_root
@@ -128,7 +129,7 @@ def gguf_folder(gguf: Path | str) -> Path:
     Keyed by the file's sha256, so a changed file is converted again. The folder is built under a
     temporary name and renamed into place whole: a killed conversion leaves nothing that looks done.
     """
-    gguf = Path(gguf).expanduser()
+    gguf = regular_file(Path(gguf).expanduser(), "GGUF file")
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist")
     digest = _file_sha256(gguf)
@@ -231,7 +232,7 @@ def _refuse_pickled_weights(path: Path) -> None:
                            "unpickles files, as that can run code hidden in them. Convert the folder to safetensors "
                            "where you trust it (model.save_pretrained(folder, safe_serialization=True)) and remove "
                            "the pickles")
-    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+    if not any(regular_file(path / name, "model weights file").is_file() for name in SAFETENSORS_WEIGHTS):
         raise InvalidModel(f"{path}: no {' or '.join(SAFETENSORS_WEIGHTS)}; saelab reads model weights from "
                            "safetensors only (save the model with model.save_pretrained(folder))")
 

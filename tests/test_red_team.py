@@ -185,3 +185,57 @@ def test_served_chat_request_with_a_looping_template_frees_the_model(web_run_dir
         r = client.post("/api/steer", json={**body, "chat": True})
         assert r.status_code == 422 and "ran more than 2,000,000 steps" in r.json()["detail"]
         assert client.post("/api/steer", json={**body, "chat": False}).status_code == 200
+
+
+# -- 5. FIFOs (and other non-regular files) where a file is read --------------------------------------
+
+def test_fifo_in_place_of_an_sae_file_is_refused_without_blocking(tmp_path):
+    from saelab.errors import NotAFile
+    from saelab.formats import load_sae
+
+    sae = SAE(SAEConfig(8, 4, "relu"))
+    sae.reset_parameters(seed=0)
+    for name in ("sae_weights.safetensors", "cfg.json", "saelab.json"):
+        folder = tmp_path / name
+        save_sae(sae, folder)
+        (folder / name).unlink()
+        os.mkfifo(folder / name)
+        with pytest.raises(NotAFile, match=rf"{folder / name}: the SAE (weights file|config|file) is a FIFO"):
+            load_sae(folder)
+        with pytest.raises(NotAFile, match="is a FIFO"):
+            load_sae(folder / name)
+    os.mkfifo(tmp_path / "params.npz")
+    with pytest.raises(NotAFile, match="is a FIFO"):
+        load_sae(tmp_path / "params.npz")
+
+
+def test_fifo_in_place_of_a_shard_manifest_database_gguf_or_model_weights_is_refused(tmp_path, tiny_llama):
+    from factories import make_synthetic_store
+
+    from saelab import store as st
+    from saelab.errors import NotAFile
+    from saelab.featuredb import FeatureDB
+    from saelab.models import gguf_folder
+
+    store = make_synthetic_store(tmp_path / "acts", rows=256, shards=2)
+    shard = store.path / store.shards[0]["file"]
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(NotAFile, match="activation shard is a FIFO"):
+        st.ActivationStore.open(store.path)
+    (store.path / st.MANIFEST).unlink()
+    os.mkfifo(store.path / st.MANIFEST)
+    with pytest.raises(NotAFile, match="store manifest is a FIFO"):
+        st.ActivationStore.open(store.path)
+    os.mkfifo(tmp_path / "features.db")
+    with pytest.raises(NotAFile, match="feature database is a FIFO"):
+        FeatureDB.open(tmp_path / "features.db")
+    os.mkfifo(tmp_path / "m.gguf")
+    with pytest.raises(NotAFile, match="GGUF file is a FIFO"):
+        gguf_folder(tmp_path / "m.gguf")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+    with pytest.raises(NotAFile, match="model weights file is a FIFO"):
+        load_model(str(model))
