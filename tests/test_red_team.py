@@ -239,3 +239,86 @@ def test_fifo_in_place_of_a_shard_manifest_database_gguf_or_model_weights_is_ref
     os.mkfifo(model / "model.safetensors")
     with pytest.raises(NotAFile, match="model weights file is a FIFO"):
         load_model(str(model))
+
+
+# -- GGUF: damaged files, a full disk, leftovers of a killed conversion, the cache listing -------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf_file(tmp_path_factory, tiny_llama) -> Path:
+    pytest.importorskip("gguf")
+    from tiny_models import write_tiny_gguf
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(tiny_llama, out)
+    return out
+
+
+def damaged_ggufs(good: bytes) -> dict[str, bytes]:
+    """Broken GGUF files: the magic alone, truncations, a tensor count of 2^62, a key of 2^60 bytes."""
+    import struct
+
+    magic, version = good[:4], good[4:8]
+    n_kv = good[16:24]
+    return {
+        "magic-only": b"GGUF",
+        "cut-64": good[:64],
+        "cut-half": good[:len(good) // 2],
+        "count-2^62": magic + version + struct.pack("<Q", 2**62) + n_kv + good[24:],
+        "string-2^60": magic + version + good[8:24] + struct.pack("<Q", 2**60) + good[32:],
+        "not-gguf": b"PK\x03\x04" + good[4:],
+    }
+
+
+def test_damaged_gguf_files_end_in_one_line(tiny_gguf_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    for name, data in damaged_ggufs(tiny_gguf_file.read_bytes()).items():
+        bad = tmp_path / f"{name}.gguf"
+        bad.write_bytes(data)
+        with pytest.raises(InvalidModel, match=re.escape(str(bad)) + ": not a (readable )?GGUF"):
+            load_model(str(bad))
+        assert main(["hooks", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith(f"saelab: error: {bad}: not a"), (name, err)
+    assert not list((tmp_path / "cache" / "models").glob("*")) if (tmp_path / "cache" / "models").exists() else True
+
+
+def test_gguf_conversion_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_gguf_file, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    from saelab.errors import StorageError
+
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(StorageError, match="No space left on device"):
+        load_model(str(tiny_gguf_file))
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_killed_conversions_leftovers_are_removed_and_cache_info_lists_models(tiny_gguf_file, tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    models = tmp_path / "cache" / "models"
+    dead = _dead_pid()
+    stale, live = models / f".gguf-0123abcd.tmp-{dead}", models / f".gguf-4567cdef.tmp-{os.getpid()}"
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    lm = load_model(str(tiny_gguf_file))
+    assert not stale.exists() and live.exists()   # a running conversion's folder is left alone
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "1 models" in out and f"{lm.path}  from {tiny_gguf_file}" in out
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
