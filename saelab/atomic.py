@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from saelab.errors import StorageError
+from saelab.errors import NotAFile, StorageError
 
 # errno → what the user reads (the system's words); _STORAGE_TEXTS: how safetensors (Rust io::Error) and
 # SQLite report the same conditions
@@ -226,3 +227,23 @@ def recover_dir(target: Path | str) -> None:
     for old in sorted(target.parent.glob(f".{target.name}.old-*")):
         os.replace(old, target)
         return
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def regular_file(path: Path | str, what: str = "file") -> Path:
+    """``path`` when it is a regular file (symlinks followed) or missing (the caller says what is missing);
+    a FIFO, device, socket or folder is refused with :class:`NotAFile` before anything opens it, since
+    reading a FIFO or a device can block forever or never end."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise NotAFile(f"{path}: the {what} is {kind}, not a regular file; saelab reads only regular files "
+                       "(replace it with the real file)")
+    return path

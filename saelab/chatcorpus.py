@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from saelab import atomic
+from saelab.chat_template import render_chat
 from saelab.corpus import chat_path
 
 REQUESTS = Path(__file__).parent / "prompts" / "chat_requests.toml"
@@ -120,7 +121,7 @@ def _answer(lm, batch: list[str], seed: int) -> list[str]:
     bos = tok.bos_token or ""
     docs = []
     for req, (ans,) in zip(batch, answers):
-        prompt = tok.apply_chat_template([{"role": "user", "content": req}], add_generation_prompt=True, tokenize=False)
+        prompt = render_chat(tok, [{"role": "user", "content": req}], name=repr(lm.name))
         if bos and prompt.startswith(bos):
             prompt = prompt[len(bos):]                     # the packer puts BOS before every document
         ended = len(ans) < MAX_NEW_TOKENS                  # stopped at its end-of-turn token (cut off otherwise)

@@ -45,3 +45,11 @@ class InvalidSAE(SaelabError, ValueError):
 
 class InvalidModel(SaelabError, ValueError):
     """A model folder saelab will not load (only pickled weights, a broken config)."""
+
+
+class ChatTemplateError(SaelabError, ValueError):
+    """A model's chat template failed, tried to leave its sandbox, or ran past its time or size bounds."""
+
+
+class NotAFile(SaelabError, ValueError):
+    """A path that should be a regular file is a FIFO, device, socket or folder (reading it could block forever)."""

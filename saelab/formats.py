@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from saelab import arch as architectures
-from saelab.atomic import atomic_dir, write_json, write_tensors
+from saelab.atomic import atomic_dir, regular_file, write_json, write_tensors
 from saelab.errors import InvalidSAE
 from saelab.sae import SAE, SAEConfig
 
@@ -151,7 +151,8 @@ def load_sae(path, device: str | torch.device = "cpu") -> SAE:
 def _read_any(path: Path) -> Parsed:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such SAE file or folder")
-    if path.is_file():
+    if not path.is_dir():
+        regular_file(path, "SAE file")
         _refuse_pickle(path)
         if path.suffix == ".npz":
             return _read_gemma_scope(path)
@@ -186,6 +187,7 @@ def _refuse_pickle(file: Path) -> None:
 
 
 def _read_json(file: Path) -> dict:
+    regular_file(file, "SAE config")
     if not file.exists():
         raise FileNotFoundError(f"{file}: missing; the SAE folder needs it")
     try:
@@ -198,6 +200,7 @@ def _read_json(file: Path) -> dict:
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    regular_file(file, "SAE weights file")
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as e:
@@ -398,6 +401,7 @@ def _read_sparsify(folder: Path) -> Parsed:
 
 def _read_gemma_scope(file: Path) -> Parsed:
     """Gemma Scope ``params.npz``: z = ReLU(pre)·1[pre > θ] with pre = x W_enc + b_enc (no b_dec on the input)."""
+    regular_file(file, "SAE weights file")
     try:
         data = np.load(file, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):

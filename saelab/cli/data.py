@@ -225,10 +225,12 @@ def _run_corpus_chat(args) -> None:
 
 def _run_cache_info(args) -> None:
     from saelab import token_cache
+    from saelab.models import cached_models
 
-    found = token_cache.entries()
+    found, models = token_cache.entries(), cached_models()
     if args.json:
-        _print_json({"cache": str(token_cache.cache_root()), "enabled": token_cache.enabled(), "corpora": found})
+        _print_json({"cache": str(token_cache.cache_root()), "enabled": token_cache.enabled(), "corpora": found,
+                     "models": models})
         return
     state = "" if token_cache.enabled() else " (switched off by SAELAB_TOKEN_CACHE)"
     print(f"token cache {token_cache.cache_root() / 'tokens'}{state}: {len(found)} corpora, "
@@ -236,6 +238,10 @@ def _run_cache_info(args) -> None:
     for e in found:
         print(f"  {e['source']:<24} {e['files'] or 0:>6} files {e['tokens']:>13,} tokens "
               f"{e['bytes'] / 2**20:8.1f} MiB  tokenizer {str(e['tokenizer_sha256'])[:12]}  {e['path']}")
+    print(f"models {token_cache.cache_root() / 'models'} (GGUF files converted once): {len(models)} models, "
+          f"{sum(m['bytes'] for m in models) / 2**20:.1f} MiB")
+    for m in models:
+        print(f"  {m['bytes'] / 2**20:8.1f} MiB  {m['path']}  from {m['gguf_file']}")
 
 
 def _run_cache_clear(args) -> None:

@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
-from saelab.atomic import storage_errors
+from saelab.atomic import regular_file, storage_errors
 from saelab.errors import DatabaseDamaged, SAEMismatch
 from saelab.featuredb.schema import (CORRELATION_KINDS, EXAMPLE_KINDS, NEIGHBOUR_KINDS, ORDER_BY, SCHEMA_VERSION,
                                      expected_columns)
@@ -73,7 +73,7 @@ class FeatureDB:
     @classmethod
     def open(cls, path: Path | str, writable: bool = False, check: bool = False) -> "FeatureDB":
         """Open ``path``; ``check`` also runs :meth:`check_integrity` (the web server does, at start)."""
-        path = Path(path)
+        path = regular_file(path, "feature database")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no feature database here (make one with 'saelab analyze SAE_DIR')")
         mode = "rw" if writable else "ro"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.atomic import regular_file
 from saelab.errors import SaelabError
 
 
@@ -109,7 +110,7 @@ class RunningStats:
 
 def read_manifest(path: Path) -> dict:
     """Parse and minimally validate ``path/manifest.json``."""
-    file = Path(path) / MANIFEST
+    file = regular_file(Path(path) / MANIFEST, "store manifest")
     if not file.exists():
         raise FileNotFoundError(f"{path} is not an activation store: no {MANIFEST} in it "
                                 "(make one with 'saelab harvest')")

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from saelab.atomic import regular_file
 from saelab.store.format import DTYPES, MANIFEST, SPLITS, StoreError, read_manifest
 
 
@@ -83,7 +84,7 @@ class ActivationStore:
 
     def _check_size(self, entry: dict) -> Path:
         file = self.path / entry["file"]
-        if not file.exists():
+        if not regular_file(file, "activation shard").exists():
             raise StoreError(f"shard {file} is missing (listed in {self.path / MANIFEST})")
         size = file.stat().st_size
         if size != entry["bytes"]:

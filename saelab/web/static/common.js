@@ -1,5 +1,7 @@
 // Shared helpers. Data from the server (model and corpus text) only ever reaches the page through
-// textContent / createElement / setAttribute — never innerHTML — so it cannot become markup.
+// textContent / createElement / setAttribute — never innerHTML — so it cannot become markup. Plotly is the
+// exception: it reads its strings (annotations, text traces, titles, names, hover text) as pseudo-HTML
+// (<a href>, <b>, style=), so every string handed to Plotly goes through saelab.plotText first.
 "use strict";
 
 const saelab = {
@@ -56,6 +58,11 @@ const saelab = {
     if (!node) return;
     node.textContent = text;
     node.classList.toggle("error", Boolean(isError));
+  },
+  // A string as Plotly draws it verbatim: its markup characters written as the entities Plotly decodes
+  // after reading tags, so "<a href=…>" is shown as those characters, never a link or a style.
+  plotText(text) {
+    return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
   },
   plotConfig: { displaylogo: false, responsive: true },
 };

@@ -37,7 +37,7 @@
     } else if (colorBy === "density") {
       m.color = idx.map((i) => Math.log10(points.density[i]));
       m.colorscale = "Viridis";
-      m.colorbar = { title: { text: "log10 density" }, thickness: 12 };
+      m.colorbar = { title: { text: saelab.plotText("log10 density") }, thickness: 12 };
     } else {
       m.color = idx.map((i) => colourOf.get(points.cluster[i]) || GREY);
     }
@@ -78,9 +78,10 @@
         xs.push(c.x); ys.push(c.y); sizes.push(13); texts.push(text);
       }
     }
-    // annotations, not a text trace: they are drawn above the WebGL points, on a white ground
+    // annotations, not a text trace: they are drawn above the WebGL points, on a white ground; Plotly reads
+    // their text as markup, so explanations are escaped (an explanation may come from a steerable LLM)
     return xs.map((x, i) => ({
-      x: x, y: ys[i], text: texts[i], showarrow: false, font: { size: sizes[i], color: "#111827" },
+      x: x, y: ys[i], text: saelab.plotText(texts[i]), showarrow: false, font: { size: sizes[i], color: "#111827" },
       bgcolor: "rgba(255,255,255,0.85)", borderpad: 1, captureevents: false,
     }));
   }
@@ -172,7 +173,7 @@
       if (i !== undefined) {
         traces.push({
           x: [points.x[i]], y: [points.y[i]], customdata: [focus], type: "scatter", mode: "markers+text",
-          text: ["#" + focus], textposition: "top center", name: "selected",
+          text: [saelab.plotText("#" + focus)], textposition: "top center", name: "selected",
           marker: { size: 16, color: "rgba(0,0,0,0)", line: { color: "#d62728", width: 3 } },
           hovertemplate: "#%{customdata}<extra></extra>",
         });
@@ -194,13 +195,14 @@
     mode = "neighbourhood";
     nb.explanations.forEach((e, i) => briefs.set(nb.ids[i], e));
     // the centre and its nearest few carry their explanation on the plot; all of them are in the list
-    const text = nb.ids.map((f, i) => "#" + f + (i < 8 && nb.explanations[i] ? " " + short(nb.explanations[i], 28) : ""));
+    const text = nb.ids.map((f, i) =>
+      saelab.plotText("#" + f + (i < 8 && nb.explanations[i] ? " " + short(nb.explanations[i], 28) : "")));
     Plotly.react(node, [{
       x: nb.x, y: nb.y, customdata: nb.ids, type: "scatter", mode: "markers+text",
       text: text, textposition: "top center", textfont: { size: 10 },
       marker: {
         size: nb.ids.map((f) => (f === nb.center ? 18 : 10)), color: nb.similarity, colorscale: "Viridis",
-        colorbar: { title: { text: "cosine to #" + nb.center }, thickness: 12 }, line: { color: "#333", width: 0.5 },
+        colorbar: { title: { text: saelab.plotText("cosine to #" + nb.center) }, thickness: 12 }, line: { color: "#333", width: 0.5 },
       },
       hovertemplate: "#%{customdata}<extra></extra>",
     }], {
