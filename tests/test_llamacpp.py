@@ -86,32 +86,28 @@ def _server_answers(gguf, vectors, encoded, log):
         return [s.complete(ids[0].tolist(), MAX_NEW)["content"] for ids in encoded]
 
 
-@pytest.mark.slow
-def test_zero_strength_vector_changes_no_greedy_answer(smollm2):
-    root, gguf, lm, sae, _, encoded = smollm2
-    maxes = dict(enumerate(sae.provenance["feature_max_act"]))
-    path = write_control_vector(root / "zero.gguf", feature_direction(sae, {f: 0.0 for f in GG_FEATURES}, maxes),
-                                15, "llama")
-    plain = _server_answers(gguf, [], encoded, root / "plain.log")
-    zero = _server_answers(gguf, [(path, 1.0)], encoded, root / "zero.log")
-    assert zero == plain and any(plain)
-
-
-@pytest.mark.slow
-def test_exported_golden_gate_dial_matches_saelabs_add(smollm2):
-    """Greedy answers to held-out questions: the on-concept rate with the exported vector in llama-server
-    (Q4_1 arithmetic) is about saelab's own Add rate (float32) with the same direction; neither default is."""
+@pytest.mark.slow(ci=True)
+def test_exported_golden_gate_dial_in_llama_server(smollm2):
+    """Greedy answers to held-out questions. A zero-strength vector changes no answer of the plain server;
+    the exported Golden Gate dial is on concept about as often in llama-server (Q4_1 arithmetic) as saelab's
+    own Add with the same direction (float32); neither default is."""
     from saelab.measures import concept_curve, keyword_hit
 
     root, gguf, lm, sae, questions, encoded = smollm2
     maxes = dict(enumerate(sae.provenance["feature_max_act"]))
-    path = write_control_vector(root / "gg.gguf", feature_direction(sae, {f: STRENGTH for f in GG_FEATURES}, maxes),
-                                15, "llama")
-    served = np.mean([keyword_hit(a, KEYWORDS) for a in _server_answers(gguf, [(path, 1.0)], encoded, root / "gg.log")])
-    plain = np.mean([keyword_hit(a, KEYWORDS) for a in _server_answers(gguf, [], encoded, root / "plain.log")])
-    default, steered = concept_curve(lm, sae, list(GG_FEATURES), questions, [STRENGTH], keywords=KEYWORDS, mode="add",
-                                     chat=True, max_new_tokens=MAX_NEW)
-    print(f"on concept, {len(questions)} held-out questions: llama-server {served:.0%} (plain {plain:.0%}), "
-          f"saelab Add {steered.concept_rate:.0%} (default {default.concept_rate:.0%})")
-    assert plain <= 0.1 and default.concept_rate <= 0.1
-    assert steered.concept_rate >= 0.5 and abs(served - steered.concept_rate) <= RATE_GAP
+
+    def exported(name, strength):
+        direction = feature_direction(sae, {f: strength for f in GG_FEATURES}, maxes)
+        return [(write_control_vector(root / name, direction, 15, "llama"), 1.0)]
+
+    plain = _server_answers(gguf, [], encoded, root / "plain.log")
+    zero = _server_answers(gguf, exported("zero.gguf", 0.0), encoded, root / "zero.log")
+    steered = _server_answers(gguf, exported("gg.gguf", STRENGTH), encoded, root / "gg.log")
+    assert zero == plain and all(plain)
+    rate = lambda answers: float(np.mean([keyword_hit(a, KEYWORDS) for a in answers]))  # noqa: E731
+    default, added = concept_curve(lm, sae, list(GG_FEATURES), questions, [STRENGTH], keywords=KEYWORDS, mode="add",
+                                   chat=True, max_new_tokens=MAX_NEW)
+    print(f"on concept, {len(questions)} held-out questions: llama-server {rate(steered):.0%} (plain "
+          f"{rate(plain):.0%}), saelab Add {added.concept_rate:.0%} (default {default.concept_rate:.0%})")
+    assert rate(plain) <= 0.1 and default.concept_rate <= 0.1
+    assert added.concept_rate >= 0.5 and abs(rate(steered) - added.concept_rate) <= RATE_GAP
