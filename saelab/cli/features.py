@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from saelab.cli.common import _print_json
+from saelab.cli.llamacpp import add_control_vector_args, run_control_vector
 
 
 # -- analyze / feature / inspect / search / explain / export ---------------------------------------
@@ -71,10 +72,12 @@ def _add_analyze(sub) -> None:
                        description="Export a features.db: 'neuronpedia' writes SAEDashboard batch files "
                                    "(batch-N.json, for Neuronpedia's convert-saedashboard-to-neuronpedia-export.py), "
                                    "Neuronpedia Explanation rows (explanations/batch-N.jsonl.gz) and the SQL for "
-                                   "their explanation types (explanation_types.sql). README: 'Neuronpedia'.")
-    p.add_argument("format", choices=["neuronpedia"])
-    p.add_argument("db", help="features.db")
-    p.add_argument("--out", required=True, help="output folder")
+                                   "their explanation types (explanation_types.sql). README: 'Neuronpedia'. "
+                                   "'control-vector' writes an SAE's features as a llama.cpp control vector.")
+    p.add_argument("format", choices=["neuronpedia", "control-vector"],
+                   help="control-vector: a llama.cpp control-vector GGUF (docs/llamacpp.md)")
+    p.add_argument("db", help="features.db (neuronpedia), or the SAE folder (control-vector)")
+    p.add_argument("--out", required=True, help="output folder (control-vector: the .gguf file)")
     p.add_argument("--sae", help="the SAE folder the database was made from (default: the one it records)")
     p.add_argument("--model-id", help="Neuronpedia model id (default: the model's folder name, lower case)")
     p.add_argument("--layer", type=int, help="Neuronpedia layer number (default: the number in the hook name)")
@@ -84,6 +87,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--author-id", default=None,
                    help="id of an existing user of your Neuronpedia instance, the explanations' author "
                         "(default: the 'bot' user a fresh instance's database seed creates)")
+    add_control_vector_args(p)
     p.set_defaults(func=_run_export)
 
 
@@ -240,6 +244,8 @@ def _run_search(args) -> None:
 
 
 def _run_export(args) -> None:
+    if args.format == "control-vector":
+        return run_control_vector(args)
     from saelab.neuronpedia import DEFAULT_AUTHOR_ID, export_neuronpedia
 
     files = export_neuronpedia(args.db, args.out, sae=args.sae, model_id=args.model_id, layer=args.layer,
