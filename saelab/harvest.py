@@ -305,6 +305,11 @@ def harvest(model: LoadedModel | str, hooks: list[str] | str, corpus: CorpusSpec
     if lm.max_positions and cfg.context > lm.max_positions:
         raise ValueError(f"context {cfg.context} is longer than the model's {lm.max_positions} positions")
     seq_iter = sequences(spec, lm.tokenizer, cfg.context, cfg.seed)   # a missing corpus path fails here
+    first = next(seq_iter, None)         # an empty corpus fails here, not as a store with no shards
+    if first is None:
+        raise ValueError(f"corpus {spec.source!r} ({spec.split} split) holds no text for even one window of "
+                         f"{cfg.context} tokens: it is empty or too small; add text to it or give another --corpus")
+    seq_iter = itertools.chain([first], seq_iter)
     widths = hook_shapes(lm.model, names)
     itemsize = st.DTYPES[cfg.dtype].itemsize
     target = cfg.shard_rows or max(1, SHARD_BYTES // (max(widths.values()) * itemsize))

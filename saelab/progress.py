@@ -5,8 +5,9 @@ Two shapes, one place:
 - :func:`bar` is a counter (``update(n)``, ``set_postfix``, context manager, iteration; the subset of
   tqdm that saelab uses). On a terminal it *is* a tqdm bar (one line, redrawn). When stderr is not a
   terminal (a log file, a pipe, CI) it is a :class:`LineProgress`: it never redraws (no ``\\r``), and
-  writes one plain line at the start, then at most one every ``interval`` seconds, then one at the end —
-  a redirected log of a long run stays a few lines long and each line says how far and how long to go.
+  writes one plain line after 2 s, then at most one every ``interval`` seconds, then one at the end (none
+  at all for a step done within 2 s) — a redirected log of a long run stays a few lines long and each line
+  says how far and how long to go.
 - :func:`stage` names one step of a multi-step command (``[2/5] train``): a line when it starts and one
   with its duration when it ends, whatever the terminal.
 
@@ -26,6 +27,8 @@ from tqdm import tqdm
 
 DEFAULT_INTERVAL = 20.0
 """Seconds between two lines of a :class:`LineProgress` (a log stays short; a 10-minute job writes ~30)."""
+QUIET_SECONDS = 2.0
+"""A :class:`LineProgress` says nothing before this: a step that ends sooner leaves no lines in the log."""
 
 
 def enabled() -> bool:
@@ -75,9 +78,9 @@ class LineProgress:
         self.stream = stream or sys.stderr
         self.interval = interval if interval is not None else _env_interval()
         self.postfix = ""
-        self._t0 = self._last = time.monotonic()
-        self._closed = False
-        self._write()
+        self._t0 = time.monotonic()
+        self._last = self._t0 - self.interval + QUIET_SECONDS   # the first line once QUIET_SECONDS have passed
+        self._closed = self._wrote = False
 
     # -- tqdm's interface, the part saelab uses -----------------------------------------------------
     def update(self, n: float = 1) -> None:
@@ -103,7 +106,8 @@ class LineProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._write(final=True)
+            if self._wrote or time.monotonic() - self._t0 >= QUIET_SECONDS:
+                self._write(final=True)
 
     def __enter__(self) -> "LineProgress":
         return self
@@ -132,6 +136,7 @@ class LineProgress:
         return (f"{self.desc}: " if self.desc else "") + " · ".join(parts)
 
     def _write(self, final: bool = False) -> None:
+        self._wrote = True
         print(f"saelab: {self.line(final)}", file=self.stream, flush=True)
 
 

@@ -38,29 +38,44 @@ def plot_png(series: Sequence[Series], xlabel: str, ylabel: str, y2label: str = 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    fig = figure(plt, series, xlabel, ylabel, y2label, title, log)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def figure(plt, series: Sequence[Series], xlabel: str, ylabel: str, y2label: str = "", title: str = "",
+           log: bool = False):
+    """The matplotlib figure of :func:`plot_png`. An axis whose values are all shares (in [0, 1]) spans 0-1, never
+    below 0; the legend sits below the plot, where it covers no line."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax2 = ax.twinx() if any(s.axis == "right" for s in series) else None
     for i, s in enumerate(series):
         target = ax2 if s.axis == "right" else ax
         line = "none" if s.style == "points" else "--" if s.axis == "right" else "-"
         target.plot(s.xs, s.ys, marker=None if s.style == "curve" else "o", linestyle=line, color=f"C{i}",
-                    label=s.label)
+                    label=s.label, clip_on=False)
     if log:
         ax.set_xscale("log")
         ax.set_yscale("log")
+    for axis, side in ((ax, "left"), (ax2, "right")):
+        ys = [y for s in series if s.axis == side for y in s.ys if y == y]   # y == y: not NaN
+        if axis is not None and not log and ys and 0 <= min(ys) and max(ys) <= 1:
+            axis.set_ylim(0, 1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ax2 is not None:
         ax2.set_ylabel(y2label)
     handles = [h for a in (ax, ax2) if a is not None for h in a.get_legend_handles_labels()[0]]
-    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
+    rows = -(-len(handles) // 3)
+    if handles:
+        fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=min(3, len(handles)),
+                   fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
+    return fig
 
 
 def _cell(v) -> str:

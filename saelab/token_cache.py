@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from saelab import atomic
+from saelab.progress import bar as progress_bar
 from saelab.runtime import cache_root
 from saelab.corpus import (CorpusSpec, bos_token_id, documents, in_split, pack, source_files, token_stream,
                            tokenizer_identity)
@@ -124,15 +125,17 @@ def _build(folder: Path, spec: CorpusSpec, tokenizer, key: dict) -> None:
                 batch.clear()
 
             chars = 0
-            for doc in documents(CorpusSpec(spec.source, "all")):
-                names.append(doc.name)
-                batch.append(doc.text)
-                chars += len(doc.text)
-                if chars >= BUILD_BATCH_CHARS:
+            with progress_bar(desc=f"tokenising {spec.source} once (cached for later runs)", unit="doc") as bar:
+                for doc in documents(CorpusSpec(spec.source, "all")):
+                    names.append(doc.name)
+                    batch.append(doc.text)
+                    chars += len(doc.text)
+                    bar.update(1)
+                    if chars >= BUILD_BATCH_CHARS:
+                        flush()
+                        chars = 0
+                if batch:
                     flush()
-                    chars = 0
-            if batch:
-                flush()
         np.asarray(offsets, dtype="<i8").tofile(tmp / "offsets.bin")
         sums = {name: _file_sha256(tmp / name) for name in ("tokens.bin", "offsets.bin")}
         atomic.write_json(tmp / "index.json", {"key": key, "names": names, "sha256": sums})

@@ -44,21 +44,28 @@ def test_format_duration_and_count():
 def test_a_log_gets_whole_lines_on_the_interval_with_an_eta(clock):
     log = io.StringIO()
     p = LineProgress(total=1000, desc="harvest", unit="tok", stream=log, interval=20)
+    clock.t += 1
+    p.update(10)                          # within the first 2 s: nothing yet
+    clock.t += 9
+    p.update(90)                          # 10 s, 100 of 1000 at 10 tok/s: 90 s to go
     clock.t += 10
-    p.update(100)                         # within the interval: no line
-    clock.t += 10
-    p.update(100)                         # 20 s, 200 of 1000 at 10 tok/s: 80 s to go
-    clock.t += 5
+    p.update(100)                         # 10 s after the last line: within the interval
+    clock.t += 8
     p.update(800)
     p.close()
     p.close()                             # closing twice writes once
     text = log.getvalue()
     assert "\r" not in text
-    lines = text.splitlines()
-    assert lines[0] == "saelab: harvest: 0/1,000 tok (0%) · 0 s"
-    assert lines[1] == "saelab: harvest: 200/1,000 tok (20%) · 20 s · 10 tok/s · ETA 1 min 20 s"
-    assert lines[2] == "saelab: harvest: 1,000/1,000 tok (100%) · done in 25 s · 40 tok/s"
-    assert len(lines) == 3
+    assert text.splitlines() == ["saelab: harvest: 100/1,000 tok (10%) · 10 s · 10 tok/s · ETA 1 min 30 s",
+                                 "saelab: harvest: 1,000/1,000 tok (100%) · done in 28 s · 35 tok/s"]
+
+
+def test_a_step_done_within_two_seconds_leaves_no_lines(clock):
+    log = io.StringIO()
+    with LineProgress(total=3, desc="tokenising", stream=log) as p:
+        clock.t += 1.5
+        p.update(3)
+    assert log.getvalue() == ""
 
 
 def test_bar_off_a_terminal_is_lines_and_on_a_terminal_is_tqdm(clock):
@@ -66,8 +73,9 @@ def test_bar_off_a_terminal_is_lines_and_on_a_terminal_is_tqdm(clock):
     with bar(total=3, desc="x", stream=log) as b:
         assert isinstance(b, LineProgress)
         b.set_postfix(loss="0.5")
+        clock.t += 2
         b.update(3)
-    assert log.getvalue().splitlines()[-1] == "saelab: x: 3/3 it (100%) · done in 0 s · loss=0.5"
+    assert log.getvalue().splitlines()[-1] == "saelab: x: 3/3 it (100%) · done in 2 s · 1.5 it/s · loss=0.5"
     term = Terminal()
     b = bar(total=3, desc="x", stream=term)
     assert isinstance(b, tqdm)
@@ -76,8 +84,9 @@ def test_bar_off_a_terminal_is_lines_and_on_a_terminal_is_tqdm(clock):
 
 def test_bar_iterates_and_counts_a_resumed_run_from_initial(clock):
     log = io.StringIO()
-    assert list(bar([1, 2, 3], desc="it", stream=log)) == [1, 2, 3]
-    assert log.getvalue().splitlines()[-1].startswith("saelab: it: 3/3 it (100%)")
+    for _ in bar([1, 2, 3], desc="it", stream=log):
+        clock.t += 1
+    assert log.getvalue().splitlines()[-1] == "saelab: it: 3/3 it (100%) · done in 3 s · 1 it/s"
     log = io.StringIO()
     p = bar(total=100, initial=40, unit="step", stream=log)
     clock.t += 30

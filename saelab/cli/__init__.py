@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_names(args)
         args.func(args)
+        sys.stdout.flush()                # a closed pipe shows here when the output fitted in the buffer
+    except BrokenPipeError:
+        return _reader_gone()
     except SaelabError as e:
         print(f"saelab: error: {e}", file=sys.stderr)
         return 2
@@ -103,3 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         print("saelab: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _reader_gone() -> int:
+    """The reader of stdout left (``saelab search ... | head``): stop quietly, as ``cat`` does, with the
+    shell's status for SIGPIPE; stdout goes to /dev/null so that Python's own flush at exit stays silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+

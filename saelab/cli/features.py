@@ -123,8 +123,8 @@ def _run_feature(args) -> None:
     with FeatureDB.open(args.db) as db:
         row = db.feature(args.id)
         page = {"feature": row, "top": db.examples(args.id, "top")[:args.examples],
-                "logit_effects": db.logit_effects(args.id), "neighbours": db.neighbours(args.id),
-                "histogram": db.histogram(args.id)}
+                "logit_effects": db.logit_effects(args.id), "logit_effects_note": db.logit_effects_note(),
+                "neighbours": db.neighbours(args.id), "histogram": db.histogram(args.id)}
     if args.json:
         _print_json(page)
         return
@@ -139,6 +139,7 @@ def _run_feature(args) -> None:
     if effects["positive"]:
         print("\npromotes: " + ", ".join(f"{_shown(t)!r} {v:+.2f}" for t, v in effects["positive"]))
         print("suppresses: " + ", ".join(f"{_shown(t)!r} {v:+.2f}" for t, v in effects["negative"]))
+        print(f"  ({page['logit_effects_note']})")
     for kind, label in (("decoder", "decoder cosine"), ("coact", "co-activation (Jaccard)")):
         near = [n for n in page["neighbours"] if n["kind"] == kind]
         if near:

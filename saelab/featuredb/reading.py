@@ -149,6 +149,16 @@ class FeatureDB:
         """The ``meta`` table: schema_version, model_name, hook_name, sae_path, d_sae, tokens_analysed, ..."""
         return dict(self._info)
 
+    def logit_effects_note(self) -> str | None:
+        """What the logit effects are and are not (the feature page and ``saelab feature`` show it), or None
+        when the database has none."""
+        if not self._info.get("logit_effects"):
+            return None
+        hook = self._info.get("hook_name") or "the hook"
+        return (f"Direct path only: the decoder direction read straight through the final norm and unembedding, "
+                f"skipping every block after {hook}. At a middle layer that is a weak guide to what the feature "
+                "makes the model say; steer with it to see.")
+
     def _check(self, i: int) -> int:
         i = int(i)
         if not 0 <= i < self.n_features:

@@ -204,7 +204,8 @@ def feature_page(request: Request, feature_id: int):
                                                         for n in d["neighbours"]["decoder"]]),
                       ("Fire together", [{**n, "value_text": f"J {n['value']:.3f}"} for n in d["neighbours"]["coact"]])]
     return render(request, "feature.html", active="Features", page_title=f"Feature {feature_id}", f=f, stats=stats,
-                  example_sets=example_sets, logits=d["logit_effects"], neighbour_sets=neighbour_sets,
+                  example_sets=example_sets, logits=d["logit_effects"], logit_note=state.db.logit_effects_note(),
+                  neighbour_sets=neighbour_sets,
                   family=family_rows(d["family"]),
                   can_run=state.has_sae, max_chars=request.app.state.config.max_prompt_chars,
                   plot_data={"histogram": d["histogram"], "feature": f["id"], "max_act": max_act})
