@@ -1,10 +1,12 @@
 """Harvest throughput vs the model's bare forward passes, measured in one run.
 
     python benchmarks/harvest.py [--model builtin] [--hook blocks.2.hook_resid_post] [--tokens 262144]
+    python benchmarks/harvest.py --hook blocks.0.hook_resid_post,blocks.1.hook_resid_post,blocks.2.hook_resid_post
 
 A  bare forward: the same model, the same token batches (pre-tokenised here, so it pays no
    tokenisation), the forward stopped after the same layer (``run_to_hooks``; its hook keeps a
-   reference and stores nothing).
+   reference and stores nothing). With several hooks (a comma list), the forward to the *deepest*
+   one only: B then writes one store per hook from one pass, and B/A is what the other hooks cost.
 B  ``saelab.harvest`` end to end into a temporary store, the corpus read from the token cache (the
    normal case after a corpus's first use): packing, forward, NaN checks, statistics, shard
    writing, sha256, fsync.
@@ -33,7 +35,7 @@ import torch
 
 from saelab.corpus import CorpusSpec
 from saelab.harvest import harvest
-from saelab.hooks import run_to_hooks
+from saelab.hooks import resolve, run_to_hooks
 from saelab.models import load_model
 from saelab.runtime import tune_allocator
 from saelab.token_cache import sequences
@@ -46,7 +48,15 @@ def bare_forward(lm, batches: list[torch.Tensor], hook: str) -> tuple[float, flo
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def full_harvest(lm, hook: str, corpus: CorpusSpec, tokens: int, context: int, batch_size: int,
+def deepest(lm, hooks: list[str]) -> str:
+    """The hook a forward must reach to serve all of ``hooks`` (canonical names: the highest block)."""
+    points = [resolve(lm.model, h) for h in hooks]
+    if len(points) > 1 and any(p.layer is None for p in points):
+        raise SystemExit("several hooks: give canonical names (blocks.L....), whose depth is known")
+    return max(points, key=lambda p: p.layer or 0).name
+
+
+def full_harvest(lm, hook: str | list[str], corpus: CorpusSpec, tokens: int, context: int, batch_size: int,
                  dtype: str, cached: bool) -> tuple[float, float]:
     out = Path(tempfile.mkdtemp(prefix="saelab-bench-")) / "store"
     os.environ["SAELAB_TOKEN_CACHE"] = "1" if cached else "0"
@@ -64,7 +74,7 @@ PEAK_RSS = """
 import resource, sys, tempfile
 from saelab.harvest import harvest
 with tempfile.TemporaryDirectory() as d:
-    harvest(sys.argv[1], sys.argv[2], sys.argv[3], tokens=int(sys.argv[4]), out=d + "/s", progress=False)
+    harvest(sys.argv[1], sys.argv[2].split(","), sys.argv[3], tokens=int(sys.argv[4]), out=d + "/s", progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -79,7 +89,7 @@ def peak_rss_mb(model: str, hook: str, corpus: str, tokens: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin")
-    p.add_argument("--hook", default="blocks.2.hook_resid_post")
+    p.add_argument("--hook", default="blocks.2.hook_resid_post", help="a hook, or a comma list (one pass)")
     p.add_argument("--corpus", default="stdlib")
     p.add_argument("--tokens", type=int, default=262144)
     p.add_argument("--context", type=int, default=256)
@@ -93,6 +103,8 @@ def main() -> None:
     tuned = tune_allocator()   # harvest() would apply it anyway; do it before A is measured too
     lm = load_model(args.model)
     lm.weights_hash  # computed once per model (cached); not part of the per-token cost
+    hooks = args.hook.split(",")
+    bare_hook, harvest_hooks = deepest(lm, hooks), (hooks if len(hooks) > 1 else hooks[0])
     corpus = CorpusSpec(args.corpus)
     n_seqs = -(-args.tokens // args.context)
     os.environ["SAELAB_CACHE"] = cache = tempfile.mkdtemp(prefix="saelab-bench-cache-")
@@ -102,21 +114,21 @@ def main() -> None:
     cache_tokens = sum(f.stat().st_size for f in Path(cache).rglob("tokens.bin")) // 4
     batches = [torch.stack(seqs[i:i + args.batch_size]) for i in range(0, len(seqs), args.batch_size)]
     tokens = sum(b.numel() for b in batches)
-    run_to_hooks(lm.model, batches[0], [args.hook])  # warm-up
+    run_to_hooks(lm.model, batches[0], [bare_hook])  # warm-up
     load0 = os.getloadavg()[0]
     bare, warm, fly = [], [], []
     for r in range(args.repeats):  # rotate the order so that a drifting load favours none
         for which in [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1)][r % 4]:
             if which == 0:
-                bare.append(bare_forward(lm, batches, args.hook))
+                bare.append(bare_forward(lm, batches, bare_hook))
             else:
-                (warm if which == 1 else fly).append(full_harvest(lm, args.hook, corpus, tokens, args.context,
+                (warm if which == 1 else fly).append(full_harvest(lm, harvest_hooks, corpus, tokens, args.context,
                                                                   args.batch_size, args.dtype, cached=which == 1))
     rss = {n: peak_rss_mb(args.model, args.hook, args.corpus, n) for n in map(int, filter(None, args.memory.split(",")))}
     shutil.rmtree(cache)
     runs_of = {"bare": bare, "warm": warm, "fly": fly}
     best = {name: tokens / min(t for t, _ in runs) for name, runs in runs_of.items()}
-    print(f"model {args.model}, hook {args.hook}, {tokens:,} tokens, context {args.context}, "
+    print(f"model {args.model}, hook {args.hook} (bare forward to {bare_hook}), {tokens:,} tokens, context {args.context}, "
           f"batch {args.batch_size} x {args.context}, store dtype {args.dtype}, "
           f"torch threads {torch.get_num_threads()}, malloc tuning {'on' if tuned else 'off'}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"one-time token cache build: {cache_tokens:,} tokens of {args.corpus} in {build[0]:.1f}s "

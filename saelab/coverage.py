@@ -25,8 +25,13 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from saelab.concept import auroc1, rank_features, split, text_max_acts
+from saelab.concept import auroc1, rank_features, split
+from saelab.corpus import bos_token_id
 from saelab.experiments import read_texts
+from saelab.generation import prompt_ids
+from saelab.hooks import run_to_hooks
+from saelab.positions import PositionRule
+from saelab.provenance import Provenance
 from saelab.steer import sae_hook_name
 
 SUFFIXES = ((".pos.txt", ".neg.txt"), (".pos.jsonl", ".neg.jsonl"))
@@ -84,6 +89,27 @@ def best_feature(S: torch.Tensor, n_pos: int, cfg: CoverageConfig) -> ConceptSco
     return ConceptScore(f, ranked[0]["auroc"], auroc1(S[:n_pos][ho_p, f], S[n_pos:][ho_n, f]))
 
 
+@torch.no_grad()
+def texts_max_acts(saes: Sequence, lm, texts: Sequence[str]) -> list[torch.Tensor]:
+    """:func:`saelab.concept.text_max_acts` of every SAE at once: ``[n_texts, d_sae]`` per SAE, from one
+    forward per text to the deepest of their hooks (SAEs at several depths share the pass)."""
+    hooks = [sae_hook_name(sae) for sae in saes]
+    rules = [PositionRule(bos_token_id(lm.tokenizer), Provenance.of(sae).sink_factor) for sae in saes]
+    out: list[list[torch.Tensor]] = [[] for _ in saes]
+    for text in texts:
+        ids = prompt_ids(lm, text)                                                 # (1, n + 1), BOS first
+        if ids.shape[1] < 2:
+            raise ValueError(f"text {text[:40]!r} has no tokens")
+        acts = run_to_hooks(lm.model, ids, sorted(set(hooks)))
+        for i, (sae, hook, rule) in enumerate(zip(saes, hooks, rules)):
+            x = acts[hook]                                                         # (1, n + 1, d_in)
+            keep = rule.keep(ids, torch.linalg.vector_norm(x.float(), dim=-1))[0, 1:]   # (n,)
+            z = sae.encode(x[0, 1:].to(sae.W_dec.device, torch.float32))          # (n, d_sae)
+            z[~keep.to(z.device)] = 0
+            out[i].append(z.max(0).values.cpu())
+    return [torch.stack(rows) for rows in out]
+
+
 def concept_coverage(lm, saes: Sequence, names: Sequence[str], concepts: dict[str, tuple[list[str], list[str]]],
                      cfg: CoverageConfig | None = None, progress=None) -> dict:
     """Per concept and size the best feature and its held-out AUROC; per size the share covered."""
@@ -91,8 +117,7 @@ def concept_coverage(lm, saes: Sequence, names: Sequence[str], concepts: dict[st
     per: dict[str, list[dict]] = {}
     for c, (name, (pos, neg)) in enumerate(concepts.items()):
         per[name] = []
-        for size, sae in zip(names, saes):
-            S = text_max_acts(sae, lm, [*pos, *neg], sae_hook_name(sae))         # (n_texts, d_sae)
+        for size, S in zip(names, texts_max_acts(saes, lm, [*pos, *neg])):     # (n_texts, d_sae) each
             best = best_feature(S, len(pos), cfg)
             per[name].append({"size": size, "feature": best.feature, "train_auroc": round(best.train_auroc, 4),
                               "heldout_auroc": round(best.heldout_auroc, 4)})

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The Debian text packages that saelab's 'english' corpus is built from (see saelab/english.py):
-# WordNet glosses, fortunes, the Jargon File, The Devil's Dictionary (~15 MB, offline afterwards).
+# The Debian text packages that saelab's text corpora are built from (see saelab/english.py):
+#   english:   WordNet glosses, fortunes, the Jargon File, The Devil's Dictionary (~15 MB)
+#   reference: the Python 3 documentation, Linux man pages, the GCIDE dictionary (~60 MB)
+# Offline afterwards.
 set -euo pipefail
-pkgs="wordnet-base fortunes dict-jargon dict-devil"
+pkgs="wordnet-base fortunes dict-jargon dict-devil python3-doc manpages manpages-dev dict-gcide"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 [ -z "$missing" ] && exit 0

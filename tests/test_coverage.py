@@ -83,3 +83,20 @@ def test_coverage_end_to_end_on_a_tiny_model(web_run_dir):
         assert doc["covered"][t] == covered
     same = [{k: v for k, v in row.items() if k != "size"} for row in doc["concepts"]["calls"]]
     assert same[0] == same[1]                                             # the same SAE twice: the same answer
+
+
+def test_one_pass_for_all_saes_equals_one_pass_each(web_run_dir):
+    """texts_max_acts (one forward per text for every SAE) gives text_max_acts of each SAE."""
+    from saelab.concept import text_max_acts
+    from saelab.coverage import texts_max_acts
+    from saelab.formats import load_sae
+    from saelab.models import load_model
+    from saelab.provenance import Provenance
+    from saelab.steer import sae_hook_name
+
+    sae = load_sae(web_run_dir / "sae").eval()
+    lm = load_model(Provenance.of(sae).model_name)
+    texts = ["os.system(cmd)", "def f(x):\n    return x", "print(html, end)"]
+    both = texts_max_acts([sae, sae], lm, texts)
+    alone = text_max_acts(sae, lm, texts, sae_hook_name(sae))
+    assert len(both) == 2 and all(torch.equal(S, alone) for S in both)

@@ -336,3 +336,25 @@ def test_config_recorded_whole_in_the_manifest(env, tmp_path):
 
 
 ARGS_CONFIG = {k: v for k, v in ARGS.items() if k != "progress"}
+
+
+def test_comma_hooks_and_prefix_store(env, tmp_path, capsys):
+    """``--hook A,B`` is one pass; a prefix of its stores equals a harvest of those tokens."""
+    out = tmp_path / "multi"
+    argv = ["harvest", "--model", str(env["model_dir"]), "--hook", f"{HOOK},{HOOK2}", "--corpus", env["corpus"],
+            "--tokens", "1000", "--context", "32", "--batch-size", "4", "--shard-rows", "256", "--no-exclude-bos",
+            "--sink-factor", "0", "--out", str(out)]
+    assert cli_main(argv) == 0
+    assert shard_bytes(store_dir(out, HOOK)) == shard_bytes(env["ref"].path)
+    assert cli_main(["store", "prefix", str(out), "--tokens", "500", "--out", str(tmp_path / "pre")]) == 0
+    short = harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "short", **{**ARGS, "tokens": 512})
+    pre = ActivationStore.open(tmp_path / "pre" / store_dir(out, HOOK).name)
+    assert shard_bytes(pre.path) == shard_bytes(short.path) and pre.n_rows == short.n_rows
+    assert pre.manifest["prefix_of"]["shards"] == 2 and pre.manifest["complete"]
+    a, b = pre.manifest["stats"], short.manifest["stats"]
+    assert a["count"] == b["count"] and a["mean"] == pytest.approx(b["mean"], rel=1e-5, abs=1e-6)
+    assert a["norm"]["max"] == pytest.approx(b["norm"]["max"], rel=1e-5)
+    capsys.readouterr()
+    assert cli_main(["store", "prefix", str(out / store_dir(out, HOOK).name), "--tokens", "99999999",
+                     "--out", str(tmp_path / "pre")]) == 2          # not empty: refused
+    assert "not empty" in capsys.readouterr().err

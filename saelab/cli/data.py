@@ -90,7 +90,8 @@ def _add_harvest(sub) -> None:
                        description="Run a model over a corpus and store the activations at one or more hooks "
                                    "(one forward pass). With several --hook, each store is OUT/<hook>/.")
     p.add_argument("--model", default="builtin", help="builtin | smollm2 | hub id | HF model folder | .gguf file")
-    p.add_argument("--hook", action="append", required=True, help="hook name (repeat for several, one pass)")
+    p.add_argument("--hook", action="append", required=True,
+                   help="hook name (repeat, or a comma list, for several: one pass, one store each)")
     p.add_argument("--corpus", default="stdlib",
                    help="stdlib | english | chat:MODEL | folder | text file | .jsonl | hf:NAME | a mix A+B")
     p.add_argument("--split", default="train", choices=["train", "validation", "all"], help="corpus split")
@@ -120,6 +121,14 @@ def _add_harvest(sub) -> None:
     v = ssub.add_parser("verify", help="re-check every shard's size, sha256 and shapes (exit 2 if any is bad)")
     v.add_argument("path", help="store folder (or a multi-hook harvest folder)")
     v.set_defaults(func=_run_store_verify)
+    x = ssub.add_parser("prefix", help="a complete store of the first tokens of another (which may still be harvesting)",
+                        description="Hard-links the leading shards of SRC that hold --tokens corpus positions into OUT, "
+                                    "a complete store of its own (statistics recomputed), e.g. to train on the first "
+                                    "tokens of a long harvest while it runs on.")
+    x.add_argument("path", help="source store folder (or a multi-hook harvest folder: one prefix per hook)")
+    x.add_argument("--tokens", type=int, required=True, help="corpus positions to take (rounded up to whole shards)")
+    x.add_argument("--out", required=True, help="new store folder (multi-hook source: one subfolder each)")
+    x.set_defaults(func=_run_store_prefix)
     c = sub.add_parser("cache", help="list or clear the token cache (corpora tokenised once, reused by every stage)",
                        description="Local corpora are tokenised once per tokenizer and kept in $SAELAB_CACHE "
                                    "(default ~/.cache/saelab); harvest, analyze and eval read them from there.")
@@ -151,7 +160,8 @@ def _run_harvest(args) -> None:
                            seed=args.seed, exclude_bos=args.exclude_bos, sink_factor=args.sink_factor or None,
                            nan_policy=args.nan_policy, shard_rows=args.shard_rows)   # checked before the model loads
     lm = load_model(args.model, device=args.device)
-    result = harvest(lm, args.hook, CorpusSpec(args.corpus, args.split), out=args.out, config=config,
+    hooks = [h.strip() for arg in args.hook for h in arg.split(",") if h.strip()]
+    result = harvest(lm, hooks, CorpusSpec(args.corpus, args.split), out=args.out, config=config,
                      resume=args.resume, progress=True)
     for store in result.values() if isinstance(result, dict) else [result]:
         print(f"{store.path}: {store.n_rows:,} rows of {store.hook_name} (d_in={store.d_in}), "
@@ -204,6 +214,18 @@ def _run_store_verify(args) -> None:
               + ("" if store.manifest.get("complete") else " (harvest unfinished)"))
     if bad:
         raise StoreError(f"{len(bad)} bad shard(s):\n  " + "\n  ".join(bad))
+
+
+def _run_store_prefix(args) -> None:
+    from pathlib import Path
+
+    from saelab.store.prefix import make_prefix
+
+    sources = _store_paths(args.path)
+    for src in sources:
+        out = Path(args.out) if len(sources) == 1 else Path(args.out) / src.name
+        store = make_prefix(src, out, tokens=args.tokens)
+        print(f"{out}: {store.n_rows:,} rows, {len(store.shards)} shards of {src}")
 
 
 def _run_corpus_chat(args) -> None:
