@@ -187,3 +187,14 @@ def test_adapter_folder_is_merged_onto_the_base(cli_models, tmp_path):
     torch.testing.assert_close(t.model(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(b.model(input_ids=ids).logits, want)   # the base itself is untouched
     assert with_adapter(b, tmp_path / "adapter").name.endswith("adapter")
+
+
+def test_pickled_or_missing_adapters_are_refused(base, tmp_path):
+    from saelab.errors import InvalidModel
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(InvalidModel, match="never loads pickled"):
+        with_adapter(base, tmp_path)
+    with pytest.raises(InvalidModel, match="not a PEFT adapter folder"):
+        with_adapter(base, tmp_path / "nowhere")
