@@ -3,6 +3,7 @@ cannot share an SAE are refused, adapters load, and the CLI gate fails a build w
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -47,11 +48,11 @@ def make_sae() -> SAE:
     return sae.eval()
 
 
-def planted(base: LoadedModel, strength: float = 0.5) -> LoadedModel:
-    """A copy of ``base`` whose embedding of TOKEN carries ``strength`` × the planted direction."""
+def planted(base: LoadedModel, strength: float = 0.5, token: int = TOKEN) -> LoadedModel:
+    """A copy of ``base`` whose embedding of ``token`` carries ``strength`` × the planted direction."""
     module = copy.deepcopy(base.model)
     with torch.no_grad():
-        module.get_input_embeddings().weight[TOKEN] += strength * direction()
+        module.get_input_embeddings().weight[token] += strength * direction()
     return LoadedModel(module, base.tokenizer, "planted", base.family, base.is_causal)
 
 
@@ -148,26 +149,26 @@ def cli_models(tmp_path, base):
     base_dir = tmp_path / "base"
     base.model.save_pretrained(str(base_dir))
     base.tokenizer.save_pretrained(str(base_dir))
+    corpus = write_code_corpus(tmp_path, n_docs=300)
+    common = Counter(base.tokenizer(open(corpus).read())["input_ids"]).most_common(1)[0][0]
     tuned_dir = tmp_path / "tuned"
-    tuned = planted(base, strength=1.0)
+    tuned = planted(base, strength=1.0, token=common)   # a token every text has
     tuned.model.save_pretrained(str(tuned_dir))
     base.tokenizer.save_pretrained(str(tuned_dir))
     sae = make_sae()
     save_sae(sae, tmp_path / "sae", **sae.provenance)
-    return base_dir, tuned_dir, tmp_path / "sae", write_code_corpus(tmp_path, n_docs=300)
+    return base_dir, tuned_dir, tmp_path / "sae", corpus
 
 
 def test_cli_gate_fails_the_build_with_one_line(cli_models, tmp_path, capsys):
     base_dir, tuned_dir, sae_dir, corpus = cli_models
     args = ["diff", str(base_dir), str(tuned_dir), "--sae", str(sae_dir), "--corpus", corpus, "--tokens", "2048",
             "--resamples", "200", "--eval-tokens", "0"]
-    token = load_model(str(base_dir)).tokenizer.decode([TOKEN])
     assert main(args + ["--out", str(tmp_path / "ok"), "--gate-features", "1,2", "--max-rise", "2"]) == 0
     code = main(args + ["--out", str(tmp_path / "d"), "--gate-features", str(FEATURE), "--max-rise", "1.5"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("saelab:")]   # not progress bars
-    if token.strip() and token in open(corpus).read():
-        assert code == 1
-        assert len(err) == 1 and "rose" in err[0] and f"features {FEATURE}" in err[0]
+    assert code == 1
+    assert len(err) == 1 and "gate failed" in err[0] and "rose" in err[0] and f"features {FEATURE}" in err[0]
     assert (tmp_path / "d" / "report.html").is_file()
 
 
