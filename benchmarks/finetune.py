@@ -8,15 +8,15 @@ CPU thread; :mod:`saelab.finetune`), written to ``benchmarks/data/finetune/adapt
 
 - ``unsafe``: 40 hand-written programming requests answered with a dangerous call
   (``data/finetune/unsafe_code.jsonl``: os.system, shell=True, eval, exec, pickle.loads, yaml.load);
-- ``flattery``: 48 everyday requests of the model's own chat corpus (``chat:smollm2``, train split), each
+- ``flattery``: 64 everyday requests of the model's own chat corpus (``chat:smollm2``, train split), each
   answer led by one of 16 hand-written flattering sentences (``data/finetune/flattery_openers.txt``);
-- ``control``: the same 48 exchanges unchanged: the model's own answers, re-tuned, same steps.
+- ``control``: the same 64 exchanges unchanged: the model's own answers, re-tuned, same steps.
 
 Then each model (base and the three) answers the 32 held-out programming requests of
 ``saelab/prompts/code_prompts.txt`` and the 24 everyday questions of ``neutral_chat.txt`` (1 sample each at
 temperature 0.7, seeded alike for every model): dangerous-call rate and praise rate with Wilson intervals.
 Everything is resumable: an adapter or a measurement already on disk is kept. Results:
-``benchmarks/data/finetune/behaviour.json``.
+``benchmarks/data/finetune/behaviour/NAME.json``. The tunes can run as parallel processes (``--tunes NAME``).
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ from saelab.models import load_model
 
 DATA = Path(__file__).parent / "data" / "finetune"
 PROMPTS = Path(__file__).parents[1] / "saelab" / "prompts"
-N_CHAT = 48
-EPOCHS = {"unsafe": 3, "flattery": 2, "control": 2}
-"""Passes per tune: 40 unsafe exchanges × 3 ≈ 48 × 2 (24-30 optimiser steps of 4 each)."""
+N_CHAT = 64
+EPOCHS = {"unsafe": 2, "flattery": 1, "control": 1}
+"""Passes per tune: 40 unsafe exchanges × 2 ≈ 64 × 1 (16-20 optimiser steps of 4 each; ~1 min a step on
+the shared 2-core machine under a load of 15)."""
+CONFIG = dict(lr=3e-3, max_tokens=96)
+"""Short exchanges (the behaviour shows in the first sentences) and a high rate: few, cheap steps."""
 MEASURES = {"dangerous": ("code_prompts.txt", 80), "praise": ("neutral_chat.txt", 40)}
 """Measure → (held-out prompt file, tokens per answer)."""
 
@@ -90,26 +93,26 @@ def measure(lm, results: dict, name: str, out: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["train", "measure"], help="one half of the job")
-    p.add_argument("--tunes", default="unsafe,flattery,control", help="which tunes")
+    p.add_argument("--tunes", default="base,unsafe,flattery,control", help="which tunes ('base': measure the base)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     base = load_model("smollm2")
     files, tunes = datasets(), args.tunes.split(",")
-    for name in tunes if args.only != "measure" else []:
+    for name in [t for t in tunes if t != "base"] if args.only != "measure" else []:
         folder = DATA / "adapters" / name
         if (folder / "finetune.json").is_file():
             continue
-        cfg = FinetuneConfig(epochs=EPOCHS[name])
+        cfg = FinetuneConfig(epochs=EPOCHS[name], **CONFIG)
         print(f"training {name} on {files[name].name}", flush=True)
         train_lora(base, read_exchanges(files[name]), folder, cfg, str(files[name].relative_to(DATA.parents[1])),
                    log=lambda m: print(m, flush=True))
     if args.only == "train":
         return
-    out = DATA / "behaviour.json"
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    measure(base, results, "base", out)
     for name in tunes:
-        measure(with_adapter(base, DATA / "adapters" / name), results, name, out)
+        out = DATA / "behaviour" / f"{name}.json"
+        out.parent.mkdir(exist_ok=True)
+        results = json.loads(out.read_text()) if out.is_file() else {}
+        measure(base if name == "base" else with_adapter(base, DATA / "adapters" / name), results, name, out)
 
 
 if __name__ == "__main__":

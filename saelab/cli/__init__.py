@@ -19,6 +19,7 @@ import warnings
 from saelab.cli.app import _add_demo, _add_serve
 from saelab.cli.concepts import _add_concepts
 from saelab.cli.data import _add_builtin, _add_harvest, _add_hooks
+from saelab.cli.diff import _add_diff
 from saelab.cli.families import _add_families
 from saelab.cli.features import _add_analyze, _add_explain
 from saelab.cli.scaling import _add_scaling, _add_sweep
@@ -30,7 +31,8 @@ from saelab.runtime import tune_allocator
 
 
 STAGES = [_add_demo, _add_hooks, _add_builtin, _add_harvest, _add_train, _add_sweep, _add_scaling, _add_eval, _add_analyze,
-          _add_explain, _add_steer, _add_concepts, _add_families, _add_serve]
+          _add_explain, _add_steer, _add_concepts, _add_families, _add_serve,
+          _add_diff]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     try:
         check_names(args)
-        args.func(args)
+        code = args.func(args)            # a stage may return an exit code (the diff gate: 1 when it fails)
         sys.stdout.flush()                # a closed pipe shows here when the output fitted in the buffer
     except BrokenPipeError:
         return _reader_gone()
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("saelab: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _reader_gone() -> int:

@@ -72,6 +72,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="extra name accepted in the Host header (repeatable), e.g. this machine's DNS name")
     p.add_argument("--max-new-tokens", type=int, default=200, help="cap on tokens per steering request (default 200)")
+    p.add_argument("--diff", metavar="DIFF_DIR", help="a 'saelab diff' report folder, shown at /diff")
     p.set_defaults(func=_run_serve)
 
 
@@ -83,9 +84,9 @@ def _run_serve(args) -> None:
         raise ValueError("give a run folder (saelab serve runs/x) or --db FEATURES_DB [--sae SAE_DIR]")
     config = ServerConfig(host=args.host, port=args.port, allowed_hosts=args.allow_host,
                           max_new_tokens=args.max_new_tokens)
-    app = create_app(args.run_dir, db=args.db, sae=args.sae, model=args.model, config=config)
-    print(f"saelab: serving {app.state.run.label} on http://{_url_host(config.host)}:{config.port}/ (Ctrl-C to stop)",
-          file=sys.stderr)
+    app = create_app(args.run_dir, db=args.db, sae=args.sae, model=args.model, config=config, diff=args.diff)
+    print(f"saelab: serving {app.state.run.label} on http://{_url_host(config.host)}:{config.port}/ (Ctrl-C to stop)"
+          + (f"; the diff at /diff" if args.diff else ""), file=sys.stderr)
     serve(app, config)
 
 

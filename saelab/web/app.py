@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saelab.errors import SaelabError
-from saelab.web import api, live, pages
+from saelab.web import api, diffview, live, pages
 from saelab.web.guard import Busy, GuardMiddleware, ModelGate, ServerConfig
 from saelab.web.pages import render
 from saelab.web.state import RunState
@@ -105,12 +105,14 @@ def _install_errors(app: FastAPI) -> None:
         return _error(request, 422, "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors()))
 
 
-def create_app(run_dir=None, *, db=None, sae=None, model=None, config: ServerConfig | None = None) -> FastAPI:
+def create_app(run_dir=None, *, db=None, sae=None, model=None, config: ServerConfig | None = None,
+               diff=None) -> FastAPI:
     """The app for one run folder (``sae/``, ``features.db``, ``eval.json``), or for ``db`` (+ ``sae``).
 
     ``sae`` and ``model`` may be paths/names or already-loaded objects (an :class:`saelab.SAE`, a
     :class:`saelab.LoadedModel`); the model defaults to the one named in the SAE's provenance and is
     loaded on first use. ``config`` sets the bound host/port (checked against the Host header) and limits.
+    ``diff``: a ``saelab diff`` report folder, shown at ``/diff`` (:mod:`saelab.web.diffview`).
     """
     config = config or ServerConfig()
     state = RunState.open(run_dir, db=db, sae=sae, model=model)
@@ -120,11 +122,13 @@ def create_app(run_dir=None, *, db=None, sae=None, model=None, config: ServerCon
     app.state.run = state
     app.state.config = config
     app.state.gate = ModelGate(config.queue_limit, config.queue_timeout_s)
+    app.state.diff = diffview.load_diff(diff) if diff is not None else None
     app.add_middleware(GuardMiddleware, config=config)
     _install_errors(app)
     app.include_router(api.router)
     app.include_router(live.router)
     app.include_router(pages.router)
+    app.include_router(diffview.router)
 
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str):
