@@ -382,17 +382,19 @@ class Comparison(NamedTuple):
 
 def compare_generations(model, sae, prompt: str, edits: Mapping[int, Edit], max_new_tokens: int = 40,
                         samples: int = 1, seed: int = 0, temperature: float = 1.0, *, max_act=None,
-                        db=None, positions: str = "all", ids: torch.Tensor | None = None) -> list[Comparison]:
+                        db=None, positions: str = "all", ids: torch.Tensor | None = None,
+                        vector: VectorAdd | None = None) -> list[Comparison]:
     """Default and steered continuations of ``prompt`` side by side, one pair per sample.
 
-    ``ids``: the prompt already encoded (``[1, n]``, e.g. with a chat template); else ``prompt`` with BOS."""
+    ``ids``: the prompt already encoded (``[1, n]``, e.g. with a chat template); else ``prompt`` with BOS.
+    ``vector``: a plain direction added with the edits (:func:`dial_edits`)."""
     model = as_loaded_model(model)
     ids = prompt_ids(model, prompt, max_new_tokens) if ids is None else ids
     start = edit_start(positions, ids.shape[1])
     args = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, samples=samples)
     with steering(model, sae, {}):  # validates the hook before spending time on generation
         default = generate_ids(model, ids, **args)
-    with steering(model, sae, edits, max_act=max_act, db=db, start=start):
+    with steering(model, sae, edits, max_act=max_act, db=db, start=start, vector=vector):
         steered = generate_ids(model, ids, **args)
     feats, n, out = list(edits), ids.shape[1], []
     for d_row, s_row in zip(default, steered):
