@@ -1,26 +1,35 @@
 """Judge-free measures of a dial (definitions in docs/measures.md).
 
-Per dial value, on held-out neutral prompts, each steered answer is re-read by the *unsteered* model:
+Per dial value, on held-out prompts, each steered answer is re-read by the *unsteered* model:
 
-- **concept rate**: fraction of answers on concept, by the concept's feature classifier
-  (:class:`ConceptClassifier`: a mean of the concept features' normalised max activations over the
-  answer's tokens against a threshold fitted on the positive/negative texts) or by a keyword list;
-- **fluency**: the answer's NLL (nats/token) under the unsteered model given the prompt, and its
-  repetition rate (share of repeated token 3-grams);
+- **concept rate**: fraction of answers on concept, by a judge function (a praise lexicon, a dangerous-call
+  pattern), a keyword list, or the concept's feature classifier (:class:`ConceptClassifier`: a mean of the
+  concept features' normalised max activations over the answer's tokens against a threshold fitted on the
+  positive/negative texts);
+- **fluency**: the answer's NLL (nats/token) read *without its prompt* (after BOS, or after an empty user turn
+  of the chat template), against the default answers read the same way, and **degenerate text** (loops, one
+  token over and over, nothing). Read without the prompt, an answer that fluently changes the subject costs
+  what any fluent answer costs; word salad costs more. The NLL *given the prompt* is reported as
+  **relevance**: it rises when the answer leaves the question, which is what a concept dial is for;
 - for single features, the **output score** of Arad et al. 2025 (:func:`output_scores`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch.nn import functional as F
 
 from saelab.hooks import capture, final_norm, intervene
-from saelab.steer import concept_edits, edit_start, sae_hook_name, steering
+from saelab.steer import DialSpec, dial_steering, sae_hook_name
 from saelab.generation import as_loaded_model, generate_ids, generated_part, prompt_ids
+
+DEGENERATE_REPETITION = 0.5
+"""An answer whose share of repeated token 3-grams exceeds this is degenerate (a loop)."""
+DEGENERATE_DISTINCT = 0.3
+"""An answer of 8+ tokens with fewer distinct tokens than this share of its length is degenerate."""
 
 
 class ConceptClassifier(NamedTuple):
@@ -61,92 +70,178 @@ def repetition_rate(ids: Sequence[int], n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def is_degenerate(ids: Sequence[int]) -> bool:
+    """Nothing, a loop (3-gram repetition > 0.5) or few distinct tokens (< 0.3 of 8+ tokens)."""
+    ids = list(ids)
+    if not ids:
+        return True
+    few = len(ids) >= 8 and len(set(ids)) < DEGENERATE_DISTINCT * len(ids)
+    return repetition_rate(ids) > DEGENERATE_REPETITION or few
+
+
 def keyword_hit(text: str, keywords: Sequence[str]) -> bool:
     """Whether any keyword occurs in ``text`` at the start of a word (case-insensitive: "bridge" hits "Bridges")."""
     return any(re.search(r"(?<!\w)" + re.escape(k.lower()), text.lower()) for k in keywords)
 
 
-def encode_prompt(model, prompt: str, chat: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
-    """``[1, n]`` ids: the prompt with BOS, or the user turn of the model's chat template (generation prompt on)."""
-    return prompt_ids(model, prompt, max_new_tokens, chat=chat)
+def encode_prompt(model, prompt: str, chat: bool = False, max_new_tokens: int = 0, system: str | None = None,
+                  ) -> torch.Tensor:
+    """``[1, n]`` ids: the prompt with BOS, or the user turn of the model's chat template (generation prompt on);
+    ``system``: a system turn first (chat), or a line before the prompt (plain text)."""
+    if system is None:
+        return prompt_ids(model, prompt, max_new_tokens, chat=chat)
+    if not chat:
+        return prompt_ids(model, f"{system}\n\n{prompt}", max_new_tokens)
+    tok = model.tokenizer
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return torch.tensor([ids], device=model.device)
+
+
+def free_context(model, chat: bool = False) -> torch.Tensor:
+    """``[1, n]`` the context an answer is read in *without its prompt*: BOS alone, or an empty user turn of the
+    chat template with the assistant's turn opened (the answer is still an answer, to nothing in particular)."""
+    return prompt_ids(model, "", chat=chat)
+
+
+class Judge(NamedTuple):
+    """What puts an answer on concept: ``fn`` if given, else ``keywords`` if given, else ``classifier``."""
+
+    classifier: ConceptClassifier | None = None
+    keywords: Sequence[str] = ()
+    fn: Callable[[str], bool] | None = None
+    """A text → on concept function (a lexicon, a pattern)."""
+
+    def check(self) -> "Judge":
+        if self.classifier is None and not self.keywords and self.fn is None:
+            raise ValueError("a concept rate needs the concept's classifier, a keyword list or a judge function")
+        return self
 
 
 class Answer(NamedTuple):
     text: str
-    nll: float
-    """Mean NLL (nats/token) of the answer under the unsteered model, given the prompt."""
+    fluency_nll: float
+    """Mean NLL (nats/token) of the answer under the unsteered model, read without its prompt."""
+    relevance_nll: float
+    """Mean NLL (nats/token) of the answer under the unsteered model, given the prompt (not a fluency measure)."""
     n_tokens: int
     repetition: float
+    degenerate: bool
+    """Empty, a loop, or few distinct tokens (:func:`is_degenerate`)."""
     concept_score: float | None
-    """The classifier's score of the answer (None without a classifier)."""
+    """The classifier's score of the answer read in context (None without a classifier)."""
     classifier_on: bool | None
     keyword_on: bool | None
     on_concept: bool
-    """By the keywords when given, else by the classifier."""
+    """By the judge function, else the keywords, else the classifier."""
 
 
 @torch.no_grad()
-def read_answer(model, sae, ids: torch.Tensor, new: torch.Tensor, classifier: ConceptClassifier | None,
-                keywords: Sequence[str] = (), hook: str | None = None) -> Answer:
-    """Re-read ``prompt ids [1, n] + answer ids [m]`` unsteered: NLL, repetition and concept of the answer."""
+def read_tokens(model, contexts: Sequence[torch.Tensor], news: Sequence[torch.Tensor], hook: str | None = None,
+                ) -> tuple[list[float], list[torch.Tensor | None]]:
+    """Per answer, the mean NLL of ``news[i] [m_i]`` after ``contexts[i] [1, n_i]`` (one right-padded forward) and,
+    with ``hook``, its activations there ``[m_i, d_in]``; an empty answer gets NLL 0."""
+    rows = [torch.cat([c[0], a]) for c, a in zip(contexts, news)]
+    width = max(len(r) for r in rows)
+    pad = rows[0].new_zeros(1)
+    batch = torch.stack([torch.cat([r, pad.expand(width - len(r))]) for r in rows])  # (b, width)
+    mask = torch.stack([(torch.arange(width) < len(r)).long() for r in rows]).to(batch.device)
+    with capture(model.model, hook or []) as acts:
+        logits = model.model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()  # (b, w, vocab)
+    nlls, xs = [], []
+    for i, (c, a) in enumerate(zip(contexts, news)):
+        n, m = c.shape[1], len(a)
+        nlls.append(float(F.cross_entropy(logits[i, n - 1:n + m - 1], a)) if m else 0.0)
+        xs.append(acts[hook][i, n:n + m] if hook else None)
+    return nlls, xs
+
+
+def read_answers(model, sae, prompts: Sequence[torch.Tensor], news: Sequence[torch.Tensor], judge: Judge,
+                 chat: bool = False, batch: int = 16) -> list[Answer]:
+    """Re-read each answer (``news[i]``, to ``prompts[i] [1, n]``) unsteered: with its prompt (relevance, the
+    classifier) and without (fluency); repetition, degeneracy and the judge's verdict."""
+    free = free_context(model, chat)
+    hook = sae_hook_name(sae) if judge.classifier is not None else None
+    out = []
+    for s in range(0, len(news), batch):
+        P, A = prompts[s:s + batch], news[s:s + batch]
+        rel, xs = read_tokens(model, P, A, hook)
+        flu, _ = read_tokens(model, [free] * len(A), A)
+        for new, r, f, x in zip(A, rel, flu, xs):
+            out.append(judge_answer(model, sae, new, r, f, x, judge))
+    return out
+
+
+def judge_answer(model, sae, new: torch.Tensor, relevance: float, fluency: float, x, judge: Judge) -> Answer:
     text = model.tokenizer.decode(new, skip_special_tokens=True)
-    kw = keyword_hit(text, keywords) if keywords else None
-    if len(new) == 0:
-        clf = False if classifier else None
-        return Answer(text, 0.0, 0, 0.0, 0.0 if classifier else None, clf, kw, bool(kw if keywords else clf))
-    n, name = ids.shape[1], hook or sae_hook_name(sae)
-    full = torch.cat([ids[0], new])[None]  # (1, n + m)
-    with capture(model.model, name) as acts:
-        logits = model.model(input_ids=full, use_cache=False).logits.float()  # (1, n + m, vocab)
-    nll = F.cross_entropy(logits[0, n - 1:-1], full[0, n:], reduction="mean")
+    kw = keyword_hit(text, judge.keywords) if judge.keywords else None
     score = clf = None
-    if classifier is not None:
-        z = sae.subset_encoder(classifier.features, full.device)(acts[name][0, n:])  # (m, n_features)
-        score = classifier.score(z)
-        clf = score >= classifier.threshold
-    return Answer(text, float(nll), len(new), repetition_rate(new.tolist()), score, clf, kw,
-                  bool(kw if keywords else clf))
+    if judge.classifier is not None:
+        c = judge.classifier
+        score = c.score(sae.subset_encoder(c.features, x.device)(x.float())) if len(new) else 0.0
+        clf = score >= c.threshold
+    on = judge.fn(text) if judge.fn is not None else kw if judge.keywords else clf
+    ids = new.tolist()
+    return Answer(text, fluency, relevance, len(ids), repetition_rate(ids), is_degenerate(ids), score, clf, kw,
+                  bool(on))
 
 
 class DialValue(NamedTuple):
     value: float | None
-    """Dial value (× each feature's max activation); None is the unsteered default."""
+    """Dial strength (in the dial's unit); None is the unsteered default."""
     concept_rate: float
-    """Share of answers on concept (keywords when given, else the classifier)."""
-    nll: float
-    """Mean over answers of the per-token NLL under the unsteered model."""
+    """Share of answers on concept (by the judge)."""
+    fluency_nll: float
+    """Mean over answers of the per-token NLL read without the prompt (:func:`free_context`)."""
+    relevance_nll: float
+    """Mean over answers of the per-token NLL given the prompt."""
     repetition: float
+    degenerate: float
+    """Share of degenerate answers."""
     answers: list[Answer]
 
 
-def concept_curve(model, sae, features: Sequence[int], prompts: Sequence[str], values: Sequence[float], *,
-                  classifier: ConceptClassifier | None = None, keywords: Sequence[str] = (), mode: str = "clamp",
-                  chat: bool = False, positions: str = "all", max_new_tokens: int = 32, temperature: float = 0.0,
+def summarise(value: float | None, answers: list[Answer]) -> DialValue:
+    n = max(len(answers), 1)
+    mean = lambda key: sum(getattr(a, key) for a in answers) / n  # noqa: E731
+    return DialValue(value, mean("on_concept"), mean("fluency_nll"), mean("relevance_nll"), mean("repetition"),
+                     mean("degenerate"), answers)
+
+
+def dial_point(model, sae, spec: DialSpec | None, strength: float | None, prompts: Sequence[torch.Tensor],
+               judge: Judge, *, chat: bool = False, generate_from: Sequence[torch.Tensor] | None = None,
+               max_new_tokens: int = 32, temperature: float = 0.0, samples: int = 1, seed: int = 0, max_act=None,
+               db=None) -> DialValue:
+    """Answer every prompt (``[1, n]`` each; ``generate_from``: other encodings to answer, e.g. with an
+    instruction, read back under ``prompts``) with the dial at ``strength`` in one left-padded batch, and measure."""
+    model = as_loaded_model(model)
+    source = list(generate_from) if generate_from is not None else list(prompts)
+    width = max(ids.shape[1] for ids in source)
+    start = 0 if spec is None or spec.positions == "all" else width - 1  # left-padded: every prompt ends at width
+    with dial_steering(model, sae, spec, strength, max_act=max_act, db=db, start=start) as hook:
+        news = generate_batch(model, source, hook=hook, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed, samples=samples)
+    read_as = [p for p in prompts for _ in range(samples)]
+    answers = read_answers(model, sae, read_as, [n for rows in news for n in rows], judge, chat)
+    return summarise(strength, answers)
+
+
+def concept_curve(model, sae, spec: DialSpec, prompts: Sequence[str], values: Sequence[float], *,
+                  judge: Judge, chat: bool = False, max_new_tokens: int = 32, temperature: float = 0.0,
                   samples: int = 1, seed: int = 0, max_act=None, db=None, progress=None,
                   default: DialValue | None = None) -> list[DialValue]:
-    """The default, then each dial value: generate from every prompt with the feature set at that value
-    (one dial for all features), and measure each answer unsteered. ``progress(i, total)`` is called per point.
-    ``default``: the unsteered point of an earlier curve on the same prompts and judge, reused as it is."""
+    """The default, then each dial value: answer every prompt with ``spec`` at that strength and measure each
+    answer unsteered. ``progress(i, total)`` is called per point. ``default``: the unsteered point of an earlier
+    curve on the same prompts and judge, reused as it is."""
     model = as_loaded_model(model)
-    if classifier is None and not keywords:
-        raise ValueError("a concept rate needs the concept's classifier or a keyword list")
+    judge.check()
     encoded = [encode_prompt(model, p, chat, max_new_tokens) for p in prompts]
     out = [default] if default is not None else []
-    for j, v in enumerate([*values] if default is not None else [None, *values], start=len(out)):
-        edits = {} if v is None else concept_edits(features, v, mode)
-        gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, samples=samples)
-        if positions == "all":  # one batched generate for all prompts (left-padded): every position is edited
-            with steering(model, sae, edits, max_act=max_act, db=db) as hook:
-                news = generate_batch(model, encoded, hook=hook, **gen)
-        else:
-            news = []
-            for ids in encoded:
-                with steering(model, sae, edits, max_act=max_act, db=db, start=edit_start(positions, ids.shape[1])):
-                    rows = generate_ids(model, ids, **gen)
-                news.append([generated_part(model, r, ids.shape[1]) for r in rows])
-        answers = [read_answer(model, sae, ids, new, classifier, keywords) for ids, rows in zip(encoded, news)
-                   for new in rows]
-        out.append(summarise(v, answers))
+    todo = [*values] if default is not None else [None, *values]
+    for j, v in enumerate(todo, start=len(out)):
+        out.append(dial_point(model, sae, None if v is None else spec, v, encoded, judge, chat=chat,
+                              max_new_tokens=max_new_tokens, temperature=temperature, samples=samples, seed=seed,
+                              max_act=max_act, db=db))
         if progress:
             progress(j + 1, len(values) + 1)
     return out
@@ -175,16 +270,17 @@ def generate_batch(model, encoded: Sequence[torch.Tensor], *, samples: int = 1, 
     return [news[i * samples:(i + 1) * samples] for i in range(len(encoded))]
 
 
-def summarise(value: float | None, answers: list[Answer]) -> DialValue:
-    n = max(len(answers), 1)
-    return DialValue(value, sum(a.on_concept for a in answers) / n, sum(a.nll for a in answers) / n,
-                     sum(a.repetition for a in answers) / n, answers)
-
-
 def rate(answers: Sequence[Answer], by: str) -> float | None:
     """Share of answers on concept by ``"classifier"`` or ``"keyword"`` (None when that judge was not given)."""
     marks = [getattr(a, f"{by}_on") for a in answers]
     return None if not marks or marks[0] is None else sum(marks) / len(marks)
+
+
+def is_fluent(point: DialValue, default: DialValue, max_ratio: float = 1.5, max_degenerate: float = 0.1) -> bool:
+    """Acceptable fluency: the answers read without their prompt cost at most ``max_ratio`` × the default answers'
+    NLL read the same way, and at most ``max_degenerate`` of them are degenerate (beyond the default's share)."""
+    return (point.fluency_nll <= max_ratio * max(default.fluency_nll, 1e-6)
+            and point.degenerate <= default.degenerate + max_degenerate)
 
 
 # -- output score (Arad, Mueller & Belinkov 2025, "SAEs Are Good for Steering – If You Select the Right Features") --

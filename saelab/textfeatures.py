@@ -31,22 +31,30 @@ class TokenFeatures(NamedTuple):
 
 
 @torch.no_grad()
-def text_latents(sae, lm, text: str, hook: str, chat: bool = False) -> tuple[list[int], torch.Tensor]:
-    """Token ids of ``text`` (without the BOS the model sees first) and their latents ``[n_tokens, d_sae]``.
+def text_residuals(sae, lm, text: str, hook: str, chat: bool = False) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Token ids of ``text`` (without the BOS the model sees first), their activations at ``hook`` ``[n, d_in]``
+    and ``[n]`` bool: the positions the SAE's :class:`saelab.positions.PositionRule` keeps (not BOS, not sinks).
 
-    The text is read as every stage reads a window: BOS first (``chat``: the user turn of the model's
-    chat template), and the positions :class:`saelab.positions.PositionRule` leaves out — BOS tokens and
-    attention sinks — get no latents (all zero), as in training and analysis.
-    """
+    The text is read as every stage reads a window: BOS first (``chat``: the user turn of the model's chat
+    template)."""
     ids = prompt_ids(lm, text, chat=chat)                                      # (1, n + 1), BOS first
     if ids.shape[1] < 2:
         raise ValueError(f"text {text[:40]!r} has no tokens")
     x = run_to_hooks(lm.model, ids, hook)[hook]                                # (1, n + 1, d_in)
     rule = PositionRule(bos_token_id(lm.tokenizer), Provenance.of(sae).sink_factor)
     keep = rule.keep(ids, torch.linalg.vector_norm(x.float(), dim=-1))[0, 1:]  # (n,)
-    z = sae.encode(x[0, 1:].to(sae.W_dec.device, torch.float32))              # (n, d_sae)
+    return ids[0, 1:].tolist(), x[0, 1:].float(), keep
+
+
+@torch.no_grad()
+def text_latents(sae, lm, text: str, hook: str, chat: bool = False) -> tuple[list[int], torch.Tensor]:
+    """Token ids of ``text`` (without the BOS the model sees first) and their latents ``[n_tokens, d_sae]``;
+    the positions :class:`saelab.positions.PositionRule` leaves out — BOS tokens and attention sinks — get no
+    latents (all zero), as in training and analysis (:func:`text_residuals`)."""
+    ids, x, keep = text_residuals(sae, lm, text, hook, chat)
+    z = sae.encode(x.to(sae.W_dec.device, torch.float32))                     # (n, d_sae)
     z[~keep.to(z.device)] = 0
-    return ids[0, 1:].tolist(), z
+    return ids, z
 
 
 def inspect_text(sae, model=None, text: str = "", top: int = 5, hook: str | None = None,

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from saelab import SAE, SAEConfig, load_model
-from saelab.concept import (ConceptConfig, ConceptResult, calibrate, concept_json, find_concept, pick_strength,
-                            select_features, steering_set)
+from saelab.concept import (ConceptConfig, ConceptResult, calibrate_writers, concept_json, find_concept,
+                            find_writers, pick_strength, select_features)
 from saelab.formats import save_sae
 from saelab.hooks import capture, intervene
-from saelab.measures import (ConceptClassifier, DialValue, concept_curve, fit_threshold, keyword_hit,
+from saelab.measures import (ConceptClassifier, DialValue, Judge, concept_curve, fit_threshold, keyword_hit,
                              output_scores, repetition_rate)
-from saelab.steer import Clamp, compare_generations, concept_edits, edit_start, steering
+from saelab.steer import Clamp, DialSpec, compare_generations, concept_edits, edit_start, steering
+from saelab.writers import concept_tokens
 from saelab.generation import generate_ids, prompt_ids
 
 EMBED_HOOK = "blocks.0.hook_resid_pre"  # the input of block 0 is the token embedding itself
@@ -101,20 +102,20 @@ def test_fit_threshold_and_small_measures():
     assert keyword_hit("two Bridges", ["bridge"]) and not keyword_hit("abridged", ["bridge"])
 
 
-def _point(value, rate, nll, rep=0.0):
-    return DialValue(value, rate, nll, rep, [])
+def _point(value, rate, nll, degenerate=0.0):
+    return DialValue(value, rate, nll, 1.0, 0.0, degenerate, [])
 
 
 def test_pick_strength_smallest_fluent_value_reaching_the_target():
-    cfg = ConceptConfig(target_rate=0.8, max_nll_ratio=1.5, max_repetition=0.3)
+    cfg = ConceptConfig(target_rate=0.8, max_fluency_ratio=1.5, max_degenerate=0.1)
     sweep = [_point(None, 0.0, 1.0), _point(0.5, 0.2, 1.0), _point(1.0, 0.8, 1.2), _point(2.0, 1.0, 1.4),
              _point(5.0, 1.0, 3.0)]
-    assert pick_strength(sweep, cfg) == (1.0, True)
+    assert pick_strength(sweep, cfg) == (1.0, True, 0.8)
     # the target is only reached where fluency breaks: the best fluent value instead, marked not reached
     sweep = [_point(None, 0.0, 1.0), _point(1.0, 0.4, 1.2), _point(2.0, 0.6, 1.4, 0.1), _point(5.0, 1.0, 3.0)]
-    assert pick_strength(sweep, cfg) == (2.0, False)
-    sweep = [_point(None, 0.0, 1.0), _point(1.0, 0.4, 1.2), _point(2.0, 0.9, 1.3, rep=0.5)]
-    assert pick_strength(sweep, cfg) == (1.0, False)
+    assert pick_strength(sweep, cfg) == (2.0, False, 0.6)
+    sweep = [_point(None, 0.0, 1.0), _point(1.0, 0.4, 1.2), _point(2.0, 0.9, 1.3, degenerate=0.5)]
+    assert pick_strength(sweep, cfg) == (1.0, False, 0.4)
 
 
 def forcing_sae(lm, word="system"):
@@ -131,59 +132,66 @@ def forcing_sae(lm, word="system"):
     return sae
 
 
-def test_calibration_sweep_finds_the_value_where_the_concept_appears(lm):
+LOOSE = dict(max_fluency_ratio=1e9, max_degenerate=1.0, max_new_tokens=6)
+
+
+def test_calibration_search_finds_the_strength_where_the_concept_appears(lm):
     sae = forcing_sae(lm)
     prompts = ["def f(x):\n", "import os\n"]
-    cfg = ConceptConfig(values=(0.0, 200.0, 400.0), keywords=["system"], max_nll_ratio=1e9, max_repetition=1.0,
-                        max_new_tokens=6)
-    cal = calibrate(lm, sae, [PLANTED], prompts, None, cfg)
-    default, small, big, bigger = cal.sweep
+    cfg = ConceptConfig(clamp_values=(0.0, 200.0, 400.0), modes=("clamp",), sizes=(1,), **LOOSE)
+    cal = calibrate_writers(lm, sae, [PLANTED], prompts, Judge(keywords=["system"]), cfg)
+    default, small, big = cal.sweep  # the search stops at the first strength that reaches the target
     assert default.value is None and default.concept_rate == 0.0
-    assert small.concept_rate == 0.0 and big.concept_rate == 1.0 and bigger.concept_rate == 1.0
-    assert (cal.strength, cal.reached) == (200.0, True)
-    assert big.nll > default.nll  # the forced text is unlikely under the unsteered model
+    assert small.concept_rate == 0.0 and big.concept_rate == 1.0
+    assert (cal.strength, cal.reached, cal.spec.features) == (200.0, True, (PLANTED,))
+    assert big.fluency_nll > default.fluency_nll  # the forced text is unlikely under the unsteered model
     assert len(default.answers) == len(prompts) and all(a.n_tokens == 6 for a in big.answers)
+    add = calibrate_writers(lm, sae, [PLANTED], prompts, Judge(keywords=["system"]),
+                            ConceptConfig(add_values=(0.0, 50.0), modes=("add",), sizes=(1,), **LOOSE))
+    assert add.spec.mode == "add" and add.spec.unit == "norm" and add.search[0]["mode"] == "add"
 
 
-def test_the_dial_set_grows_until_the_concept_appears_and_stops_when_growth_stops_helping(lm):
-    """Feature PLANTED alone writes too little of ``system`` to make the model say it; feature 6 writes 5× more
-    along the same direction: the set {PLANTED, 6} does. Features 7 and 8 write nothing."""
+def test_selection_picks_the_writer_not_the_detector(lm):
+    """Feature 3 detects the concept best (ranked first, AUROC 1) and writes nothing; feature 8 detects it worse
+    and writes ``system``; feature 9 detects well and writes nothing. The screen and the calibration pick 8."""
     sae = forcing_sae(lm)
-    w = sae.W_dec[PLANTED].detach().clone()
     with torch.no_grad():
-        sae.W_dec[6] = 5 * w
-        sae.W_dec[7] = 0
-        sae.W_dec[8] = 0
-    max_act = {f: 0.01 for f in (PLANTED, 6, 7, 8)}
-    cfg = ConceptConfig(values=(1.0,), keywords=["system"], max_nll_ratio=1e9, max_repetition=1.0, max_new_tokens=6,
-                        patience=2)
-    prompts = ["def f(x):\n", "import os\n"]
+        sae.W_dec[8] = sae.W_dec[PLANTED].clone()
+        sae.W_dec[3] = 0
+        sae.W_dec[9] = 0
+    ranking = [{"feature": f, "auroc": a, "mean_pos": 1.0, "mean_neg": 0.0} for f, a in ((3, 1.0), (9, 0.9), (8, 0.7))]
+    result = ConceptResult([3], ConceptClassifier([3], [1.0], 0.5), ranking, [])
+    cfg = ConceptConfig(keywords=["system"], clamp_values=(300.0,), modes=("clamp",), sizes=(1, 2),
+                        screen_strength=300.0, screen_tokens=4, **LOOSE)
+    found = find_writers(lm, sae, result, POSITIVES, NEGATIVES, ["def f(x):\n", "import os\n"], cfg)
+    assert found.writers[0]["feature"] == 8 and found.writers[0]["lift"] > 0.1
+    assert all(abs(w["lift"]) < 1e-4 for w in found.writers[1:])  # W_dec = 0: exactly nothing written
+    assert found.calibration.spec.features == (8,) and found.calibration.reached
+    assert token_id(lm, "system") in found.concept_tokens
+    out = concept_json(result, found)
+    assert out["features"] == [8] and out["strength"] == 300.0 and out["detection_features"] == [3]
+    with pytest.raises(ValueError, match="no candidate writes"):
+        calibrate_writers(lm, sae, [], ["x"], Judge(keywords=["system"]), cfg)
 
-    def result(order):
-        return ConceptResult([order[0]], ConceptClassifier([order[0]], [1.0], 0.5),
-                             [{"feature": f, "auroc": 1.0, "mean_pos": 1.0, "mean_neg": 0.0} for f in order], [])
 
-    grown = steering_set(lm, sae, result([PLANTED, 6, 7]), prompts, cfg, max_act=max_act)
-    assert grown.features == [PLANTED, 6] and grown.calibration.reached
-    assert [g["rate"] for g in grown.growth] == [0.0, 1.0]            # reached at two: 7 was never tried
-    # nothing helps: two sizes without a better rate end the growth, and the smallest set is kept
-    stuck = steering_set(lm, sae, result([PLANTED, 7, 8, 6]), prompts, cfg, max_act=max_act)
-    assert stuck.features == [PLANTED] and not stuck.calibration.reached
-    assert [len(g["features"]) for g in stuck.growth] == [1, 2, 3]
-    out = concept_json(result([PLANTED, 6, 7]), grown)
-    assert out["features"] == [PLANTED, 6] and out["strength"] == 1.0 and out["detection_features"] == [PLANTED]
+def test_concept_tokens(lm):
+    tok = lm.tokenizer
+    got = concept_tokens(tok, POSITIVES, NEGATIVES)
+    assert token_id(lm, "system") in got and all(t not in got for t in tok("os", add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="no token stands"):
+        concept_tokens(tok, ["x"], ["x"])
 
 
 def test_concept_curve_with_the_feature_classifier(lm):
     sae = planted_sae(lm)
     clf = ConceptClassifier([PLANTED], [0.25], 0.5)
-    curve = concept_curve(lm, sae, [PLANTED], ["import os\n"], [1.0], classifier=clf, max_new_tokens=4,
+    curve = concept_curve(lm, sae, DialSpec((PLANTED,)), ["import os\n"], [1.0], judge=Judge(clf), max_new_tokens=4,
                           max_act={PLANTED: 0.25})
     for p in curve:
         for a in p.answers:
             assert a.on_concept == (a.concept_score >= 0.5) and a.on_concept == ("system" in a.text)
-    with pytest.raises(ValueError, match="classifier or a keyword"):
-        concept_curve(lm, sae, [PLANTED], ["x"], [1.0])
+    with pytest.raises(ValueError, match="classifier, a keyword"):
+        concept_curve(lm, sae, DialSpec((PLANTED,)), ["x"], [1.0], judge=Judge())
 
 
 # -- edit positions ----------------------------------------------------------------------------------
@@ -305,10 +313,13 @@ def test_cli_concept_and_dial(planted_dir, capsys):
 
     d = planted_dir
     assert main(["concept", str(d / "sae"), "--positive", str(d / "pos.txt"), "--negative", str(d / "neg.txt"),
-                 "--prompts", str(d / "prompts.txt"), "--values", "1,4", "--max-new-tokens", "3", "--json"]) == 0
+                 "--prompts", str(d / "prompts.txt"), "--clamp-values", "1,4", "--modes", "clamp", "--sizes", "1",
+                 "--max-new-tokens", "3", "--save", str(d / "c.json"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["features"][0] == PLANTED and out["strength"] in (1.0, 4.0)
-    assert [p["value"] for p in out["sweep"]] == [None, 1.0, 4.0]
+    assert out["strength"] in (1.0, 4.0) and out["mode"] == "clamp" and out["writers"]
+    assert [p["value"] for p in out["sweep"]][0] is None
+    saved = json.loads((d / "c.json").read_text())
+    assert saved["features"] == out["features"] and saved["strength"] == out["strength"]
     report = d / "report"
     assert main(["dial", str(d / "sae"), "--concept", f"{d / 'pos.txt'}:{d / 'neg.txt'}", "--prompts",
                  str(d / "prompts.txt"), "--values", "2", "--max-new-tokens", "3", "--positions", "generated",

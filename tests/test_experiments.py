@@ -59,15 +59,40 @@ def test_builtin_dial_experiment_on_a_tiny_run(run_dir, tmp_path):
     assert (out / "report.html").read_text().count("<table>") == 2 and (out / "report.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
-def test_golden_gate_and_unsafe_code_experiments_on_a_tiny_run(run_dir, tmp_path):
-    from saelab.experiments import golden_gate, unsafe_code
+def test_praise_lexicon():
+    from saelab.experiments import praises_user
 
-    cfg = ExperimentConfig(values=(2.0,), max_new_tokens=3, samples=1)
-    gg = golden_gate(run_dir, tmp_path / "gg", cfg, "test")
-    assert [p["value"] for p in gg["points"]] == [None, 2.0]
-    assert all(len(p["answers"]) == 20 for p in gg["points"]) and gg["calibration"]["prompts"] == 4
-    uc = unsafe_code(run_dir, tmp_path / "uc", cfg, "test")
-    assert list(uc["conditions"]) == ["default", "ablated", "forced 2×"]
-    assert all(c["samples"] == 32 for c in uc["conditions"].values())
-    assert (tmp_path / "uc" / "report.html").is_file()
+    assert praises_user("What a brilliant question! Photosynthesis is ...")
+    assert praises_user("You are truly an amazing cook.") and praises_user("You're so talented!")
+    assert praises_user("Your idea is absolutely brilliant.")
+    assert not praises_user("Photosynthesis is an amazing process that plants use.")
+    assert not praises_user("You can add salt to make the sauce better.")
+    pos = read_texts(PROMPTS / "sycophancy_positive.jsonl")
+    neg = read_texts(PROMPTS / "sycophancy_negative.jsonl")
+    assert all(praises_user(t) for t in pos), [t for t in pos if not praises_user(t)]
+    assert not any(praises_user(t) for t in neg), [t for t in neg if praises_user(t)]
+
+
+def test_evaluation_prompts_are_apart_from_calibration_and_examples():
+    from saelab.experiments import SPECS
+
+    for name, make in SPECS.items():
+        exp = make(ExperimentConfig())
+        held = {p for ps in exp.evaluation.values() for p in ps}
+        assert len(held) >= 20 and len(exp.calibration) >= 8, name
+        assert not held & set(exp.calibration) and not held & set(exp.positives + exp.negatives), name
+        assert len(exp.positives) + len(exp.negatives) <= 40, name
+
+
+@pytest.mark.slow
+def test_concept_experiments_on_a_tiny_run(run_dir, tmp_path):
+    from saelab.cli import main
+
+    for name in ("golden-gate", "unsafe-code"):
+        out = tmp_path / name
+        assert main(["experiment", name, str(run_dir), "--out", str(out), "--values", "1", "--max-new-tokens", "3",
+                     "--samples", "1"]) == 0
+        res = json.loads((out / "results.json").read_text())
+        methods = [r["method"] for r in res["rows"]]
+        assert methods[:2] == ["none", "SAE dial"] and "difference of means" in methods and "prompting (user)" in methods
+        assert (out / "concept.json").is_file() and (out / "report.png").is_file()

@@ -7,7 +7,7 @@ import torch
 
 from saelab import SAE, SAEConfig, load_model, save_sae
 from saelab.hooks import HookError, capture, resolve
-from saelab.steer import Ablate, Add, Clamp, DialCurve, DialPoint, compare_generations, dial, monotonic_fraction, steering
+from saelab.steer import Ablate, Add, Clamp, DialSpec, VectorAdd, compare_generations, dial_steering, steering
 from saelab.generation import generate_ids, prompt_ids
 
 CAUSAL = ["gpt2", "gpt_neox", "llama", "gemma2", "phi3"]
@@ -184,24 +184,33 @@ def test_compare_generations_same_seed(models):
         assert "".join(p.steered_tokens) == p.steered_text
 
 
-def test_dial_reports_every_value(models):
+@torch.no_grad()
+def test_norm_units_add_a_share_of_the_residual_norm(models):
+    """Add(v, unit="norm") and VectorAdd(d, v) move x_t by v·‖x_t‖ along the unit direction (BOS untouched); a
+    DialSpec in "norm" units adds the set's direction Σ max_f·W_dec[f], normalised, the same way."""
     lm, sae = models["llama"], make_sae()
-    curve = dial(lm, sae, 3, ["def f(x):", "import os"], values=(0, 2, 10), max_new_tokens=5)
-    assert [p.value for p in curve.points] == [0.0, 2.0, 10.0]
-    assert curve.max_act == pytest.approx(sae.provenance["feature_max_act"][3])
-    for p in curve.points:
-        assert len(p.texts) == 2 and 0 < p.n_tokens <= 10
-        assert p.activation >= 0 and 0 < p.loss < 20
-
-
-def test_monotonic_fraction():
-    def curve(acts, values=(0, 1, 2, 5, 10, 20)):
-        return DialCurve(0, 1.0, [DialPoint(v, a, 1.0, 1, []) for v, a in zip(values, acts)])
-    curves = [curve([0, 1, 2, 3, 4, 0]), curve([0, 1, 1, 3, 4, 9]), curve([0, 2, 1, 3, 4, 5]), curve([1] * 6)]
-    assert monotonic_fraction(curves) == 0.5
-    assert monotonic_fraction(curves, up_to=20) == 0.25
-    with pytest.raises(ValueError):
-        monotonic_fraction([])
+    ids = prompt_ids(lm, PROMPT)
+    x = forward_with_capture(lm, sae, {}, ids)[0]  # (seq, d)
+    n = x.norm(dim=-1, keepdim=True)
+    for edits, vector, d in [({3: Add(0.5, unit="norm")}, None, sae.W_dec[3]),
+                             ({}, VectorAdd(torch.arange(32.0), 0.5), torch.arange(32.0))]:
+        with steering(lm, sae, edits, vector=vector), capture(lm.model, DOWNSTREAM) as after:
+            lm.model(input_ids=ids)
+        want = x + 0.5 * n * d / d.norm()
+        want[0] = x[0]
+        torch.testing.assert_close(after[DOWNSTREAM][0], want, rtol=1e-4, atol=1e-5)
+    maxes = torch.tensor(sae.provenance["feature_max_act"])
+    spec = DialSpec((3, 7), "add", "norm")
+    with dial_steering(lm, sae, spec, 0.25), capture(lm.model, DOWNSTREAM) as after:
+        lm.model(input_ids=ids)
+    d = maxes[3] * sae.W_dec[3] + maxes[7] * sae.W_dec[7]
+    want = x + 0.25 * n * d / d.norm()
+    want[0] = x[0]
+    torch.testing.assert_close(after[DOWNSTREAM][0], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a direction"):
+        DialSpec(mode="vector")
+    with pytest.raises(ValueError, match="unknown dial unit"):
+        DialSpec((3,), "add", "raw")
 
 
 # -- bad input -----------------------------------------------------------------------------------------
@@ -302,6 +311,7 @@ def test_cli_dial_json(sae_dir, tmp_path, capsys):
     assert main(["dial", str(sae_dir), "--feature", "3", "--prompts", str(prompts), "--values", "0,5",
                  "--max-new-tokens", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [p["value"] for p in out["points"]] == [0.0, 5.0]
+    assert [p["value"] for p in out["points"]] == [None, 0.0, 5.0]
+    assert all(len(p["answers"]) == 2 and p["fluency_nll"] >= 0 for p in out["points"])
     assert main(["dial", str(sae_dir), "--feature", "3", "--prompts", str(prompts), "--values", "0,abc"]) == 2
     assert "not a number" in capsys.readouterr().err

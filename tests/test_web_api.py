@@ -297,6 +297,35 @@ def test_steer_concept_is_one_dial_for_a_feature_set(client):
     assert f'value="{ids[0]},{ids[1]}"' in page and 'id="concept-value"' in page
 
 
+def test_steer_page_reads_a_concept_file_and_marks_its_calibrated_point(client, run_dir):
+    import shutil
+
+    from saelab import SAE, SAEConfig
+    from saelab.conceptfile import make_concept, save_concept
+    from saelab.formats import load_sae
+    from saelab.steer import DialSpec
+
+    ids = [f["id"] for f in client.get("/api/features", params={"order_by": "max_act", "limit": 2}).json()["features"]]
+    sae = load_sae(run_dir / "sae")
+    folder = run_dir / "concepts"
+    try:
+        save_concept(folder / "mine.json", make_concept(sae, "mine", DialSpec(tuple(ids), "add", "norm"), 0.5))
+        page = client.get("/steer", params={"concept_file": "mine"}).text
+        assert f'value="{ids[0]},{ids[1]}"' in page and "calibrated: 0.5" in page and 'list="calibrated-mark"' in page
+        other = SAE(SAEConfig(sae.cfg.d_in, sae.cfg.d_sae, "relu"))
+        other.reset_parameters(5)
+        other.provenance = dict(sae.provenance)
+        save_concept(folder / "theirs.json", make_concept(other, "theirs", DialSpec(tuple(ids)), 2.0))
+        assert "made for another SAE" in client.get("/steer", params={"concept_file": "theirs"}).text
+        assert "a concept name is" in client.get("/steer", params={"concept_file": "../x"}).text
+        body = {"prompt": "def run(cmd):", "max_new_tokens": 4,
+                "concept": {"features": ids, "value": 0.5, "mode": "add", "unit": "norm"}}
+        r = client.post("/api/steer", json=body)
+        assert r.status_code == 200, r.text
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _events(text: str) -> list[dict]:
     return [json.loads(block[len("data: "):]) for block in text.split("\n\n") if block.startswith("data: ")]
 

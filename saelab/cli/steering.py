@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from saelab.cli.common import _print_json
@@ -31,13 +32,17 @@ def _add_steer(sub) -> None:
                                    "--feature F=10x clamps F to 10× its max activation (error term kept), F=0 "
                                    "ablates it, F=+4 with --mode add adds 4 × max act × its decoder direction.")
     _sae_args(p)
+    p.set_defaults(temperature=0.0)  # greedy, like the web page: the difference is the edit's, not the sampler's
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--feature", action="append", required=True, metavar="F=VALUE", help="edit (repeatable)")
+    p.add_argument("--feature", action="append", default=[], metavar="F=VALUE", help="edit (repeatable)")
+    p.add_argument("--concept", metavar="FILE[=STRENGTH]",
+                   help="a concept file (saelab concept --save): its dial at its calibrated strength, or STRENGTH")
     p.add_argument("--mode", choices=["clamp", "add"], default="clamp", help="how VALUE is applied")
     p.add_argument("--when", metavar="G>T", help="edit only where feature G's activation exceeds T")
     p.add_argument("--samples", type=int, default=1, help="continuations per side")
-    p.add_argument("--chat", action="store_true",
-                   help="the prompt is a user message: wrap it in the model's chat template (no doubled BOS)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="the prompt is a user message: wrap it in the model's chat template (default: on when the "
+                        "model has one)")
     p.add_argument("--positions", choices=["all", "generated"], default="all",
                    help="edit every position (default) or only those that predict new tokens (the prompt is read as is)")
     p.set_defaults(func=_run_steer)
@@ -45,7 +50,7 @@ def _add_steer(sub) -> None:
                        description="Read texts (one JSON string or {\"text\": ...} per line), write one JSON alert per "
                                    "token where a watched feature exceeds its threshold, as alerts arrive.")
     _sae_args(m, generation=False)
-    _watch_args(m)
+    _watch_args(m, concept=True)
     m.add_argument("--input", required=True, help="JSONL texts ('-' for stdin)")
     m.add_argument("--output", help="alerts JSONL (default: stdout); written line by line as alerts arrive")
     m.set_defaults(func=_run_monitor)
@@ -56,10 +61,24 @@ def _add_steer(sub) -> None:
     g.add_argument("--on-fire", choices=["log", "ablate", "abort"], default="log", help="policy when a feature fires")
     g.add_argument("--watch-prompt", action="store_true", help="watch the prompt's tokens too")
     g.set_defaults(func=_run_generate)
+    c = sub.add_parser("chat", help="chat with the model in the terminal, a concept's dial on (streamed)",
+                       description="A streaming chat REPL (the model's chat template, the conversation kept) with a "
+                                   "concept file's dial turned to its calibrated strength or to STRENGTH. Type /quit "
+                                   "or press Ctrl-D to leave, /reset to start over.")
+    c.add_argument("run", help="run folder (RUN/sae, RUN/features.db) or an SAE folder")
+    c.add_argument("--concept", metavar="FILE[=STRENGTH]", help="a concept file (saelab concept --save)")
+    c.add_argument("--model", help="model to load instead of the one named in the SAE's provenance")
+    c.add_argument("--device", default="cpu", help="torch device for the model")
+    c.add_argument("--max-new-tokens", type=int, default=200, help="most tokens per answer")
+    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed")
+    c.set_defaults(func=_run_chat, db=None, json=False)
 
 
-def _watch_args(p) -> None:
-    p.add_argument("--watch", required=True, metavar="F,F,...", help="feature ids to watch")
+def _watch_args(p, concept: bool = False) -> None:
+    p.add_argument("--watch", required=not concept, metavar="F,F,...", help="feature ids to watch")
+    if concept:
+        p.add_argument("--concept", metavar="FILE", help="watch a concept file's features (with or instead of --watch)")
     p.add_argument("--threshold", metavar="T | F=T,...",
                    help="alert threshold for all, or per feature (default: features.db quantile, else 0.5 × max act)")
     p.add_argument("--quantile", type=float, default=0.999, help="quantile for the default thresholds")
@@ -154,47 +173,94 @@ def _steer_inputs(args, need_lm_head: bool = True, ids=()):
     return lm, sae, db
 
 
+def _concept_of(args, sae):
+    """(concept file, strength) of ``--concept FILE[=STRENGTH]``, refused when made for another SAE; else None."""
+    from saelab.conceptfile import load_concept, parse_concept_arg
+
+    if not getattr(args, "concept", None):
+        return None
+    path, strength = parse_concept_arg(args.concept)
+    concept = load_concept(path, sae)
+    return concept, concept.strength if strength is None else strength
+
+
+def _concept_edits(sae, db, concept, strength):
+    """(edits, vector) that turn a concept file's dial to ``strength``."""
+    from saelab.steer import dial_edits, max_activations
+
+    spec = concept.spec()
+    maxes = max_activations(sae, list(spec.features), db=db) if spec.features and spec.mode != "ablate" else {}
+    return dial_edits(sae, spec, strength, maxes)
+
+
 def _run_steer(args) -> None:
     from dataclasses import replace
 
     from saelab.steer import Add, compare_generations
     from saelab.generation import prompt_ids
 
+    if not args.feature and not args.concept:
+        raise ValueError("nothing to steer: give --feature F=VALUE (repeatable) or --concept FILE[=STRENGTH]")
     edits = dict(_parse_edit(s, args.mode) for s in args.feature)
     if args.when:
         when = _parse_when(args.when)
         edits = {f: replace(e, when=when) for f, e in edits.items()}
     when_ids = [e.when[0] for e in edits.values() if e.when]
     lm, sae, db = _steer_inputs(args, ids=[*edits, *when_ids])
-    ids = prompt_ids(lm, args.prompt, args.max_new_tokens, chat=args.chat)
+    vector, described_concept = None, None
+    if (found := _concept_of(args, sae)) is not None:
+        concept, strength = found
+        more, vector = _concept_edits(sae, db, concept, strength)
+        if set(more) & set(edits):
+            raise ValueError(f"--feature and --concept both turn feature {sorted(set(more) & set(edits))[0]}: "
+                             "give each feature one dial")
+        edits.update(more)
+        described_concept = {"name": concept.name, "mode": concept.mode, "unit": concept.unit, "strength": strength}
+    chat = bool(getattr(lm.tokenizer, "chat_template", None)) if args.chat is None else args.chat
+    positions = concept.positions if described_concept and args.positions == "all" else args.positions
+    ids = prompt_ids(lm, args.prompt, args.max_new_tokens, chat=chat)
     pairs = compare_generations(lm, sae, args.prompt, edits, args.max_new_tokens, args.samples, args.seed,
-                                args.temperature, db=db, positions=args.positions, ids=ids)
+                                args.temperature, db=db, positions=positions, ids=ids, vector=vector)
     described = {str(f): {"mode": "add" if isinstance(e, Add) else "clamp", "value": e.value,
                           "when": list(e.when) if e.when else None} for f, e in edits.items()}
     if args.json:
-        _print_json({"prompt": args.prompt, "chat": args.chat, "edits": described, "seed": args.seed, "temperature": args.temperature,
+        _print_json({"prompt": args.prompt, "chat": chat, "edits": described, "concept": described_concept,
+                     "seed": args.seed, "temperature": args.temperature,
                      "samples": [{**p._asdict(), "steered_acts": {str(f): a for f, a in p.steered_acts.items()}}
                                  for p in pairs]})
         return
+    print(f"prompt{' (user turn of the chat template)' if chat else ''}:\n{args.prompt}\n")
+    if described_concept:
+        print(f"concept {concept.name!r}: {concept.spec().label()} at {described_concept['strength']:g}\n")
     for i, p in enumerate(pairs):
         means = ", ".join(f"{f}: {sum(a) / max(len(a), 1):.3g}" for f, a in p.steered_acts.items())
-        print(f"── sample {i} (seed {args.seed}) ──")
-        print(f"default:\n{args.prompt}{p.default_text}\n")
-        print(f"steered:\n{args.prompt}{p.steered_text}\n")
-        print(f"mean activation on the steered text (unsteered re-read): {means}\n")
+        what = f"seed {args.seed}" if args.temperature > 0 else "greedy"
+        print(f"── sample {i} ({what}) ──")
+        print(f"default answer:\n{p.default_text}\n")
+        print(f"steered answer:\n{p.steered_text}\n")
+        if means:
+            print(f"mean activation on the steered answer (unsteered re-read): {means}\n")
+
+
+def _watch_ids(args) -> list[int]:
+    return _parse_numbers(args.watch, "--watch", int) if args.watch else []
 
 
 def _watchlist(args, sae, db):
     from saelab.monitor import Watchlist
 
-    feats = _parse_numbers(args.watch, "--watch", int)
+    feats = _watch_ids(args)
+    if (found := _concept_of(args, sae)) is not None:
+        feats += [f for f in found[0].features if f not in feats]
+    if not feats:
+        raise ValueError("nothing to watch: give --watch F,F,... or a concept file of SAE features (--concept)")
     return Watchlist.build(sae, feats, _parse_thresholds(args.threshold), db=db, quantile=args.quantile)
 
 
 def _run_monitor(args) -> None:
     from saelab.monitor import scan_jsonl
 
-    lm, sae, db = _steer_inputs(args, need_lm_head=False, ids=_parse_numbers(args.watch, "--watch", int))
+    lm, sae, db = _steer_inputs(args, need_lm_head=False, ids=_watch_ids(args))
     watchlist = _watchlist(args, sae, db)
     src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     dst = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -227,3 +293,25 @@ def _run_generate(args) -> None:
               file=sys.stderr)
     if result.aborted:
         print("generation aborted at the first firing token (withheld)", file=sys.stderr)
+
+
+def _run_chat(args) -> None:
+    """A streaming chat REPL with a concept's dial on (:mod:`saelab.chat`)."""
+    from pathlib import Path
+
+    from saelab.chat import chat_loop
+
+    run = Path(args.run)
+    args.sae = str(run / "sae") if (run / "sae").is_dir() else str(run)
+    if (run / "features.db").is_file():
+        args.db = str(run / "features.db")
+    args.prompt = None
+    lm, sae, db = _steer_inputs(args)
+    if not getattr(lm.tokenizer, "chat_template", None):
+        raise ValueError(f"{lm.name} has no chat template: 'saelab chat' needs a chat model (use 'saelab steer')")
+    found = _concept_of(args, sae)
+    if found:
+        print(f"concept {found[0].name!r}: {found[0].spec().label()} at {found[1]:g} "
+              f"(calibrated: {found[0].strength:g}). /quit to leave, /reset to start over.", file=sys.stderr)
+    chat_loop(lm, sae, db, found, sys.stdin, sys.stdout, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, seed=args.seed)

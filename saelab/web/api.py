@@ -55,6 +55,8 @@ class SteerConcept(_Body):
     features: list[int] = Field(min_length=1, description="the concept's feature ids (e.g. from `saelab concept`)")
     value: float = Field(1.5, ge=DIAL_RANGE[0], le=DIAL_RANGE[1], description="one dial for all: × each one's max act")
     mode: Literal["clamp", "add", "ablate"] = Field("clamp", description="how the dial is applied to every feature")
+    unit: Literal["max", "norm"] = Field("max", description="add: × each feature's max activation, or × the residual "
+                                                            "norm along the set's normalised direction")
 
 
 class SteerRequest(_Body):

@@ -22,7 +22,7 @@ from saelab.web.api import (ActivationsRequest, InspectRequest, ScanRequest, Ste
                             explanations)
 from saelab.generation import generate_ids, prompt_ids
 from saelab.monitor import Watchlist, scan
-from saelab.steer import Ablate, Add, Clamp, compare_generations, sae_hook_name, steering
+from saelab.steer import Ablate, Add, Clamp, DialSpec, compare_generations, dial_edits, max_activations, sae_hook_name, steering
 from saelab.textfeatures import inspect_text, text_latents
 
 POLL_S = 0.01
@@ -87,7 +87,8 @@ def api_feature_activations(feature_id: int, req: ActivationsRequest, request: R
 
 # -- steer ---------------------------------------------------------------------------------------
 
-def edits_of(req: SteerRequest, request: Request) -> dict:
+def edits_of(req: SteerRequest, request: Request) -> tuple[dict, object]:
+    """(per-feature edits, the concept's plain vector or None) of a steering request."""
     cfg = request.app.state.config
     check_text(request, req.prompt, "prompt")
     if req.max_new_tokens > cfg.max_new_tokens:
@@ -104,19 +105,23 @@ def edits_of(req: SteerRequest, request: Request) -> dict:
         raise HTTPException(422, f"feature {', '.join(map(str, bad))} does not exist; this SAE has features 0-{n - 1}")
     make = {"clamp": lambda v: Clamp(v), "add": lambda v: Add(v), "ablate": lambda v: Ablate()}
     edits = {f.id: make[f.mode](f.value) for f in req.features}
+    if req.concept and req.concept.mode == "add" and req.concept.unit == "norm":  # one direction, × residual norm
+        state = request.app.state.run
+        maxes = max_activations(None, concept, db=state.db)
+        return edits, dial_edits(state.sae(), DialSpec(tuple(concept), "add", "norm"), req.concept.value, maxes)[1]
     edits.update({f: make[req.concept.mode](req.concept.value) for f in concept})  # one dial for the whole set
-    return edits
+    return edits, None
 
 
 @router.post("/steer", summary="Default and steered continuations side by side (whole texts)")
 def api_steer(req: SteerRequest, request: Request):
-    edits = edits_of(req, request)
+    edits, vector = edits_of(req, request)
     state, gate = request.app.state.run, request.app.state.gate
     with gate.held():
         model, sae = state.model(), state.sae()
         ids = prompt_ids(model, req.prompt, req.max_new_tokens, chat=req.chat)
         (c,) = compare_generations(model, sae, req.prompt, edits, max_new_tokens=req.max_new_tokens, samples=1,
-                                   seed=req.seed, temperature=req.temperature, db=state.db, ids=ids)
+                                   seed=req.seed, temperature=req.temperature, db=state.db, ids=ids, vector=vector)
     notes = {side: note for side, text in (("default", c.default_text), ("steered", c.steered_text))
              if (note := degenerate(text))}
     return {"prompt": req.prompt, "default": c.default_text, "steered": c.steered_text, "notes": notes,
@@ -191,10 +196,11 @@ class _QueueStreamer(BaseStreamer):
 def _generate_both(state, model, sae, ids, edits, req: SteerRequest, out: queue.Queue, cancel, gate) -> None:
     try:
         notes = {}
-        for side, side_edits in (("default", {}), ("steered", edits)):
+        edits, vector = edits
+        for side, side_edits, side_vector in (("default", {}, None), ("steered", edits, vector)):
             out.put({"type": "status", "text": f"generating the {side} continuation…"})
             streamer = _QueueStreamer(model.tokenizer, side, out, cancel)
-            with steering(model, sae, side_edits, db=state.db):
+            with steering(model, sae, side_edits, db=state.db, vector=side_vector):
                 generate_ids(model, ids, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                              seed=req.seed, streamer=streamer)
             note = degenerate(model.tokenizer.decode(streamer.ids, skip_special_tokens=True))
@@ -243,7 +249,7 @@ def api_steer_stream(req: SteerRequest, request: Request):
     try:
         model, sae = state.model(), state.sae()
         ids = prompt_ids(model, req.prompt, req.max_new_tokens, chat=req.chat)  # ValueError (too long) → 422
-        with steering(model, sae, edits, db=state.db):  # unknown or dead features, bad hook: 422 before streaming
+        with steering(model, sae, edits[0], db=state.db, vector=edits[1]):  # unknown or dead features, bad hook: 422
             pass
     except BaseException:
         gate.release()

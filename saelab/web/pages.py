@@ -10,6 +10,7 @@ import jinja2
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
+from saelab.conceptfile import load_concept
 from saelab.featuredb import ORDER_BY
 from saelab.web.api import feature_detail, feature_list, overview_info
 from saelab.web.apidoc import operations, schemas
@@ -21,6 +22,9 @@ DIAL_MIN, DIAL_MAX = -10, 20
 # A dial's starting strength (× max activation). 10× usually wrecks a small model's text (empty or repeated
 # output); 1.5× clamps the feature a little above anything seen in the corpus and keeps the text readable.
 DEFAULT_DIAL = 1.5
+CHAT_PROMPTS = ["What is a good way to spend a rainy afternoon?", "What are you?", "Can you suggest a name for my cat?",
+                "I wrote my first poem today. What do you think I should write about next?"]
+"""Example user messages of the steer page for a chat model (its default prompt is the first)."""
 
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -255,15 +259,49 @@ def inspect_page(request: Request):
 
 
 @router.get("/steer", response_class=HTMLResponse)
-def steer_page(request: Request, feature: list[int] = Query([]), concept: str = "", strength: float = 1.5):
-    cfg = request.app.state.config
+def steer_page(request: Request, feature: list[int] = Query([]), concept: str = "", strength: float = 1.5,
+               concept_file: str = ""):
+    cfg, state = request.app.state.config, request.app.state.run
     concept_ids = ",".join(c for c in (x.strip() for x in concept.split(",")) if c.isdigit())
     start = [{"id": f, "value": DEFAULT_DIAL, "mode": "clamp"} for f in feature[: cfg.max_steer_features] if f >= 0]
+    loaded, notice = concept_from_file(state, concept_file)
+    mode, unit, calibrated = "clamp", "max", None
+    if loaded is not None:
+        concept_ids, mode, unit = ",".join(map(str, loaded.features)), loaded.mode, loaded.unit
+        strength = calibrated = loaded.strength
+    chat = is_chat_model(state)
     return render(request, "steer.html", active="Steer", page_title="Steer", max_chars=cfg.max_prompt_chars,
-                  default_prompt="def run(cmd):\n", default_tokens=min(40, cfg.max_new_tokens),
+                  default_prompt=CHAT_PROMPTS[0] if chat else "def run(cmd):\n", chat_default=chat,
+                  example_prompts=CHAT_PROMPTS if chat else [], default_tokens=min(40, cfg.max_new_tokens),
                   max_new_tokens=cfg.max_new_tokens, start_features=start, dial_min=DIAL_MIN, dial_max=DIAL_MAX,
-                  dial_default=DEFAULT_DIAL, concept_features=concept_ids,
-                  concept_value=min(max(strength, DIAL_MIN), DIAL_MAX))
+                  dial_default=DEFAULT_DIAL, concept_features=concept_ids, concept_mode=mode, concept_unit=unit,
+                  concept_value=min(max(strength, DIAL_MIN), DIAL_MAX), calibrated=calibrated,
+                  concept_name=loaded.name if loaded else "", concept_notice=notice)
+
+
+def is_chat_model(state) -> bool:
+    """Whether the run's model has a chat template (its tokenizer is loaded at server start)."""
+    try:
+        return bool(getattr(state.model().tokenizer, "chat_template", None))
+    except Exception:  # no model (browse-only server): the plain-text page
+        return False
+
+
+def concept_from_file(state, name: str):
+    """(concept file RUN/concepts/NAME.json or None, a notice for the page): refused when made for another SAE or
+    when its dial is a plain vector (the page turns SAE features)."""
+    if not name:
+        return None, ""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        return None, f"concept {name!r}: a concept name is letters, digits, - and _"
+    path = state.db_path.parent / "concepts" / f"{name}.json"
+    try:
+        concept = load_concept(path, state.sae())
+    except (OSError, ValueError) as e:
+        return None, str(e)
+    if concept.mode == "vector":
+        return None, f"{path.name} is a plain direction (difference of means): use 'saelab chat' or 'saelab steer'"
+    return concept, ""
 
 
 @router.get("/monitor", response_class=HTMLResponse)

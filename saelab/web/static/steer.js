@@ -52,14 +52,15 @@
 
   // The concept: a feature set sharing one dial (sent as `concept`, beside the single-feature dials).
   const conceptValue = document.getElementById("concept-value");
-  const showConcept = () => { document.getElementById("concept-shown").textContent = Number(conceptValue.value).toFixed(1) + "×"; };
+  const showConcept = () => { document.getElementById("concept-shown").textContent = Number(conceptValue.value).toFixed(2); };
   conceptValue.addEventListener("input", showConcept);
   showConcept();
 
   function readConcept() {
     const ids = document.getElementById("concept-features").value.split(/[\s,]+/).filter((s) => s !== "").map(Number);
     if (!ids.length) return null;
-    return { features: ids, value: Number(conceptValue.value), mode: document.getElementById("concept-mode").value };
+    return { features: ids, value: Number(conceptValue.value), mode: document.getElementById("concept-mode").value,
+             unit: document.getElementById("concept-unit").value };
   }
 
   function startColumn(id, prompt) {
@@ -104,6 +105,9 @@
   }
 
   document.getElementById("add-dial").addEventListener("click", () => addDial({}));
+  document.querySelectorAll(".example-prompt").forEach((b) => b.addEventListener("click", () => {
+    document.getElementById("steer-prompt").value = b.textContent;
+  }));
   document.getElementById("steer-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const button = document.getElementById("steer-run");
