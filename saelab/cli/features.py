@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saelab.cli.common import _print_json
+from saelab.cli.common import _print_json, seed
 
 
 # -- analyze / feature / inspect / search / explain / export ---------------------------------------
@@ -27,7 +27,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--k-top", type=int, default=20, help="top examples per feature")
     p.add_argument("--map", default="auto", choices=["auto", "umap", "pca", "none"], help="map layout method")
     p.add_argument("--no-explain", action="store_true", help="skip the offline explanations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=_run_analyze)
 
     p = sub.add_parser("feature", help="a feature's page in the terminal",
