@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from saelab.cli.common import _print_json
+from saelab.cli.common import _print_json, positive, seed
 
 EXPERIMENTS = ("golden-gate", "unsafe-code", "builtin-dial")  # saelab.experiments.RUNNERS, without importing torch
 
@@ -53,8 +53,8 @@ def _add_concepts(sub) -> None:
     d.add_argument("--positions", choices=["all", "generated"], default="all", help="which positions to edit")
     d.add_argument("--mode", choices=["clamp", "add"], default="clamp", help="how the dial value is applied")
     d.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    d.add_argument("--samples", type=int, default=1, help="answers per prompt and value")
-    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    d.add_argument("--samples", type=positive, default=1, help="answers per prompt and value")
+    d.add_argument("--seed", type=seed, default=0, help="sampling seed")
     d.add_argument("--report", metavar="DIR", help="also write report.html, report.png and results.json here")
     _dial_args(d, "0,1,2,5,10,20")
     d.set_defaults(func=_run_dial)
@@ -68,17 +68,17 @@ def _add_concepts(sub) -> None:
     e.add_argument("--out", help="report folder (default RUN/experiments/NAME)")
     e.add_argument("--model", help="model to load instead of the SAE's")
     e.add_argument("--values", help="comma-separated dial values (default 0.5,1,1.5,2,3)")
-    e.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 40)")
-    e.add_argument("--samples", type=int, help="sampled answers per code prompt and condition (default 2)")
-    e.add_argument("--n-features", type=int, help="features per group for builtin-dial (default 50)")
+    e.add_argument("--max-new-tokens", type=positive, help="tokens per answer (default 40)")
+    e.add_argument("--samples", type=positive, help="sampled answers per code prompt and condition (default 2)")
+    e.add_argument("--n-features", type=positive, help="features per group for builtin-dial (default 50)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=_run_experiment)
 
 
-def _numbers(text: str, what: str) -> list[float]:
+def _numbers(text: str, what: str, cast=float) -> list:
     from saelab.cli.steering import _parse_numbers
 
-    return _parse_numbers(text, what)
+    return _parse_numbers(text, what, cast)
 
 
 def _keywords(text: str | None) -> list[str]:
@@ -156,7 +156,7 @@ def _run_dial(args) -> None:
         found = find_concept(lm, sae, read_texts(pos_path), read_texts(neg_path), db=db)
         features, classifier = found.features, found.classifier
     else:
-        features = [int(f) for f in _numbers(args.features, "--features")]
+        features = _numbers(args.features, "--features", int)
         if not keywords:
             raise ValueError("--features has no classifier: give --keywords, or name the concept with --concept P:N")
     curve = concept_curve(lm, sae, features, prompts, values, classifier=classifier, keywords=keywords,

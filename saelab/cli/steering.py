@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from saelab.cli.common import _print_json
+from saelab.cli.common import _print_json, positive, seed
 
 
 # -- steer / monitor / generate (dial: saelab.cli.concepts) -------------------------------------------------------------
@@ -21,7 +21,7 @@ def _sae_args(p, generation: bool = True) -> None:
     if generation:
         p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed")
+        p.add_argument("--seed", type=seed, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -35,7 +35,7 @@ def _add_steer(sub) -> None:
     p.add_argument("--feature", action="append", required=True, metavar="F=VALUE", help="edit (repeatable)")
     p.add_argument("--mode", choices=["clamp", "add"], default="clamp", help="how VALUE is applied")
     p.add_argument("--when", metavar="G>T", help="edit only where feature G's activation exceeds T")
-    p.add_argument("--samples", type=int, default=1, help="continuations per side")
+    p.add_argument("--samples", type=positive, default=1, help="continuations per side")
     p.add_argument("--chat", action="store_true",
                    help="the prompt is a user message: wrap it in the model's chat template (no doubled BOS)")
     p.add_argument("--positions", choices=["all", "generated"], default="all",
@@ -66,8 +66,6 @@ def _watch_args(p) -> None:
 
 
 def _parse_edit(spec: str, mode: str):
-    import math
-
     from saelab.steer import Ablate, Add, Clamp
 
     fid, sep, value = spec.partition("=")
@@ -79,8 +77,8 @@ def _parse_edit(spec: str, mode: str):
         v = float(number)
     except ValueError:
         raise ValueError(f"--feature {spec!r}: {number!r} is not a number; {_EDIT_USAGE}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"--feature {spec!r}: the value must be finite; {_EDIT_USAGE}")
+    if not abs(v) <= MAX_EDIT:   # NaN included
+        raise ValueError(f"--feature {spec!r}: the value must be a finite number within ±{MAX_EDIT:g}; {_EDIT_USAGE}")
     if mode == "add":
         return int(fid), Add(v)
     return int(fid), Ablate() if v == 0 else Clamp(v)
@@ -94,7 +92,11 @@ def _parse_when(spec: str) -> tuple[int, float]:
         raise ValueError(f"--when {spec!r}: expected FEATURE>THRESHOLD, e.g. 88>0.5") from None
 
 
+MAX_EDIT = 1e6   # |value| of an edit or dial: beyond it activations overflow into inf/nan probabilities
+
+
 def _parse_numbers(text: str, what: str, cast=float) -> list:
+    """Comma-separated numbers; floats finite and within ±MAX_EDIT, integers (feature ids) distinct."""
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         try:
@@ -102,8 +104,12 @@ def _parse_numbers(text: str, what: str, cast=float) -> list:
         except ValueError:
             kind = "an integer" if cast is int else "a number"
             raise ValueError(f"{what} {text!r}: {item!r} is not {kind} (expected comma-separated values)") from None
+        if cast is float and not abs(out[-1]) <= MAX_EDIT:
+            raise ValueError(f"{what} {text!r}: {item!r} is not a finite number within ±{MAX_EDIT:g}")
     if not out:
         raise ValueError(f"{what} {text!r}: expected at least one comma-separated value")
+    if cast is int and len(set(out)) < len(out):
+        raise ValueError(f"{what} {text!r}: lists a feature twice")
     return out
 
 
