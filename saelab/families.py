@@ -58,6 +58,16 @@ class FamilyConfig:
     batch: int = 4096
     """Tokens encoded per SAE call."""
 
+    def __post_init__(self):
+        # NaN compares false with every score, inf/negative match everything or nothing: refused before
+        # families.json is overwritten with a meaningless result
+        for name, low, high in (("tau", 0.0, 1.0), ("cover", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and low <= value <= high):
+                raise ValueError(f"--{name} must be a number from {low:g} to {high:g}, got {value!r}")
+        if self.block < 1 or self.batch < 1:
+            raise ValueError(f"block and batch must be positive, got {self.block}, {self.batch}")
+
 
 class Codes(NamedTuple):
     """One SAE's encoding of the token sample, kept sparse."""
