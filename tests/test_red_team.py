@@ -322,3 +322,117 @@ def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+# -- training and sweep inputs -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from factories import make_synthetic_store
+
+    return make_synthetic_store(tmp_path_factory.mktemp("store") / "acts", rows=2048, shards=2)
+
+
+def cli_error(capsys, args: list[str]) -> str:
+    """The error line ``saelab ARGS`` prints on stderr (exit code 2), checked to be the only one (argparse's
+    usage line aside), no traceback."""
+    try:
+        code = main(args)
+    except SystemExit as e:     # argparse refused an option: usage, then its error line
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("usage:", " "))]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+SWEEP_ARGS = ["--tokens", "2048", "--batch-size", "256", "--lr", "3e-3", "--checkpoint-every", "2"]
+
+
+@pytest.mark.parametrize("cmd, args, says", [
+    ("train", ["--latents", "1000000000000", "--k", "4"], "need about"),
+    ("sweep", ["--latents", "1000000000000,16", "--k", "4"], "need about"),
+    ("sweep", ["--latents", "²,16"], "'²' is not one"),
+    ("train", ["--seed", str(2**70)], "seeds are integers from 0 to 2^63 - 1"),
+    ("train", ["--init-seed", "-1"], "seeds are integers from 0 to 2^63 - 1"),
+    ("sweep", ["--latents", "8,16", "--k", "12"], "k=12 is more than the smallest number of latents (8)"),
+])
+def test_training_inputs_are_refused_before_any_folder_is_made(small_store, tmp_path, capsys, cmd, args, says):
+    out = tmp_path / "out"
+    line = cli_error(capsys, [cmd, "--acts", str(small_store.path), "--out", str(out), *SWEEP_ARGS, *args])
+    assert says in line
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def test_sweep_resume_with_another_plan_or_of_a_finished_sweep_is_refused(small_store, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    run = ["sweep", "--acts", str(small_store.path), "--out", str(out), *SWEEP_ARGS, "--k", "4"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(first):
+        def log(name, rec):
+            if rec.get("step", 0) >= 4:
+                raise Stop
+        return log
+
+    from saelab.sweep import INDEX, sweep
+    from saelab.train_config import TrainConfig
+
+    base = TrainConfig(k=4, tokens=2048, batch_size=256, lr=3e-3, checkpoint_every=2, log_every=1)
+    with pytest.raises(Stop):
+        sweep(small_store, base, out, latents=[16, 32], log=stop_after(True), progress=False)
+    line = cli_error(capsys, [*run, "--latents", "16,48", "--resume"])
+    assert "started as members latents-00016, latents-00032" in line and "latents-00016, latents-00048" in line
+    assert not (out / "latents-00048").exists()
+    sweep(small_store, base, out, latents=[16, 32], resume=True, progress=False)
+    index = (out / INDEX).read_bytes()
+    line = cli_error(capsys, [*run, "--latents", "16,32", "--resume"])
+    assert "already holds a finished sweep (sweep.json): there is nothing to resume" in line
+    assert (out / INDEX).read_bytes() == index
+
+
+# -- numbers and ids on the command line ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def builtin_sae(tmp_path_factory) -> Path:
+    sae = SAE(SAEConfig(192, 16, "relu"))
+    sae.reset_parameters(seed=0)
+    folder = tmp_path_factory.mktemp("bsae") / "sae"
+    save_sae(sae, folder, model_name="builtin", hook_name="blocks.1.hook_resid_post")
+    return folder
+
+
+@pytest.mark.parametrize("args, says", [
+    (["steer", "{sae}", "--prompt", "hi", "--feature", "5=1e308"], "must be a finite number within ±1e+06"),
+    (["steer", "{sae}", "--prompt", "hi", "--feature", "5=-inf"], "must be a finite number within ±1e+06"),
+    (["steer", "{sae}", "--prompt", "hi", "--feature", "5=1", "--samples", "0"], "not a positive integer"),
+    (["steer", "{sae}", "--prompt", "hi", "--feature", "5=1", "--seed", str(2**70)], "seeds are integers"),
+    (["experiment", "unsafe-code", "{tmp}", "--samples", "0"], "--samples: 0 is not a positive integer"),
+    (["experiment", "builtin-dial", "{tmp}", "--values", "1,nan"], "'nan' is not a finite number"),
+    (["experiment", "builtin-dial", "{tmp}", "--values", "1e308"], "'1e308' is not a finite number"),
+    (["dial", "{sae}", "--prompts", "{prompts}", "--features", "5,5", "--keywords", "x"], "lists a feature twice"),
+    (["dial", "{sae}", "--prompts", "{prompts}", "--features", "1.5", "--keywords", "x"], "'1.5' is not an integer"),
+    (["families", "{tmp}", "--tau", "nan"], "--tau must be a number from 0 to 1, got nan"),
+    (["families", "{tmp}", "--tau", "-1"], "--tau must be a number from 0 to 1"),
+    (["families", "{tmp}", "--cover", "5"], "--cover must be a number from 0 to 1, got 5.0"),
+])
+def test_bad_numbers_on_the_command_line_are_one_line(builtin_sae, tmp_path, capsys, args, says):
+    (tmp_path / "prompts.txt").write_text("def f():\n")
+    args = [a.format(sae=builtin_sae, tmp=tmp_path, prompts=tmp_path / "prompts.txt") for a in args]
+    assert says in cli_error(capsys, args)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model-id", "../../evil"], "model id '../../evil' must be letters"),
+    (["--model-id", "a/b"], "model id 'a/b' must be letters"),
+    (["--sae-id-suffix", "../x"], "source id suffix '../x' must be letters"),
+    (["--layer", "-5"], "layer must be a layer number (0 or more), got -5"),
+])
+def test_export_refuses_path_like_ids_and_negative_layers(web_run_dir, tmp_path, capsys, args, says):
+    out = tmp_path / "export"
+    line = cli_error(capsys, ["export", "neuronpedia", str(web_run_dir / "features.db"), "--sae",
+                              str(web_run_dir / "sae"), "--out", str(out), *args])
+    assert says in line and not out.exists()
