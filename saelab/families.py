@@ -36,6 +36,7 @@ pair: no dense ``[n, d]`` activations and no ``n × d_S × d_L`` product. 16k ×
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
 
@@ -59,12 +60,13 @@ class FamilyConfig:
     """Tokens encoded per SAE call."""
 
     def __post_init__(self):
-        # NaN compares false with every score, inf/negative match everything or nothing: refused before
-        # families.json is overwritten with a meaningless result
-        for name, low, high in (("tau", 0.0, 1.0), ("cover", 0.0, 1.0)):
+        # NaN compares false with every score and a negative bound matches everything: refused before
+        # families.json is overwritten with a meaningless result (above 1: nothing matches, a test's tool)
+        for name in ("tau", "cover"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and low <= value <= high):
-                raise ValueError(f"--{name} must be a number from {low:g} to {high:g}, got {value!r}")
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ValueError(f"--{name} must be a finite number from 0 (1 at most for a useful result), "
+                                 f"got {value!r}")
         if self.block < 1 or self.batch < 1:
             raise ValueError(f"block and batch must be positive, got {self.block}, {self.batch}")
 

@@ -188,7 +188,28 @@ def load_sweep(folder: str | Path) -> tuple[dict, list[Member]]:
         index = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); it is damaged") from None
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ValueError(f"{path} is not a saelab sweep index (format {FORMAT!r} version {VERSION} expected)")
-    members = [Member(**m) for m in index["members"]]
-    return index, sorted(members, key=_size)
+    members = index.get("members")
+    if not isinstance(members, list) or not members:
+        raise ValueError(f"{path}: 'members' must be a non-empty list of the sweep's SAEs; the file is damaged")
+    return index, sorted((_member(m, i, path) for i, m in enumerate(members)), key=_size)
+
+
+_MEMBER_TYPES = {"name": (str,), "d_sae": (int, type(None)), "k": (int, type(None)), "arch": (str,), "path": (str,)}
+
+
+def _member(entry, i: int, path: Path) -> Member:
+    """members[i] of sweep.json, checked: an object with exactly Member's keys, each of its type."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: members[{i}] must be an object, found {type(entry).__name__}")
+    if set(entry) != set(Member._fields):
+        missing, extra = sorted(set(Member._fields) - set(entry)), sorted(set(entry) - set(Member._fields))
+        raise ValueError(f"{path}: members[{i}] " + "; ".join(
+            p for p in (f"lacks {', '.join(missing)}" if missing else "",
+                        f"has unknown key(s) {', '.join(extra)}" if extra else "") if p)
+            + f" (a member has exactly {', '.join(Member._fields)})")
+    for key, kinds in _MEMBER_TYPES.items():
+        if not isinstance(entry[key], kinds) or isinstance(entry[key], bool):
+            raise ValueError(f"{path}: members[{i}].{key} has the wrong type ({entry[key]!r})")
+    return Member(**entry)
