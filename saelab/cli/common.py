@@ -33,3 +33,12 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer (1 or more)")
     return value
+
+
+CONTINUATION = "\n\t"   # kept as they are when a whole continuation is printed
+
+
+def terminal_text(text: str, keep: str = "") -> str:
+    """Model or corpus text made safe for a terminal: control characters (ESC, BEL, ...) written as escapes,
+    so nothing is interpreted; ``keep`` lists those printed as they are (a continuation keeps its newlines)."""
+    return "".join(c if c.isprintable() or c == " " or c in keep else repr(c)[1:-1] for c in text)

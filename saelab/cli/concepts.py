@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from saelab.cli.common import _print_json, positive, seed
+from saelab.cli.common import _print_json, positive, seed, terminal_text
 
 EXPERIMENTS = ("golden-gate", "unsafe-code", "builtin-dial")  # saelab.experiments.RUNNERS, without importing torch
 
@@ -129,7 +129,7 @@ def _print_curve(points) -> None:
     for p in points:
         c, k = rate(p.answers, "classifier"), rate(p.answers, "keyword")
         fmt = lambda r: "   -" if r is None else f"{r:.0%}"  # noqa: E731
-        first = (p.answers[0].text if p.answers else "")[:60].replace("\n", "⏎")
+        first = terminal_text((p.answers[0].text if p.answers else "")[:60].replace("\n", "⏎"))
         label = "default" if p.value is None else f"{p.value:g}×"
         print(f"  {label:>7}  {p.concept_rate:>7.0%}  {fmt(c):>8}  {fmt(k):>7}  {p.nll:>6.3f}  {p.nll / base:>5.2f}  "
               f"{p.repetition:>5.2f}  {first}")
@@ -211,7 +211,7 @@ def _feature_dial(args, values, prompts) -> None:
     print(f"feature {curve.feature} (max activation {curve.max_act:.4g}), {len(prompts)} prompts")
     print(f"  {'value':>6}  {'activation':>10}  {'loss':>6}  tokens  first continuation")
     for p in curve.points:
-        first = (p.texts[0] if p.texts else "")[:50].replace("\n", "⏎")
+        first = terminal_text((p.texts[0] if p.texts else "")[:50].replace("\n", "⏎"))
         print(f"  {p.value:>5g}×  {p.activation:>10.4g}  {p.loss:>6.3f}  {p.n_tokens:>6}  {first}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saelab.cli.common import _print_json, seed
+from saelab.cli.common import _print_json, seed, terminal_text
 
 
 # -- analyze / feature / inspect / search / explain / export ---------------------------------------
@@ -106,7 +106,7 @@ def _run_analyze(args) -> None:
 
 def _shown(text: str) -> str:
     """Model text made safe for a terminal: control characters escaped, nothing interpreted."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return terminal_text(text)
 
 
 def _window(ex: dict) -> str:

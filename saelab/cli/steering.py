@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from saelab.cli.common import _print_json, positive, seed
+from saelab.cli.common import CONTINUATION, _print_json, positive, seed, terminal_text
 
 
 # -- steer / monitor / generate (dial: saelab.cli.concepts) -------------------------------------------------------------
@@ -185,8 +185,8 @@ def _run_steer(args) -> None:
     for i, p in enumerate(pairs):
         means = ", ".join(f"{f}: {sum(a) / max(len(a), 1):.3g}" for f, a in p.steered_acts.items())
         print(f"── sample {i} (seed {args.seed}) ──")
-        print(f"default:\n{args.prompt}{p.default_text}\n")
-        print(f"steered:\n{args.prompt}{p.steered_text}\n")
+        print(f"default:\n{terminal_text(args.prompt + p.default_text, keep=CONTINUATION)}\n")
+        print(f"steered:\n{terminal_text(args.prompt + p.steered_text, keep=CONTINUATION)}\n")
         print(f"mean activation on the steered text (unsteered re-read): {means}\n")
 
 
@@ -226,7 +226,7 @@ def _run_generate(args) -> None:
                      "thresholds": {str(f): t for f, t in watchlist.thresholds.items()},
                      "alerts": [a.to_json() for a in result.alerts]})
         return
-    print(args.prompt + result.text)
+    print(terminal_text(args.prompt + result.text, keep=CONTINUATION))
     for a in result.alerts:
         print(f"alert: token {a.token!r} at position {a.position}: feature {a.feature} = {a.activation:.4g} "
               f"(> {watchlist.thresholds[a.feature]:.4g}){' — ' + a.explanation if a.explanation else ''}",
