@@ -335,14 +335,14 @@ def small_store(tmp_path_factory):
 
 def cli_error(capsys, args: list[str]) -> str:
     """The error line ``saelab ARGS`` prints on stderr (exit code 2), checked to be the only one (argparse's
-    usage line aside), no traceback."""
+    usage line and progress bars aside), no traceback."""
     try:
         code = main(args)
     except SystemExit as e:     # argparse refused an option: usage, then its error line
         code = e.code
     assert code == 2
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("usage:", " "))]
+    lines = [ln.strip() for ln in err.splitlines() if ln.startswith("saelab") and "error: " in ln]  # not bars
     assert "Traceback" not in err and len(lines) == 1, err
     return lines[0]
 
@@ -401,7 +401,7 @@ def builtin_sae(tmp_path_factory) -> Path:
     sae = SAE(SAEConfig(192, 16, "relu"))
     sae.reset_parameters(seed=0)
     folder = tmp_path_factory.mktemp("bsae") / "sae"
-    save_sae(sae, folder, model_name="builtin", hook_name="blocks.1.hook_resid_post")
+    save_sae(sae, folder, model_name="builtin", hook_name="blocks.1.hook_resid_post", feature_max_act=[1.0] * 16)
     return folder
 
 
@@ -436,3 +436,175 @@ def test_export_refuses_path_like_ids_and_negative_layers(web_run_dir, tmp_path,
     line = cli_error(capsys, ["export", "neuronpedia", str(web_run_dir / "features.db"), "--sae",
                               str(web_run_dir / "sae"), "--out", str(out), *args])
     assert says in line and not out.exists()
+
+
+# -- files with bad content: one line naming the file ----------------------------------------------------
+
+def test_sae_config_with_a_negative_context_size_is_refused_naming_the_file(tmp_path):
+    from saelab.errors import InvalidSAE
+    from saelab.formats import load_sae
+
+    sae = SAE(SAEConfig(8, 4, "relu"))
+    save_sae(sae, tmp_path / "sae", context_size=16)
+    cfg_file = tmp_path / "sae" / "cfg.json"
+    for value in (-1, 0):
+        cfg = json.loads(cfg_file.read_text())
+        cfg["metadata"]["context_size"] = value
+        cfg_file.write_text(json.dumps(cfg))
+        with pytest.raises(InvalidSAE, match=rf"{cfg_file}: metadata.context_size must be a positive integer, "
+                                             rf"got {value}"):
+            load_sae(tmp_path / "sae")
+
+
+def test_concept_files_that_are_not_json_or_not_utf8_are_named(tmp_path):
+    from saelab.experiments import read_texts
+
+    bad_json = tmp_path / "pos.jsonl"
+    bad_json.write_text('"fine"\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=rf"{bad_json}:2: not valid JSON \(Expecting value at column 10\)"):
+        read_texts(bad_json)
+    latin = tmp_path / "neg.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{latin}: not UTF-8 text \(byte 3: invalid continuation byte\)"):
+        read_texts(latin)
+
+
+def test_concept_with_the_same_positive_and_negative_texts_says_they_do_not_separate(builtin_sae, tmp_path, capsys):
+    texts = tmp_path / "same.txt"
+    texts.write_text("".join(f"def f{i}(x):\n" for i in range(8)))
+    line = cli_error(capsys, ["concept", str(builtin_sae), "--positive", str(texts), "--negative", str(texts),
+                              "--no-calibrate"])
+    assert "the positive and negative texts are the same texts, so they do not separate" in line
+
+
+def test_sweep_json_with_bad_members_is_one_line(tmp_path, capsys):
+    good = {"name": "latents-00016", "d_sae": 16, "k": 4, "arch": "topk", "path": "latents-00016"}
+    for members, says in (([{**good, "extra": 1}], "members[0] has unknown key(s) extra"),
+                          ([{k: v for k, v in good.items() if k != "path"}], "members[0] lacks path"),
+                          ([good, "latents-00032"], "members[1] must be an object, found str"),
+                          ([{**good, "d_sae": "16"}], "members[0].d_sae has the wrong type ('16')"),
+                          ({"a": 1}, "'members' must be a non-empty list")):
+        (tmp_path / "sweep.json").write_text(json.dumps({"format": "saelab-sweep", "version": 1, "members": members}))
+        assert says in cli_error(capsys, ["scaling", str(tmp_path)])
+
+
+def test_scaling_names_the_members_whose_loss_cannot_be_fitted():
+    from saelab.scaling import fits
+
+    rows = [{"name": f"latents-{n:05d}", "d_sae": n, "k": 4, "flops": n * 10, "fvu": f}
+            for n, f in ((16, 0.5), (32, float("nan")), (64, 0.2))]
+    with pytest.raises(ValueError, match=r"cannot fit fvu against d_sae: latents-00032 \(d_sae 32, fvu nan\)"):
+        fits(rows)
+
+
+def test_families_refuse_a_sample_with_nan_rows(tmp_path):
+    from factories import make_synthetic_store, synthetic_rows
+
+    from saelab.family_io import sample_rows
+
+    x = synthetic_rows(512)
+    x[300, 2] = float("nan")
+    store = make_synthetic_store(tmp_path / "acts", x=x, shards=2)
+    with pytest.raises(ValueError, match=rf"{store.path}: 1 of the 512 sampled rows hold NaN/inf values "
+                                         r"\(first rows \[300\]\)"):
+        sample_rows(store, 512, 0.0)
+
+
+def test_steer_prints_escape_and_bell_characters_escaped(builtin_sae, capsys):
+    assert main(["steer", str(builtin_sae), "--prompt", "x = 1\x1b[2J\x07\n", "--feature", "0=1",
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "x = 1\\x1b[2J\\x07\n" in out
+
+
+# -- bad content inside a valid features.db; a damaged families.json --------------------------------------
+
+@pytest.fixture
+def damaged_run(web_run_dir, tmp_path) -> Path:
+    """A copy of the web run where feature 3's max_act is text, feature 5's top examples are torn JSON and
+    feature 7's map position is text."""
+    import sqlite3
+
+    run = tmp_path / "run"
+    shutil.copytree(web_run_dir, run)
+    with sqlite3.connect(run / "features.db") as c:
+        c.execute("UPDATE features SET max_act = 'abc' WHERE id = 3")
+        c.execute("UPDATE examples SET tokens = '[broken' WHERE feature = 5")
+        c.execute("UPDATE features SET x = 'abc' WHERE id = 7")
+    return run
+
+
+def test_damaged_rows_give_one_error_for_their_feature_and_the_rest_is_served(damaged_run, capsys):
+    from fastapi.testclient import TestClient
+
+    from saelab.web.app import create_app
+
+    db = damaged_run / "features.db"
+    with TestClient(create_app(damaged_run), base_url="http://127.0.0.1:8765") as client:
+        for path, says in (("/api/features/3", "feature 3: max_act holds 'abc', not a number"),
+                           ("/api/features/3/summary", "feature 3: max_act holds 'abc', not a number"),
+                           ("/api/features/5", "feature 5: top example 0: tokens is not valid JSON")):
+            r = client.get(path)
+            assert r.status_code == 500 and r.json()["detail"].startswith(f"{db}: {says}"), (path, r.text)
+        page = client.get("/features/5")
+        assert page.status_code == 500 and "text/html" in page.headers["content-type"]
+        assert "feature 5: top example 0: tokens is not valid JSON" in page.text
+        for path in ("/", "/features", "/features?order_by=max_act", "/api/features?order_by=max_act", "/map",
+                     "/features/4", "/api/features/2"):
+            assert client.get(path).status_code == 200, path
+        points = client.get("/api/map").json()
+        assert 7 not in points["ids"] and 3 in points["ids"] and len(points["ids"]) == 63
+    assert main(["feature", str(db), "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"saelab: error: {db}: feature 5: top example 0: tokens is not valid JSON") and \
+        err.count("\n") == 1
+
+
+def test_a_damaged_families_json_does_not_stop_the_server(damaged_run, caplog):
+    from fastapi.testclient import TestClient
+
+    from saelab.web.app import create_app
+
+    (damaged_run / "sweep.json").write_text("{}")
+    for text in ("{not json", json.dumps({"format": "saelab-families", "sizes": [{"path": "sae", "d_sae": 64}]})):
+        (damaged_run / "families.json").write_text(text)
+        with TestClient(create_app(damaged_run), base_url="http://127.0.0.1:8765") as client:
+            assert client.get("/api/map").status_code == 200 and client.get("/features/2").status_code == 200
+        assert "ignoring the families.json" in caplog.text
+
+
+# -- locks: one chat-corpus builder, one explain, no explain during an analysis ------------------------------
+
+def test_explain_and_chat_corpus_take_their_locks(web_run_dir, tmp_path, monkeypatch, capsys):
+    from factories import hold_lock
+
+    from saelab import chatcorpus
+    from saelab.corpus import chat_path
+    from saelab.errors import FolderLocked
+
+    db = tmp_path / "features.db"
+    shutil.copy(web_run_dir / "features.db", db)
+    proc = hold_lock(db)                     # e.g. an analysis writing this database, or another explain
+    try:
+        line = cli_error(capsys, ["explain", str(db), "--features", "0-3"])
+        assert f"process {proc.pid} is writing it" in line
+    finally:
+        proc.kill()
+        proc.wait()
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+
+    class Tok:
+        chat_template = "{{ messages[0]['content'] }}"
+
+    class LM:
+        tokenizer, name, weights_hash = Tok(), "m", "0" * 64
+
+    out = chat_path("m")
+    proc = hold_lock(out)
+    try:
+        with pytest.raises(FolderLocked, match=f"process {proc.pid}"):
+            chatcorpus.build("m", load=lambda name: LM(), request_list=["hi"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.with_suffix(".partial.jsonl").exists()
