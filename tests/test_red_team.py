@@ -608,3 +608,49 @@ def test_explain_and_chat_corpus_take_their_locks(web_run_dir, tmp_path, monkeyp
         proc.kill()
         proc.wait()
     assert not out.with_suffix(".partial.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_served_looping_template_leaves_the_server_stoppable_by_sigterm(web_run_dir, tmp_path):
+    """saelab serve, a chat steer request whose template loops, then SIGTERM: the request ends (422) and the
+    server exits, as the bounded rendering frees the model (it used to hold it forever and ignore SIGTERM)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from saelab.formats import load_sae
+    from saelab.provenance import Provenance
+
+    model = with_template(Path(Provenance.of(load_sae(web_run_dir / "sae")).model_name), tmp_path / "m", LOOP)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "saelab", "serve", str(web_run_dir), "--model", str(model),
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stderr.readline()
+        url, answers = f"http://127.0.0.1:{port}", []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(url + "/api/info", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        body = {"prompt": "hi", "max_new_tokens": 2, "chat": True, "features": [{"id": 0, "value": 1}]}
+        asker = threading.Thread(target=lambda: answers.append(httpx.post(url + "/api/steer", json=body,
+                                                                          timeout=120)))
+        asker.start()
+        time.sleep(2)                                   # the request is rendering the template now
+        proc.send_signal(signal.SIGTERM)
+        asker.join(120)
+        assert proc.wait(timeout=60) is not None
+        assert answers and answers[0].status_code == 422 and "ran more than" in answers[0].json()["detail"]
+    finally:
+        proc.kill()
+        proc.wait()
