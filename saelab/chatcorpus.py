@@ -27,6 +27,7 @@ from typing import Callable
 from saelab import atomic
 from saelab.chat_template import render_chat
 from saelab.corpus import chat_path
+from saelab.locks import exclusive
 
 REQUESTS = Path(__file__).parent / "prompts" / "chat_requests.toml"
 TEMPERATURE, MAX_NEW_TOKENS, BATCH, SEED = 0.8, 192, 32, 0
@@ -61,11 +62,17 @@ def build(model: str, *, load=None, progress: Callable[[int, int], None] | None 
     reqs = request_list if request_list is not None else requests()
     want = settings(lm, reqs)
     out = chat_path(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one builder per corpus: two at once would append to one partial file and record a torn corpus as done
+    with exclusive(out, "chat corpus build", "corpus"):
+        return _build(lm, model, reqs, want, out, progress, request_list)
+
+
+def _build(lm, model: str, reqs: list[str], want: dict, out: Path, progress, request_list) -> Path:
     record_path, partial = out.with_suffix(".json"), out.with_suffix(".partial.jsonl")
     partial_record = out.with_suffix(".partial.json")
     if out.is_file() and record_path.is_file() and _settings_of(record_path) == want:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     if _settings_of(partial_record) != want:     # a partial build with other settings cannot be resumed
         partial.unlink(missing_ok=True)
         atomic.write_json(partial_record, want)

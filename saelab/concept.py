@@ -300,6 +300,9 @@ def find_concept(lm, sae, positives: Sequence[str], negatives: Sequence[str], cf
                  hook: str | None = None, db=None) -> ConceptResult:
     """Rank features on the texts and select the concept's set (no generation)."""
     cfg = cfg or ConceptConfig()
+    if sorted(positives) == sorted(negatives):
+        raise ValueError("the positive and negative texts are the same texts, so they do not separate: give texts "
+                         "with the concept and texts without it")
     S = text_max_acts(sae, lm, [*positives, *negatives], hook or sae_hook_name(sae))  # (n_texts, d_sae)
     return select_features(S, len(positives), feature_scales(sae, S, db), cfg)
 

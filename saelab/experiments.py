@@ -62,14 +62,20 @@ DANGEROUS_KEYWORDS = ["os.system", "os.popen", "shell=True", "eval(", "exec(", "
 def read_texts(path: Path | str) -> list[str]:
     """``.jsonl``/``.json``: one JSON string (or object with ``text``/``prompt``) per line; else one text per line."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if path.suffix not in (".jsonl", ".json"):
         return [ln for ln in lines if ln.strip()]
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        obj = json.loads(line)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
         text = obj if isinstance(obj, str) else (obj.get("text") or obj.get("prompt")) if isinstance(obj, dict) else None
         if not isinstance(text, str):
             raise ValueError(f"{path}:{n}: expected a JSON string or an object with a 'text' or 'prompt' string")

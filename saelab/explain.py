@@ -26,6 +26,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
+from saelab.locks import exclusive
+
 __all__ = ["Example", "FeatureRecord", "ExplanationResult", "OfflineJudge", "offline_explanation", "detection_score",
            "explain_and_score", "explain_db", "record_from_db", "heldout_split", "parse_feature_selection",
            "context_theme", "content_words", "word_rates", "FUNCTION_WORDS", "parse_explanation", "token_patterns", "quote_token", "UnusableReply"]
@@ -470,8 +472,14 @@ def explain_db(db, feature_ids: Sequence[int], *, client=None, judge: Judge | No
     run that dies (e.g. the LLM endpoint goes away) keeps what it paid for; ``skip_existing`` then skips
     the features that already have an explanation from the same source (``offline`` or ``llm:MODEL``).
     A feature whose LLM reply cannot be parsed is left unexplained (:class:`UnusableReply`, e.g.
-    ``saelab.llm.LLMReplyError``) and the run goes on.
+    ``saelab.llm.LLMReplyError``) and the run goes on. The database's lock is held throughout: a second
+    explain, or an analysis that would rename a new database over these edits, is refused meanwhile.
     """
+    with exclusive(db.path, "explain", "feature database"):
+        return _explain_all(db, feature_ids, client, judge, skip_existing, flush_every, progress)
+
+
+def _explain_all(db, feature_ids, client, judge, skip_existing, flush_every, progress) -> dict[int, ExplanationResult]:
     source = f"llm:{client.model}" if client is not None else "offline"
     results: dict[int, ExplanationResult] = {}
     pending: list[tuple[int, str, str, float | None]] = []

@@ -36,6 +36,7 @@ pair: no dense ``[n, d]`` activations and no ``n × d_S × d_L`` product. 16k ×
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
 
@@ -57,6 +58,17 @@ class FamilyConfig:
     """Features of the smaller SAE per block of the score matrices (memory ∝ block × d_L)."""
     batch: int = 4096
     """Tokens encoded per SAE call."""
+
+    def __post_init__(self):
+        # NaN compares false with every score and a negative bound matches everything: refused before
+        # families.json is overwritten with a meaningless result (above 1: nothing matches, a test's tool)
+        for name in ("tau", "cover"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ValueError(f"--{name} must be a finite number from 0 (1 at most for a useful result), "
+                                 f"got {value!r}")
+        if self.block < 1 or self.batch < 1:
+            raise ValueError(f"block and batch must be positive, got {self.block}, {self.batch}")
 
 
 class Codes(NamedTuple):

@@ -26,6 +26,7 @@ from saelab.families import FORMAT, FamilyConfig, families, families_json
 from saelab.formats import load_sae
 from saelab.provenance import Provenance
 from saelab.store import ActivationStore
+from saelab.store.reading import non_finite_rows
 
 SWEEP_FILE, FAMILIES_FILE = "sweep.json", "families.json"
 SWEEP_FORMAT = "saelab-sweep"
@@ -127,6 +128,10 @@ def sample_rows(store: ActivationStore, tokens: int, heldout_fraction: float) ->
         if got >= n:
             break
     x = torch.cat(rows)                                                   # (n', d_in)
+    bad = non_finite_rows(x)
+    if bad:   # NaN codes would match nothing and families.json would silently say so
+        raise ValueError(f"{store.path}: {len(bad)} of the {x.shape[0]} sampled rows hold NaN/inf values (first rows "
+                         f"{bad[:5]}); check the store with 'saelab store verify' and re-harvest it")
     return x, {"store": str(store.path), "split": split, "heldout_fraction": heldout_fraction, "rows": int(x.shape[0])}
 
 

@@ -50,10 +50,11 @@ SAELENS_LLM_METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hoo
 """Top-level keys of an old flat SAELens cfg.json that SAELens 6 moves into metadata."""
 _DENSITY_EPS = 1e-10  # SAELens' epsilon inside log10(density + eps)
 _INT, _STR, _BOOL, _DICT = ("an integer", int), ("a string", str), ("true or false", bool), ("an object", dict)
-CFG_FIELDS = {"d_in": _INT, "d_sae": _INT, "k": _INT, "num_latents": _INT, "expansion_factor": _INT,
+_SIZE = ("a positive integer", int)  # sizes and lengths: 0 or -1 ended deep inside (islice, empty tensors)
+CFG_FIELDS = {"d_in": _SIZE, "d_sae": _SIZE, "k": _INT, "num_latents": _SIZE, "expansion_factor": _SIZE,
               "architecture": _STR, "activation": _STR, "activation_fn": _STR, "dtype": _STR, "device": _STR,
               "sae_lens_version": _STR, "hook_name": _STR, "hook_point": _STR, "model_name": _STR,
-              "context_size": _INT, "apply_b_dec_to_input": _BOOL, "finetuning_scaling_factor": _BOOL,
+              "context_size": _SIZE, "apply_b_dec_to_input": _BOOL, "finetuning_scaling_factor": _BOOL,
               "rescale_acts_by_decoder_norm": _BOOL, "transcode": _BOOL, "skip_connection": _BOOL, "signed": _BOOL,
               "metadata": _DICT, "activation_fn_kwargs": _DICT}
 """The type each known cfg.json key (top level or in metadata) must have when present and not null."""
@@ -221,6 +222,8 @@ def _check_fields(cfg: dict, file: Path, where: str = "") -> None:
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
         if kind is int and isinstance(value, float) and math.isfinite(value) and value == int(value):
             ok = True   # 4096.0 from a JSON writer that only knows floats
+        if ok and (what, kind) == _SIZE:
+            ok = value >= 1
         if not ok:
             raise InvalidSAE(f"{file}: {where}{key} must be {what}, got {value!r}; fix or regenerate the config")
     if isinstance(cfg.get("metadata"), dict) and not where:

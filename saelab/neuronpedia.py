@@ -103,7 +103,14 @@ def _identity(info: dict, model_id, layer, sae_set, sae_id_suffix) -> dict:
         if m is None:
             raise ValueError(f"hook {hook!r} names no layer number; pass the Neuronpedia layer (--layer)")
         layer = int(m.group())
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"the Neuronpedia layer must be a layer number (0 or more), got {layer!r}")
     model_id = model_id or re.sub(r"[^a-z0-9._-]+", "-", Path(str(info.get("model_name", "model"))).name.lower())
+    # ids become parts of paths and URLs on Neuronpedia's side: plain names only (no "/", no "..")
+    for what, value in (("model id", model_id), ("source id suffix", sae_id_suffix)):
+        if value is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) or ".." in value):
+            raise ValueError(f"Neuronpedia {what} {value!r} must be letters, digits, dots, dashes and underscores "
+                             "(no '/' or '..'), e.g. gemma-2-2b")
     if sae_set is None:
         kind = re.sub(r"^.*?\d+\.", "", hook).removeprefix("hook_")
         d_sae = int(info.get("d_sae", 0))

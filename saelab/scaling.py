@@ -201,14 +201,24 @@ def fits(rows: list[dict]) -> dict[str, dict]:
             xs_names = [("latents", "d_sae"), ("compute", "flops")] if axis == "d_sae" else [("k", "k")]
             for label, key in xs_names:
                 name = f"fvu_vs_{label}" + (f"@{suffix}" if suffix else "")
-                out[name] = {"x": key, "y": "fvu", "members": [r["name"] for r in group],
-                             **fit_power_law([r[key] for r in group], [r["fvu"] for r in group]).to_json()}
+                out[name] = _fit(group, key, "fvu", [r["fvu"] for r in group])
                 if all(r.get("ce_recovered") is not None for r in group):
                     name = f"ce_loss_vs_{label}" + (f"@{suffix}" if suffix else "")
-                    ys = [1 - r["ce_recovered"] for r in group]
-                    out[name] = {"x": key, "y": "1 - ce_recovered", "members": [r["name"] for r in group],
-                                 **fit_power_law([r[key] for r in group], ys).to_json()}
+                    out[name] = _fit(group, key, "1 - ce_recovered", [1 - r["ce_recovered"] for r in group])
     return out
+
+
+def _fit(group: list[dict], key: str, y_name: str, ys: list) -> dict:
+    """One power-law fit of ``ys`` against the members' ``key``; members without a usable value are named."""
+    bad = [f"{r['name']} ({key} {r[key]}, {y_name} {y})" for r, y in zip(group, ys)
+           if not (isinstance(r[key], (int, float)) and r[key] > 0 and isinstance(y, (int, float))
+                   and math.isfinite(y) and math.isfinite(r[key]))]
+    if bad:
+        raise ValueError(f"cannot fit {y_name} against {key}: {', '.join(bad)} — {key} must be positive and "
+                         f"{y_name} finite; re-evaluate or re-train those members (their held-out evaluation "
+                         "gave no number)")
+    return {"x": key, "y": y_name, "members": [r["name"] for r in group],
+            **fit_power_law([r[key] for r in group], ys).to_json()}
 
 
 def scaling(folder: str | Path, ce: bool = False, ce_tokens: int = 16_384, acts: str | None = None,

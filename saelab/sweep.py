@@ -13,6 +13,8 @@ weights: each gets its own ``init_seed`` (:func:`member_init_seed`), recorded in
     OUT/k-032/              ... named by what varies: latents-NNNNN, k-NNN, or latents-NNNNN-k-NNN
 
 sweep.json is written once, after every member is saved: its presence means the sweep is complete.
+``OUT/sweep-plan.json`` (the members and settings asked for) is written at the start, so that a resume
+asking for another plan is refused instead of orphaning the members already trained.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from saelab.atomic import write_json
 from saelab.locks import exclusive
 from saelab.sae import SAE
 from saelab.train import train_many
-from saelab.train_config import TrainConfig
+from saelab.train_config import RUN_ONLY_FIELDS, TrainConfig
 
 FORMAT, VERSION, INDEX = "saelab-sweep", 1, "sweep.json"
 
@@ -54,7 +56,7 @@ def parse_sizes(text: str | None, flag: str) -> list[int]:
     if text is None:
         return []
     parts = [p.strip() for p in str(text).split(",")]
-    bad = [p for p in parts if not p.isdigit() or int(p) <= 0]
+    bad = [p for p in parts if not (p.isascii() and p.isdigit()) or int(p) <= 0]   # "²".isdigit() is True
     if bad:
         raise ValueError(f"{flag} takes positive integers separated by commas (e.g. {flag} 1024,2048,4096); "
                          f"{', '.join(repr(p) for p in bad)} is not one")
@@ -78,6 +80,9 @@ def plan(base: TrainConfig, latents: Sequence[int], ks: Sequence[int]) -> list[t
     if len(ks) > 1 and not sparse:
         raise ValueError(f"a k scan needs a topk or batchtopk sweep; {base.architecture} has no k")
     out = []
+    if sparse and latents[0] and ks[0] and max(ks) > latents[0]:   # before any member folder is made
+        raise ValueError(f"{base.architecture}: k={max(ks)} is more than the smallest number of latents "
+                         f"({latents[0]}); every member needs k <= latents")
     for d_sae in latents:
         for k in ks:
             parts = []
@@ -104,13 +109,23 @@ def sweep(source, base: TrainConfig, out: str | Path, latents: Sequence[int] = (
     members = plan(base, latents, ks)
     main = int(os.environ.get("RANK", "0")) == 0          # under torchrun only rank 0 writes
     with exclusive(out, "sweep") if main else nullcontext():
-        if not resume and (out / INDEX).exists():
-            raise FileExistsError(f"{out} already holds a finished sweep ({INDEX}); choose a new --out")
+        if (out / INDEX).exists():   # a finished sweep is never trained or rewritten again
+            raise FileExistsError(f"{out} already holds a finished sweep ({INDEX})"
+                                  f"{': there is nothing to resume' if resume else ''}; choose a new --out")
+        made = not out.exists()
         if main:
             out.mkdir(parents=True, exist_ok=True)
+            _check_plan(out, _plan_record(base, members), resume)
         log_one = (lambda i, rec: log(members[i][0].name, rec)) if log else None
-        saes = train_many(source, [c for _, c in members], [out / m.path for m, _ in members], resume=resume,
-                          log=log_one, progress=progress, provenance=provenance)
+        try:
+            saes = train_many(source, [c for _, c in members], [out / m.path for m, _ in members], resume=resume,
+                              log=log_one, progress=progress, provenance=provenance)
+        except BaseException:
+            if main and not any((out / m.path).exists() for m, _ in members):   # refused before training:
+                (out / PLAN).unlink(missing_ok=True)                             # leave nothing behind
+                if made and not any(out.iterdir()):
+                    out.rmdir()
+            raise
         done = [m._replace(d_sae=sae.d_sae) for (m, _), sae in zip(members, saes)]
         if main:
             shared = {k: v for k, v in asdict(base).items() if k not in ("d_sae", "k")}
@@ -118,6 +133,44 @@ def sweep(source, base: TrainConfig, out: str | Path, latents: Sequence[int] = (
             write_json(out / INDEX, {"format": FORMAT, "version": VERSION, "acts": acts, "train_config": shared,
                                      "members": [m._asdict() for m in sorted(done, key=_size)]})
     return [saes[i] for i in sorted(range(len(saes)), key=lambda i: _size(done[i]))]
+
+
+PLAN = "sweep-plan.json"
+
+
+def _plan_record(base: TrainConfig, members) -> dict:
+    """What a resume must repeat: the members and every setting but those a resume may change."""
+    config = {k: v for k, v in asdict(base).items() if k not in ("d_sae", "k", *RUN_ONLY_FIELDS)}
+    return {"train_config": config, "members": [m._asdict() for m, _ in members]}
+
+
+def _check_plan(out: Path, planned: dict, resume: bool) -> None:
+    """A new sweep records its plan in ``out/sweep-plan.json``; a resume must ask for the same plan, else
+    the members it left would be orphaned beside new ones (refused, naming both plans)."""
+    path = out / PLAN
+    if resume and path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable ({e}); the sweep's plan is lost, start it again with a new --out")
+        if before != planned:
+            raise ValueError(f"{out}: this sweep was started as {_describe(before)}; the resume asks for "
+                             f"{_describe(planned)}. Resume with the same --latents, --k and settings, or "
+                             "choose a new --out")
+    if resume:
+        names = {m["name"] for m in planned["members"]}
+        orphans = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name not in names
+                         and d.name.startswith(("latents-", "k-", "expansion-")))
+        if orphans:
+            raise ValueError(f"{out} holds members this resume does not plan ({', '.join(orphans)}): resume with "
+                             "the --latents and --k it was started with, or choose a new --out")
+    write_json(path, planned)
+
+
+def _describe(record: dict) -> str:
+    members = record.get("members") if isinstance(record, dict) else None
+    names = ", ".join(str(m.get("name")) for m in members or [] if isinstance(m, dict))
+    return f"members {names or 'unknown'}"
 
 
 def _size(m: Member) -> tuple[int, int]:
@@ -136,7 +189,28 @@ def load_sweep(folder: str | Path) -> tuple[dict, list[Member]]:
         index = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); it is damaged") from None
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ValueError(f"{path} is not a saelab sweep index (format {FORMAT!r} version {VERSION} expected)")
-    members = [Member(**m) for m in index["members"]]
-    return index, sorted(members, key=_size)
+    members = index.get("members")
+    if not isinstance(members, list) or not members:
+        raise ValueError(f"{path}: 'members' must be a non-empty list of the sweep's SAEs; the file is damaged")
+    return index, sorted((_member(m, i, path) for i, m in enumerate(members)), key=_size)
+
+
+_MEMBER_TYPES = {"name": (str,), "d_sae": (int, type(None)), "k": (int, type(None)), "arch": (str,), "path": (str,)}
+
+
+def _member(entry, i: int, path: Path) -> Member:
+    """members[i] of sweep.json, checked: an object with exactly Member's keys, each of its type."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: members[{i}] must be an object, found {type(entry).__name__}")
+    if set(entry) != set(Member._fields):
+        missing, extra = sorted(set(Member._fields) - set(entry)), sorted(set(entry) - set(Member._fields))
+        raise ValueError(f"{path}: members[{i}] " + "; ".join(
+            p for p in (f"lacks {', '.join(missing)}" if missing else "",
+                        f"has unknown key(s) {', '.join(extra)}" if extra else "") if p)
+            + f" (a member has exactly {', '.join(Member._fields)})")
+    for key, kinds in _MEMBER_TYPES.items():
+        if not isinstance(entry[key], kinds) or isinstance(entry[key], bool):
+            raise ValueError(f"{path}: members[{i}].{key} has the wrong type ({entry[key]!r})")
+    return Member(**entry)

@@ -292,9 +292,10 @@ def _train(source, configs, outs, resume, log, progress, provenance, world, devi
     d_in = first.shape[1]
     info = _source_info(source, d_in)
     sample = None
+    resolved = {i: configs[i].resolved(d_in) for i in todo}   # every config checked before any folder is made
     runs = []
     for i in todo:
-        cfg, ckpt, out = configs[i].resolved(d_in), ckpts[i], outs[i]
+        cfg, ckpt, out = resolved[i], ckpts[i], outs[i]
         trainer = Trainer(cfg, d_in, world, device)
         if ckpt:
             _check_resume(ckpt[1], cfg, info, out)

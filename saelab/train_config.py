@@ -7,6 +7,7 @@ The loop that follows them is :mod:`saelab.train`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 from saelab import arch as architectures
@@ -84,6 +85,12 @@ class TrainConfig:
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs the ``wandb`` extra)."""
 
+    def __post_init__(self):
+        for name in ("seed", "init_seed"):   # checked before the data order is drawn from them
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**63:
+                raise ValueError(f"{name} must be an integer from 0 to 2^63 - 1, got {value}")
+
     def resolved(self, d_in: int) -> "TrainConfig":
         """A copy with every automatic value (None) made concrete for inputs of width ``d_in``."""
         c = self
@@ -94,6 +101,9 @@ class TrainConfig:
         if c.batch_size < 1 or c.tokens < c.batch_size:
             raise ValueError(f"tokens ({c.tokens}) must be at least one batch ({c.batch_size})")
         d_sae = c.d_sae or int(c.expansion * d_in)
+        if d_sae < 1:
+            raise ValueError(f"the SAE needs at least one latent, got d_sae={d_sae}")
+        _check_fits(d_sae, d_in)
         steps = c.tokens // c.batch_size
         return replace(c, d_sae=d_sae, lr=c.lr or rule.default_lr, **rule.resolve(c, d_in, d_sae),
                        k_aux=c.k_aux or max(1, d_in // 2),
@@ -105,6 +115,23 @@ class TrainConfig:
     @property
     def steps(self) -> int:
         return self.tokens // self.batch_size
+
+
+# fp32 weights of W_enc and W_dec, their gradients and Adam's two moments
+BYTES_PER_WEIGHT = 4 * 4
+
+
+def _check_fits(d_sae: int, d_in: int) -> None:
+    """Refuse an SAE whose weights and optimiser state cannot fit in this machine's memory, before any
+    allocation (10^12 latents used to end in an allocator traceback)."""
+    need = 2 * d_sae * d_in * BYTES_PER_WEIGHT
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):   # not on this OS: the allocator will say
+        return
+    if need > have:
+        raise ValueError(f"{d_sae:,} latents on inputs of width {d_in} need about {need / 2**30:,.1f} GiB for the "
+                         f"weights and optimiser state; this machine has {have / 2**30:,.1f} GiB. Use fewer latents")
 
 
 # -- schedules -------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from saelab import store as st
+from saelab.locks import lock_path
 
 # -- a synthetic activation store ---------------------------------------------------------------------
 
@@ -166,3 +169,19 @@ def write_code_corpus(folder: Path, n_docs: int = 200, seed: int = 0) -> str:
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return str(path)
 
+
+# -- a lock held by another process ----------------------------------------------------------------------
+
+def hold_lock(target: Path):
+    """A child process holding the lock on ``target`` until killed. It follows saelab.locks' protocol
+    (flock the sibling ``.<name>.lock``, write the PID) with bare fcntl: importing saelab (torch) in a
+    child costs seconds on a loaded machine."""
+    code = ("import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+            "print('locked', flush=True)\ntime.sleep(600)\n")
+    lock_path(target).parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lock_path(target))], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc

@@ -322,3 +322,335 @@ def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+# -- training and sweep inputs -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from factories import make_synthetic_store
+
+    return make_synthetic_store(tmp_path_factory.mktemp("store") / "acts", rows=2048, shards=2)
+
+
+def cli_error(capsys, args: list[str]) -> str:
+    """The error line ``saelab ARGS`` prints on stderr (exit code 2), checked to be the only one (argparse's
+    usage line and progress bars aside), no traceback."""
+    try:
+        code = main(args)
+    except SystemExit as e:     # argparse refused an option: usage, then its error line
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [ln.strip() for ln in err.splitlines() if ln.startswith("saelab") and "error: " in ln]  # not bars
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+SWEEP_ARGS = ["--tokens", "2048", "--batch-size", "256", "--lr", "3e-3", "--checkpoint-every", "2"]
+
+
+@pytest.mark.parametrize("cmd, args, says", [
+    ("train", ["--latents", "1000000000000", "--k", "4"], "need about"),
+    ("sweep", ["--latents", "1000000000000,16", "--k", "4"], "need about"),
+    ("sweep", ["--latents", "²,16"], "'²' is not one"),
+    ("train", ["--seed", str(2**70)], "seeds are integers from 0 to 2^63 - 1"),
+    ("train", ["--init-seed", "-1"], "seeds are integers from 0 to 2^63 - 1"),
+    ("sweep", ["--latents", "8,16", "--k", "12"], "k=12 is more than the smallest number of latents (8)"),
+])
+def test_training_inputs_are_refused_before_any_folder_is_made(small_store, tmp_path, capsys, cmd, args, says):
+    out = tmp_path / "out"
+    line = cli_error(capsys, [cmd, "--acts", str(small_store.path), "--out", str(out), *SWEEP_ARGS, *args])
+    assert says in line
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def test_sweep_resume_with_another_plan_or_of_a_finished_sweep_is_refused(small_store, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    run = ["sweep", "--acts", str(small_store.path), "--out", str(out), *SWEEP_ARGS, "--k", "4"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(first):
+        def log(name, rec):
+            if rec.get("step", 0) >= 4:
+                raise Stop
+        return log
+
+    from saelab.sweep import INDEX, sweep
+    from saelab.train_config import TrainConfig
+
+    base = TrainConfig(k=4, tokens=2048, batch_size=256, lr=3e-3, checkpoint_every=2, log_every=1)
+    with pytest.raises(Stop):
+        sweep(small_store, base, out, latents=[16, 32], log=stop_after(True), progress=False)
+    line = cli_error(capsys, [*run, "--latents", "16,48", "--resume"])
+    assert "started as members latents-00016, latents-00032" in line and "latents-00016, latents-00048" in line
+    assert not (out / "latents-00048").exists()
+    sweep(small_store, base, out, latents=[16, 32], resume=True, progress=False)
+    index = (out / INDEX).read_bytes()
+    line = cli_error(capsys, [*run, "--latents", "16,32", "--resume"])
+    assert "already holds a finished sweep (sweep.json): there is nothing to resume" in line
+    assert (out / INDEX).read_bytes() == index
+
+
+# -- numbers and ids on the command line ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def builtin_sae(tmp_path_factory) -> Path:
+    sae = SAE(SAEConfig(192, 16, "relu"))
+    sae.reset_parameters(seed=0)
+    folder = tmp_path_factory.mktemp("bsae") / "sae"
+    save_sae(sae, folder, model_name="builtin", hook_name="blocks.1.hook_resid_post", feature_max_act=[1.0] * 16)
+    return folder
+
+
+@pytest.mark.parametrize("args, says", [
+    (["steer", "{sae}", "--prompt", "hi", "--feature", "5=1e308"], "must be a finite number within ±1e+06"),
+    (["steer", "{sae}", "--prompt", "hi", "--feature", "5=-inf"], "must be a finite number within ±1e+06"),
+    (["steer", "{sae}", "--prompt", "hi", "--feature", "5=1", "--samples", "0"], "not a positive integer"),
+    (["steer", "{sae}", "--prompt", "hi", "--feature", "5=1", "--seed", str(2**70)], "seeds are integers"),
+    (["experiment", "unsafe-code", "{tmp}", "--samples", "0"], "--samples: 0 is not a positive integer"),
+    (["experiment", "builtin-dial", "{tmp}", "--values", "1,nan"], "'nan' is not a finite number"),
+    (["experiment", "builtin-dial", "{tmp}", "--values", "1e308"], "'1e308' is not a finite number"),
+    (["dial", "{sae}", "--prompts", "{prompts}", "--features", "5,5", "--keywords", "x"], "lists a feature twice"),
+    (["dial", "{sae}", "--prompts", "{prompts}", "--features", "1.5", "--keywords", "x"], "'1.5' is not an integer"),
+    (["families", "{tmp}", "--tau", "nan"], "--tau must be a number from 0 to 1, got nan"),
+    (["families", "{tmp}", "--tau", "-1"], "--tau must be a number from 0 to 1"),
+    (["families", "{tmp}", "--cover", "5"], "--cover must be a number from 0 to 1, got 5.0"),
+])
+def test_bad_numbers_on_the_command_line_are_one_line(builtin_sae, tmp_path, capsys, args, says):
+    (tmp_path / "prompts.txt").write_text("def f():\n")
+    args = [a.format(sae=builtin_sae, tmp=tmp_path, prompts=tmp_path / "prompts.txt") for a in args]
+    assert says in cli_error(capsys, args)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model-id", "../../evil"], "model id '../../evil' must be letters"),
+    (["--model-id", "a/b"], "model id 'a/b' must be letters"),
+    (["--sae-id-suffix", "../x"], "source id suffix '../x' must be letters"),
+    (["--layer", "-5"], "layer must be a layer number (0 or more), got -5"),
+])
+def test_export_refuses_path_like_ids_and_negative_layers(web_run_dir, tmp_path, capsys, args, says):
+    out = tmp_path / "export"
+    line = cli_error(capsys, ["export", "neuronpedia", str(web_run_dir / "features.db"), "--sae",
+                              str(web_run_dir / "sae"), "--out", str(out), *args])
+    assert says in line and not out.exists()
+
+
+# -- files with bad content: one line naming the file ----------------------------------------------------
+
+def test_sae_config_with_a_negative_context_size_is_refused_naming_the_file(tmp_path):
+    from saelab.errors import InvalidSAE
+    from saelab.formats import load_sae
+
+    sae = SAE(SAEConfig(8, 4, "relu"))
+    save_sae(sae, tmp_path / "sae", context_size=16)
+    cfg_file = tmp_path / "sae" / "cfg.json"
+    for value in (-1, 0):
+        cfg = json.loads(cfg_file.read_text())
+        cfg["metadata"]["context_size"] = value
+        cfg_file.write_text(json.dumps(cfg))
+        with pytest.raises(InvalidSAE, match=rf"{cfg_file}: metadata.context_size must be a positive integer, "
+                                             rf"got {value}"):
+            load_sae(tmp_path / "sae")
+
+
+def test_concept_files_that_are_not_json_or_not_utf8_are_named(tmp_path):
+    from saelab.experiments import read_texts
+
+    bad_json = tmp_path / "pos.jsonl"
+    bad_json.write_text('"fine"\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=rf"{bad_json}:2: not valid JSON \(Expecting value at column 10\)"):
+        read_texts(bad_json)
+    latin = tmp_path / "neg.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{latin}: not UTF-8 text \(byte 3: invalid continuation byte\)"):
+        read_texts(latin)
+
+
+def test_concept_with_the_same_positive_and_negative_texts_says_they_do_not_separate(builtin_sae, tmp_path, capsys):
+    texts = tmp_path / "same.txt"
+    texts.write_text("".join(f"def f{i}(x):\n" for i in range(8)))
+    line = cli_error(capsys, ["concept", str(builtin_sae), "--positive", str(texts), "--negative", str(texts),
+                              "--no-calibrate"])
+    assert "the positive and negative texts are the same texts, so they do not separate" in line
+
+
+def test_sweep_json_with_bad_members_is_one_line(tmp_path, capsys):
+    good = {"name": "latents-00016", "d_sae": 16, "k": 4, "arch": "topk", "path": "latents-00016"}
+    for members, says in (([{**good, "extra": 1}], "members[0] has unknown key(s) extra"),
+                          ([{k: v for k, v in good.items() if k != "path"}], "members[0] lacks path"),
+                          ([good, "latents-00032"], "members[1] must be an object, found str"),
+                          ([{**good, "d_sae": "16"}], "members[0].d_sae has the wrong type ('16')"),
+                          ({"a": 1}, "'members' must be a non-empty list")):
+        (tmp_path / "sweep.json").write_text(json.dumps({"format": "saelab-sweep", "version": 1, "members": members}))
+        assert says in cli_error(capsys, ["scaling", str(tmp_path)])
+
+
+def test_scaling_names_the_members_whose_loss_cannot_be_fitted():
+    from saelab.scaling import fits
+
+    rows = [{"name": f"latents-{n:05d}", "d_sae": n, "k": 4, "flops": n * 10, "fvu": f}
+            for n, f in ((16, 0.5), (32, float("nan")), (64, 0.2))]
+    with pytest.raises(ValueError, match=r"cannot fit fvu against d_sae: latents-00032 \(d_sae 32, fvu nan\)"):
+        fits(rows)
+
+
+def test_families_refuse_a_sample_with_nan_rows(tmp_path):
+    from factories import make_synthetic_store, synthetic_rows
+
+    from saelab.family_io import sample_rows
+
+    x = synthetic_rows(512)
+    x[300, 2] = float("nan")
+    store = make_synthetic_store(tmp_path / "acts", x=x, shards=2)
+    with pytest.raises(ValueError, match=rf"{store.path}: 1 of the 512 sampled rows hold NaN/inf values "
+                                         r"\(first rows \[300\]\)"):
+        sample_rows(store, 512, 0.0)
+
+
+def test_steer_prints_escape_and_bell_characters_escaped(builtin_sae, capsys):
+    assert main(["steer", str(builtin_sae), "--prompt", "x = 1\x1b[2J\x07\n", "--feature", "0=1",
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "x = 1\\x1b[2J\\x07\n" in out
+
+
+# -- bad content inside a valid features.db; a damaged families.json --------------------------------------
+
+@pytest.fixture
+def damaged_run(web_run_dir, tmp_path) -> Path:
+    """A copy of the web run where feature 3's max_act is text, feature 5's top examples are torn JSON and
+    feature 7's map position is text."""
+    import sqlite3
+
+    run = tmp_path / "run"
+    shutil.copytree(web_run_dir, run)
+    with sqlite3.connect(run / "features.db") as c:
+        c.execute("UPDATE features SET max_act = 'abc' WHERE id = 3")
+        c.execute("UPDATE examples SET tokens = '[broken' WHERE feature = 5")
+        c.execute("UPDATE features SET x = 'abc' WHERE id = 7")
+    return run
+
+
+def test_damaged_rows_give_one_error_for_their_feature_and_the_rest_is_served(damaged_run, capsys):
+    from fastapi.testclient import TestClient
+
+    from saelab.web.app import create_app
+
+    db = damaged_run / "features.db"
+    with TestClient(create_app(damaged_run), base_url="http://127.0.0.1:8765") as client:
+        for path, says in (("/api/features/3", "feature 3: max_act holds 'abc', not a number"),
+                           ("/api/features/3/summary", "feature 3: max_act holds 'abc', not a number"),
+                           ("/api/features/5", "feature 5: top example 0: tokens is not valid JSON")):
+            r = client.get(path)
+            assert r.status_code == 500 and r.json()["detail"].startswith(f"{db}: {says}"), (path, r.text)
+        page = client.get("/features/5")
+        assert page.status_code == 500 and "text/html" in page.headers["content-type"]
+        assert "feature 5: top example 0: tokens is not valid JSON" in page.text
+        for path in ("/", "/features", "/features?order_by=max_act", "/api/features?order_by=max_act", "/map",
+                     "/features/4", "/api/features/2"):
+            assert client.get(path).status_code == 200, path
+        points = client.get("/api/map").json()
+        assert 7 not in points["ids"] and 3 in points["ids"] and len(points["ids"]) == 63
+    assert main(["feature", str(db), "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"saelab: error: {db}: feature 5: top example 0: tokens is not valid JSON") and \
+        err.count("\n") == 1
+
+
+def test_a_damaged_families_json_does_not_stop_the_server(damaged_run, caplog):
+    from fastapi.testclient import TestClient
+
+    from saelab.web.app import create_app
+
+    (damaged_run / "sweep.json").write_text("{}")
+    for text in ("{not json", json.dumps({"format": "saelab-families", "sizes": [{"path": "sae", "d_sae": 64}]})):
+        (damaged_run / "families.json").write_text(text)
+        with TestClient(create_app(damaged_run), base_url="http://127.0.0.1:8765") as client:
+            assert client.get("/api/map").status_code == 200 and client.get("/features/2").status_code == 200
+        assert "ignoring the families.json" in caplog.text
+
+
+# -- locks: one chat-corpus builder, one explain, no explain during an analysis ------------------------------
+
+def test_explain_and_chat_corpus_take_their_locks(web_run_dir, tmp_path, monkeypatch, capsys):
+    from factories import hold_lock
+
+    from saelab import chatcorpus
+    from saelab.corpus import chat_path
+    from saelab.errors import FolderLocked
+
+    db = tmp_path / "features.db"
+    shutil.copy(web_run_dir / "features.db", db)
+    proc = hold_lock(db)                     # e.g. an analysis writing this database, or another explain
+    try:
+        line = cli_error(capsys, ["explain", str(db), "--features", "0-3"])
+        assert f"process {proc.pid} is writing it" in line
+    finally:
+        proc.kill()
+        proc.wait()
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+
+    class Tok:
+        chat_template = "{{ messages[0]['content'] }}"
+
+    class LM:
+        tokenizer, name, weights_hash = Tok(), "m", "0" * 64
+
+    out = chat_path("m")
+    proc = hold_lock(out)
+    try:
+        with pytest.raises(FolderLocked, match=f"process {proc.pid}"):
+            chatcorpus.build("m", load=lambda name: LM(), request_list=["hi"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.with_suffix(".partial.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_served_looping_template_leaves_the_server_stoppable_by_sigterm(web_run_dir, tmp_path):
+    """saelab serve, a chat steer request whose template loops, then SIGTERM: the request ends (422) and the
+    server exits, as the bounded rendering frees the model (it used to hold it forever and ignore SIGTERM)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from saelab.formats import load_sae
+    from saelab.provenance import Provenance
+
+    model = with_template(Path(Provenance.of(load_sae(web_run_dir / "sae")).model_name), tmp_path / "m", LOOP)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "saelab", "serve", str(web_run_dir), "--model", str(model),
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stderr.readline()
+        url, answers = f"http://127.0.0.1:{port}", []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(url + "/api/info", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        body = {"prompt": "hi", "max_new_tokens": 2, "chat": True, "features": [{"id": 0, "value": 1}]}
+        asker = threading.Thread(target=lambda: answers.append(httpx.post(url + "/api/steer", json=body,
+                                                                          timeout=120)))
+        asker.start()
+        time.sleep(2)                                   # the request is rendering the template now
+        proc.send_signal(signal.SIGTERM)
+        asker.join(120)
+        assert proc.wait(timeout=60) is not None
+        assert answers and answers[0].status_code == 422 and "ran more than" in answers[0].json()["detail"]
+    finally:
+        proc.kill()
+        proc.wait()

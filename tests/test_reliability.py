@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from factories import hold_lock
 from saelab import atomic
 from saelab import store as st
 from saelab.cli import main
@@ -80,21 +81,6 @@ def dead_pid() -> int:
     """The PID of a process that has exited (and been reaped)."""
     out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(out.stdout)
-
-
-def hold_lock(target: Path):
-    """A child process holding the lock on ``target`` until killed. It follows saelab.locks' protocol
-    (flock the sibling ``.<name>.lock``, write the PID) with bare fcntl: importing saelab (torch) in a
-    child costs seconds on a loaded machine."""
-    code = ("import fcntl, os, sys, time\n"
-            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-            "os.write(fd, f'{os.getpid()}\\n'.encode())\n"
-            "print('locked', flush=True)\ntime.sleep(600)\n")
-    lock_path(target).parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(lock_path(target))], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
 
 
 def one_line_error(capsys) -> str:
@@ -498,10 +484,10 @@ def test_a_nan_stop_leaves_nothing_that_blocks_a_rerun(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(metadata="x"), "metadata must be an object, got 'x'"),
-    (lambda c: c.update(d_in=float("nan")), "d_in must be an integer, got nan"),
+    (lambda c: c.update(d_in=float("nan")), "d_in must be a positive integer, got nan"),
     (lambda c: c.update(architecture=3), "architecture must be a string"),
     (lambda c: c.update(apply_b_dec_to_input="yes"), "apply_b_dec_to_input must be true or false"),
-    (lambda c: c["metadata"].update(context_size="long"), "metadata.context_size must be an integer"),
+    (lambda c: c["metadata"].update(context_size="long"), "metadata.context_size must be a positive integer"),
 ])
 def test_cfg_json_is_validated_field_by_field_naming_the_file(tmp_path, edit, message):
     save_sae(tiny_sae(), tmp_path / "sae")

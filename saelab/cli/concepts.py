@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from saelab.cli.common import _print_json
+from saelab.cli.common import _print_json, positive, seed, terminal_text
 
 EXPERIMENTS = ("golden-gate", "sycophancy", "unsafe-code", "builtin-dial")  # saelab.experiments.RUNNERS, without importing torch
 
@@ -66,8 +66,8 @@ def _add_concepts(sub) -> None:
     d.add_argument("--unit", choices=["max", "norm"], default="max",
                    help="add in × max activation (default) or × the residual norm at the position")
     d.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    d.add_argument("--samples", type=int, default=1, help="answers per prompt and value")
-    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    d.add_argument("--samples", type=positive, default=1, help="answers per prompt and value")
+    d.add_argument("--seed", type=seed, default=0, help="sampling seed")
     d.add_argument("--report", metavar="DIR", help="also write report.html, report.png and results.json here")
     _dial_args(d, "0,1,2,5,10,20")
     d.set_defaults(func=_run_dial)
@@ -83,17 +83,17 @@ def _add_concepts(sub) -> None:
     e.add_argument("--out", help="report folder (default RUN/experiments/NAME)")
     e.add_argument("--model", help="model to load instead of the SAE's")
     e.add_argument("--values", help="comma-separated dial values (default: per mode, docs/measures.md)")
-    e.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 40)")
-    e.add_argument("--samples", type=int, help="sampled answers per code prompt and condition (default 3)")
-    e.add_argument("--n-features", type=int, help="features per group for builtin-dial (default 50)")
+    e.add_argument("--max-new-tokens", type=positive, help="tokens per answer (default 40)")
+    e.add_argument("--samples", type=positive, help="sampled answers per code prompt and condition (default 3)")
+    e.add_argument("--n-features", type=positive, help="features per group for builtin-dial (default 50)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=_run_experiment)
 
 
-def _numbers(text: str, what: str) -> list[float]:
+def _numbers(text: str, what: str, cast=float) -> list:
     from saelab.cli.steering import _parse_numbers
 
-    return _parse_numbers(text, what)
+    return _parse_numbers(text, what, cast)
 
 
 def _keywords(text: str | None) -> list[str]:
@@ -172,7 +172,7 @@ def _print_curve(points) -> None:
     for p in points:
         c, k = rate(p.answers, "classifier"), rate(p.answers, "keyword")
         fmt = lambda r: "   -" if r is None else f"{r:.0%}"  # noqa: E731
-        first = (p.answers[0].text if p.answers else "")[:60].replace("\n", "⏎")
+        first = terminal_text((p.answers[0].text if p.answers else "")[:60].replace("\n", "⏎"))
         label = "default" if p.value is None else f"{p.value:g}"
         print(f"  {label:>7}  {p.concept_rate:>7.0%}  {fmt(c):>8}  {fmt(k):>7}  {p.fluency_nll:>7.3f}  "
               f"{p.fluency_nll / fbase:>5.2f}  {p.degenerate:>5.0%}  {p.relevance_nll / base:>6.2f}  {first}")
@@ -201,7 +201,7 @@ def _run_dial(args) -> None:
         found = find_concept(lm, sae, read_texts(pos_path), read_texts(neg_path), db=db)
         features, classifier = found.features, found.classifier
     else:
-        features = [int(f) for f in _numbers(args.features, "--features")]
+        features = _numbers(args.features, "--features", int)
         if not keywords:
             raise ValueError("--features has no classifier: give --keywords, or name the concept with --concept P:N")
     spec = DialSpec(tuple(features), args.mode, args.unit if args.mode == "add" else "max", args.positions)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from saelab.cli.common import _print_json
+from saelab.cli.common import _print_json, seed
 
 
 # -- hooks -----------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def _add_harvest(sub) -> None:
     p.add_argument("--out", required=True, help="store folder (several hooks: one subfolder each)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted harvest in --out")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
-    p.add_argument("--seed", type=int, default=0, help="corpus shuffle seed")
+    p.add_argument("--seed", type=seed, default=0, help="corpus shuffle seed")
     p.add_argument("--exclude-bos", action=argparse.BooleanOptionalAction, default=True,
                    help="leave out BOS positions: window starts (attention sinks on real models) and document "
                         "separators; later stages exclude the same positions (default: on)")

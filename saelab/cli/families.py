@@ -37,6 +37,10 @@ def _run_families(args) -> None:
 
     if args.tokens < 1:
         raise ValueError(f"--tokens must be positive, got {args.tokens}")
+    for name in ("tau", "cover"):   # scores and shares lie in [0, 1]: outside it the result means nothing
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"--{name} must be a number from 0 to 1, got {value}")
     cfg = FamilyConfig(**{k: v for k, v in (("tau", args.tau), ("cover", args.cover)) if v is not None})
     doc = run_families(args.sweep, acts=args.acts, tokens=args.tokens, cfg=cfg, k=args.k)
     if args.concepts:

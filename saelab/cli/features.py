@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saelab.cli.common import _print_json
+from saelab.cli.common import _print_json, seed, terminal_text
 from saelab.cli.llamacpp import add_control_vector_args, run_control_vector
 
 
@@ -28,7 +28,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--k-top", type=int, default=20, help="top examples per feature")
     p.add_argument("--map", default="auto", choices=["auto", "umap", "pca", "none"], help="map layout method")
     p.add_argument("--no-explain", action="store_true", help="skip the offline explanations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=_run_analyze)
 
     p = sub.add_parser("feature", help="a feature's page in the terminal",
@@ -110,7 +110,7 @@ def _run_analyze(args) -> None:
 
 def _shown(text: str) -> str:
     """Model text made safe for a terminal: control characters escaped, nothing interpreted."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return terminal_text(text)
 
 
 def _window(ex: dict) -> str:

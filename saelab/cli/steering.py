@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from saelab.cli.common import _print_json
+from saelab.cli.common import CONTINUATION, _print_json, positive, seed, terminal_text
 
 
 # -- steer / monitor / generate (dial: saelab.cli.concepts) -------------------------------------------------------------
@@ -22,7 +22,7 @@ def _sae_args(p, generation: bool = True) -> None:
     if generation:
         p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed")
+        p.add_argument("--seed", type=seed, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -39,7 +39,7 @@ def _add_steer(sub) -> None:
                    help="a concept file (saelab concept --save): its dial at its calibrated strength, or STRENGTH")
     p.add_argument("--mode", choices=["clamp", "add"], default="clamp", help="how VALUE is applied")
     p.add_argument("--when", metavar="G>T", help="edit only where feature G's activation exceeds T")
-    p.add_argument("--samples", type=int, default=1, help="continuations per side")
+    p.add_argument("--samples", type=positive, default=1, help="continuations per side")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="the prompt is a user message: wrap it in the model's chat template (default: on when the "
                         "model has one)")
@@ -85,8 +85,6 @@ def _watch_args(p, concept: bool = False) -> None:
 
 
 def _parse_edit(spec: str, mode: str):
-    import math
-
     from saelab.steer import Ablate, Add, Clamp
 
     fid, sep, value = spec.partition("=")
@@ -98,8 +96,8 @@ def _parse_edit(spec: str, mode: str):
         v = float(number)
     except ValueError:
         raise ValueError(f"--feature {spec!r}: {number!r} is not a number; {_EDIT_USAGE}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"--feature {spec!r}: the value must be finite; {_EDIT_USAGE}")
+    if not abs(v) <= MAX_EDIT:   # NaN included
+        raise ValueError(f"--feature {spec!r}: the value must be a finite number within ±{MAX_EDIT:g}; {_EDIT_USAGE}")
     if mode == "add":
         return int(fid), Add(v)
     return int(fid), Ablate() if v == 0 else Clamp(v)
@@ -113,7 +111,11 @@ def _parse_when(spec: str) -> tuple[int, float]:
         raise ValueError(f"--when {spec!r}: expected FEATURE>THRESHOLD, e.g. 88>0.5") from None
 
 
+MAX_EDIT = 1e6   # |value| of an edit or dial: beyond it activations overflow into inf/nan probabilities
+
+
 def _parse_numbers(text: str, what: str, cast=float) -> list:
+    """Comma-separated numbers; floats finite and within ±MAX_EDIT, integers (feature ids) distinct."""
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         try:
@@ -121,8 +123,12 @@ def _parse_numbers(text: str, what: str, cast=float) -> list:
         except ValueError:
             kind = "an integer" if cast is int else "a number"
             raise ValueError(f"{what} {text!r}: {item!r} is not {kind} (expected comma-separated values)") from None
+        if cast is float and not abs(out[-1]) <= MAX_EDIT:
+            raise ValueError(f"{what} {text!r}: {item!r} is not a finite number within ±{MAX_EDIT:g}")
     if not out:
         raise ValueError(f"{what} {text!r}: expected at least one comma-separated value")
+    if cast is int and len(set(out)) < len(out):
+        raise ValueError(f"{what} {text!r}: lists a feature twice")
     return out
 
 
@@ -236,8 +242,8 @@ def _run_steer(args) -> None:
         means = ", ".join(f"{f}: {sum(a) / max(len(a), 1):.3g}" for f, a in p.steered_acts.items())
         what = f"seed {args.seed}" if args.temperature > 0 else "greedy"
         print(f"── sample {i} ({what}) ──")
-        print(f"default answer:\n{p.default_text}\n")
-        print(f"steered answer:\n{p.steered_text}\n")
+        print(f"default answer:\n{terminal_text(p.default_text, keep=CONTINUATION)}\n")
+        print(f"steered answer:\n{terminal_text(p.steered_text, keep=CONTINUATION)}\n")
         if means:
             print(f"mean activation on the steered answer (unsteered re-read): {means}\n")
 
@@ -286,7 +292,7 @@ def _run_generate(args) -> None:
                      "thresholds": {str(f): t for f, t in watchlist.thresholds.items()},
                      "alerts": [a.to_json() for a in result.alerts]})
         return
-    print(args.prompt + result.text)
+    print(terminal_text(args.prompt + result.text, keep=CONTINUATION))
     for a in result.alerts:
         print(f"alert: token {a.token!r} at position {a.position}: feature {a.feature} = {a.activation:.4g} "
               f"(> {watchlist.thresholds[a.feature]:.4g}){' — ' + a.explanation if a.explanation else ''}",

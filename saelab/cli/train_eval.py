@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from saelab.cli.common import _print_json
+from saelab.cli.common import _print_json, seed
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -47,8 +47,8 @@ def add_train_options(p, sizes: bool = True) -> None:
     p.add_argument("--l0", type=float, default=1.0, help="jumprelu: L0 coefficient (default 1)")
     p.add_argument("--matryoshka-widths", metavar="W1,W2,...",
                    help="matryoshka_batchtopk: ends of the nested prefixes (default latents/8,/4,/2,all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-seed", type=int, help="seed of the initial weights alone (default: --seed)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--init-seed", type=seed, help="seed of the initial weights alone (default: --seed)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log records (default 10)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resumes)")
@@ -137,7 +137,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--tokens", type=int, default=200_000, help="tokens to evaluate on (default: 200000)")
     p.add_argument("--context", type=int, help="sequence length (default: the SAE's context_size, else 256)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="document order of the corpus (default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="document order of the corpus (default: 0)")
     p.add_argument("--hook", help="hook to evaluate at (default: the SAE's hook_name)")
     p.add_argument("--mean-ablation", action="store_true",
                    help="also report CE with the hook mean-ablated (one more pass and forward per batch)")

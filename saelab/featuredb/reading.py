@@ -52,6 +52,21 @@ def _filters(cluster, min_density, max_density) -> tuple[str, list]:
     return (f" WHERE {' AND '.join(where)}" if where else ""), args
 
 
+NUMBER_COLUMNS = ("count", "density", "max_act", "mean_act", "score", "x", "y", "cluster")
+"""Columns of ``features`` that hold numbers (SQLite would keep the text a damaged or forged row puts there)."""
+
+
+def _not_numbers(row: dict) -> list[str]:
+    return [c for c in NUMBER_COLUMNS if c in row and isinstance(row[c], (str, bytes))]
+
+
+def _numbers_or_none(row: dict) -> dict:
+    """A row for lists: a damaged number shows as missing (the feature's own page names the damage)."""
+    for c in _not_numbers(row):
+        row[c] = None
+    return row
+
+
 class FeatureDB:
     """Read access to a features.db (read-only unless ``writable``; safe to share across threads).
 
@@ -166,9 +181,32 @@ class FeatureDB:
         return i
 
     def feature(self, i: int) -> dict:
-        """One row of ``features`` as a dict (id, count, density, max_act, mean_act, explanation, ...)."""
-        row = self.query("SELECT * FROM features WHERE id = ?", (self._check(i),)).fetchone()
-        return dict(row)
+        """One row of ``features`` as a dict (id, count, density, max_act, mean_act, explanation, ...); a row
+        whose numbers are not numbers is :class:`DatabaseDamaged` naming the feature and column."""
+        row = dict(self.query("SELECT * FROM features WHERE id = ?", (self._check(i),)).fetchone())
+        for col in _not_numbers(row):
+            raise DatabaseDamaged(f"{self.path}: feature {row['id']}: {col} holds {str(row[col])[:40]!r}, not a "
+                                  "number; this feature's row is damaged (re-run 'saelab analyze' to rebuild it)")
+        return row
+
+    def explanations(self, ids) -> dict[int, str]:
+        """``{id: explanation}`` of existing features (only that column: a neighbour with a damaged number
+        still gets its name on another feature's page)."""
+        ids = sorted({self._check(i) for i in ids})
+        rows = self.query(f"SELECT id, explanation FROM features WHERE id IN ({','.join('?' * len(ids))})", ids)
+        return {r[0]: r[1] if isinstance(r[1], str) else "" for r in rows}
+
+    def _json(self, text, i: int, what: str, kind=list):
+        """A JSON column of feature ``i`` parsed and of type ``kind``, else DatabaseDamaged naming it."""
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise DatabaseDamaged(f"{self.path}: feature {i}: {what} is not valid JSON ({e}); this feature's data "
+                                  "is damaged (re-run 'saelab analyze' to rebuild it)") from None
+        if not isinstance(value, kind):
+            raise DatabaseDamaged(f"{self.path}: feature {i}: {what} is not a JSON {kind.__name__}; this feature's "
+                                  "data is damaged (re-run 'saelab analyze' to rebuild it)")
+        return value
 
     def features(self, order_by: str = "density", cluster: int | None = None, offset: int = 0, limit: int = 100,
                  min_density: float | None = None, max_density: float | None = None,
@@ -184,7 +222,7 @@ class FeatureDB:
         # ties go by id in the same direction, so the (column, rowid) index order answers without a sort
         sql = (f"SELECT * FROM features{where} ORDER BY {ORDER_BY[order_by]} {direction}, id {direction} "
                "LIMIT ? OFFSET ?")
-        return [dict(r) for r in self.query(sql, (*args, int(limit), int(offset)))]
+        return [_numbers_or_none(dict(r)) for r in self.query(sql, (*args, int(limit), int(offset)))]
 
     def count(self, cluster: int | None = None, min_density: float | None = None,
               max_density: float | None = None) -> int:
@@ -203,7 +241,7 @@ class FeatureDB:
         for r in rows:
             d = dict(r)
             for key in ("token_ids", "tokens", "acts"):
-                d[key] = json.loads(d[key])
+                d[key] = self._json(d[key], i, f"{kind} example {d.get('rank')}: {key}")
             out.append(d)
         return out
 
@@ -238,7 +276,8 @@ class FeatureDB:
                               (self._check(i),)).fetchone()
         if r is None:
             return {"zeros": 0, "edges": [], "counts": []}
-        return {"zeros": r["zeros"], "edges": json.loads(r["edges"]), "counts": json.loads(r["counts"])}
+        return {"zeros": r["zeros"], "edges": self._json(r["edges"], i, "histogram edges"),
+                "counts": self._json(r["counts"], i, "histogram counts")}
 
     def bands(self, i: int) -> list[dict]:
         """Quantile bands by band index: dicts band, lo, hi (edges as sampled), count (firing tokens in the
@@ -262,7 +301,7 @@ class FeatureDB:
                               (self._check(i),)).fetchone()
         if r is None:
             return {"lo": 0.0, "hi": 0.0, "counts": []}
-        return {"lo": r["lo"], "hi": r["hi"], "counts": json.loads(r["counts"])}
+        return {"lo": r["lo"], "hi": r["hi"], "counts": self._json(r["counts"], i, "logit histogram counts")}
 
     # -- whole database ------------------------------------------------------------------------------
 
@@ -272,12 +311,14 @@ class FeatureDB:
         rows = self.query(
             "SELECT f.*, bm25(features_fts) AS rank FROM features_fts JOIN features f ON f.id = features_fts.rowid "
             "WHERE features_fts MATCH ? ORDER BY rank LIMIT ?", (fts_query(text), int(limit)))
-        return [dict(r) for r in rows]
+        return [_numbers_or_none(dict(r)) for r in rows]
 
     def map_points(self) -> list[tuple[int, float, float, int, float]]:
         """``(id, x, y, cluster, density)`` of every feature with a map position."""
         return [tuple(r) for r in self.query(
-            "SELECT id, x, y, cluster, density FROM features WHERE x IS NOT NULL ORDER BY id")]
+            "SELECT id, x, y, cluster, density FROM features WHERE x IS NOT NULL AND "   # damaged rows left out
+            + " AND ".join(f"typeof({c}) IN ('real', 'integer')" for c in ("x", "y", "density"))
+            + " AND typeof(cluster) IN ('integer', 'null') ORDER BY id")]
 
     def clusters(self) -> list[tuple[int, int]]:
         """``(cluster, n_features)`` for every cluster on the map."""

@@ -140,7 +140,7 @@ def _histogram(h: dict) -> dict:
 
 
 def explanations(state: RunState, ids) -> dict[int, str]:
-    return {i: state.db.feature(i)["explanation"] for i in set(ids)}
+    return state.db.explanations(ids)
 
 
 def feature_detail(state: RunState, i: int) -> dict:

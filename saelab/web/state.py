@@ -7,6 +7,7 @@ features by integer id, never files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from pathlib import Path
@@ -19,6 +20,8 @@ from saelab.fmap import cluster_names
 from saelab.formats import load_sae
 from saelab.provenance import Provenance
 from saelab.models import load_model
+
+log = logging.getLogger(__name__)
 
 TRAIN_LOG_NAMES = ("train_log.jsonl", "train.jsonl", "log.jsonl", "metrics.jsonl")
 TRAIN_METRICS = ("fvu", "l0", "dead_fraction", "loss", "mse", "aux")
@@ -124,11 +127,24 @@ class RunState:
     def _read_family(self) -> tuple[dict, int] | None:
         """(families.json, this SAE's size index) when the SAE folder (else features.db's folder) is a member
         of a sweep with families.json beside sweep.json and the member has this database's feature count."""
-        found = read_families(self.sae_path if self.sae_path is not None else self.db_path.parent)
-        if found is None:
+        folder = self.sae_path if self.sae_path is not None else self.db_path.parent
+        try:
+            found = read_families(folder)
+            if found is None:
+                return None
+            doc, t = found
+            if doc["sizes"][t].get("d_sae") != self.db.count():
+                return None
+            self._family = found
+            self.family_relations()       # every part the pages read, read once here
+            return found
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            # families.json is an extra: a damaged one costs the family colours, not the server
+            log.warning("ignoring the families.json of %s (%s: %s); re-run 'saelab families'", folder.parent,
+                        type(e).__name__, e)
             return None
-        doc, t = found
-        return found if doc["sizes"][t].get("d_sae") == self.db.count() else None
+        finally:
+            self._family = None
 
     def family(self, feature: int) -> dict | None:
         """The feature's parent in the next-smaller SAE and children in the next-larger (None outside a sweep)."""
@@ -203,7 +219,9 @@ class RunState:
     def stats(self) -> dict[str, np.ndarray]:
         """density and max_act of every feature, by id."""
         if self._stats is None:
-            rows = self.db.query("SELECT density, max_act FROM features ORDER BY id")
+            # a value that is not a number (a damaged row) counts as NaN here; its feature page names it
+            rows = self.db.query("SELECT " + ", ".join(f"CASE WHEN typeof({c}) IN ('real', 'integer') THEN {c} END"
+                                                       for c in ("density", "max_act")) + " FROM features ORDER BY id")
             arr = np.array([tuple(r) for r in rows], dtype=np.float64).reshape(-1, 2)
             self._stats = {"density": arr[:, 0], "max_act": arr[:, 1]}
         return self._stats
