@@ -37,6 +37,7 @@ from saelab.distributed import World, default_device
 from saelab.locks import exclusive
 from saelab.formats import load_sae, save_sae
 from saelab.runtime import tune_allocator
+from saelab.provenance import Provenance
 from saelab.sae import SAE
 from saelab.train_config import RUN_ONLY_FIELDS, TrainConfig
 from saelab.trainer import CHECKPOINT_FORMAT, Trainer, heldout_stats
@@ -56,23 +57,8 @@ def _source_info(source, d_in: int) -> dict:
 
 
 def store_provenance(store) -> dict:
-    """Provenance keys of saelab.json taken from an activation store's manifest.
-
-    A store harvested with ``exclude_bos`` holds no BOS rows; that is recorded as SAELens'
-    ``exclude_special_tokens`` (the excluded token ids; False when BOS rows were kept), which also
-    goes into cfg.json's metadata, where a SAELens user and :func:`saelab.evaluate.evaluate` look.
-    """
-    m = store.manifest
-    bos = m.get("bos") or {}
-    excluded = bos.get("excluded")
-    if excluded and bos.get("token_id") is not None:
-        excluded = [bos["token_id"]]
-    prov = {"model_name": m.get("model_name"), "model_weights_sha256": m.get("model_weights_sha256"),
-            "hook_name": m.get("hook_name"), "hf_hook_name": m.get("hf_hook_name"), "hook_io": m.get("hook_io"),
-            "corpus": m.get("corpus"), "context_size": m.get("context"),
-            "prepend_bos": bos.get("prepended_per_document"), "exclude_special_tokens": excluded,
-            "bos": bos or None, "positions": m.get("positions"), "gguf_sha256": m.get("gguf_sha256")}
-    return {k: v for k, v in prov.items() if v is not None}
+    """saelab.json keys taken from an activation store's manifest (:meth:`Provenance.from_store`)."""
+    return Provenance.from_store(store).to_json()
 
 
 def _open_run(out: Path | None, resume: bool, world: World):

@@ -43,3 +43,18 @@ def pytest_collection_modifyitems(config, items):
         slow = item.get_closest_marker("slow")
         if slow is not None and not slow.kwargs.get("ci", False):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama (``model_dir``, loaded as ``lm``) and a small Python corpus folder (``corpus``)
+    of 8 files: what the provenance, source and session tests run a model on."""
+    from types import SimpleNamespace
+
+    from factories import write_function_corpus
+    from saelab.models import load_model
+
+    root = tmp_path_factory.mktemp("tiny_llama")
+    model_dir = save_tiny_model("llama", root / "llama")
+    corpus = write_function_corpus(root / "corpus")
+    return SimpleNamespace(root=root, model_dir=str(model_dir), corpus=str(corpus), lm=load_model(str(model_dir)))
