@@ -224,5 +224,5 @@ def test_cli_export_and_errors(exported, tmp_path, capsys):
     assert row["layer"] == "1-res-test__v2" and row["authorId"] == DEFAULT_AUTHOR_ID
     with pytest.raises(ValueError, match="letters, digits and dashes"):
         export_neuronpedia(db, tmp_path / "b", sae=sae, sae_set="res_test")
-    with pytest.raises(ValueError, match="8 features but .* describes 24"):
+    with pytest.raises(ValueError, match=r"belongs to the SAE at .*\(d_sae 24.*not to the SAE \(d_sae 8"):
         export_neuronpedia(db, tmp_path / "c", sae=SAE(SAEConfig(d_in=32, d_sae=8, architecture="relu")))
