@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from saelab import SAE, SAEConfig, load_model, save_sae
-from saelab.monitor import Watchlist, histogram_quantile, read_texts, scan, scan_jsonl, watch_generate
+from saelab.monitor import Watchlist, histogram_quantile, scan, scan_jsonl, watch_generate
+from saelab.texts import parse_texts as read_texts
 from saelab.generation import generate_ids, generated_part, prompt_ids
 
 HOOK = "blocks.0.hook_resid_pre"  # Llama's first block reads the token embeddings unchanged
@@ -77,8 +78,8 @@ def test_scan_jsonl_streams_alerts(lm):
     assert rows[0]["explanation"] == "the os module" and rows[0]["token"] == "os"
 
 
-@pytest.mark.parametrize("line, match", [("{not json", "line 1 is not valid JSON"), ('{"txt": "a"}', "'text'"),
-                                         ("3", "line 1")])
+@pytest.mark.parametrize("line, match", [("{not json", "input:1: not valid JSON"), ('{"txt": "a"}', "'text'"),
+                                         ("3", "input:1")])
 def test_read_texts_bad_lines(line, match):
     with pytest.raises(ValueError, match=match):
         list(read_texts([line]))
