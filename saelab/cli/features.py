@@ -117,10 +117,10 @@ def _run_feature(args) -> None:
     from saelab.featuredb import FeatureDB
 
     with FeatureDB.open(args.db) as db:
-        row = db.feature(args.id)
-        page = {"feature": row, "top": db.examples(args.id, "top")[:args.examples],
-                "logit_effects": db.logit_effects(args.id), "neighbours": db.neighbours(args.id),
-                "histogram": db.histogram(args.id)}
+        full = db.page(args.id)
+    row = full["feature"]
+    page = {"feature": row, "top": full["examples"]["top"][:args.examples], "logit_effects": full["logit_effects"],
+            "neighbours": full["neighbours"], "histogram": full["histogram"]}
     if args.json:
         _print_json(page)
         return
@@ -136,9 +136,9 @@ def _run_feature(args) -> None:
         print("\npromotes: " + ", ".join(f"{_shown(t)!r} {v:+.2f}" for t, v in effects["positive"]))
         print("suppresses: " + ", ".join(f"{_shown(t)!r} {v:+.2f}" for t, v in effects["negative"]))
     for kind, label in (("decoder", "decoder cosine"), ("coact", "co-activation (Jaccard)")):
-        near = [n for n in page["neighbours"] if n["kind"] == kind]
+        near = page["neighbours"][kind]
         if near:
-            print(f"\nneighbours by {label}: " + ", ".join(f"{n['other']} ({n['value']:.2f})" for n in near))
+            print(f"\nneighbours by {label}: " + ", ".join(f"{n['id']} ({n['value']:.2f})" for n in near))
 
 
 def _run_inspect(args) -> None:
