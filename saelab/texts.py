@@ -22,7 +22,7 @@ def parse_texts(lines: Iterable[str], source: str = "input") -> Iterator[str]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{source}:{n}: not valid JSON ({e.msg}); expected one JSON string or object per line") \
                 from None
-        text = obj if isinstance(obj, str) else (obj.get("text") or obj.get("prompt")) if isinstance(obj, dict) else None
+        text = obj if isinstance(obj, str) else _field(obj)
         if not isinstance(text, str):
             raise ValueError(f"{source}:{n}: expected a JSON string or an object with a 'text' (or 'prompt') string")
         yield text
@@ -37,3 +37,11 @@ def read_texts(path: Path | str) -> list[str]:
     if file.suffix in (".jsonl", ".json"):
         return list(parse_texts(lines, str(path)))
     return [line for line in lines if line.strip()]
+
+
+def _field(obj) -> str | None:
+    """An object's ``text`` string (an empty one too), else its ``prompt`` string."""
+    if not isinstance(obj, dict):
+        return None
+    return obj["text"] if isinstance(obj.get("text"), str) else obj.get("prompt")
+

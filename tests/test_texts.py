@@ -23,6 +23,6 @@ def test_bad_lines_name_the_file_and_line(tmp_path, line, match):
 def test_missing_file_and_streams():
     with pytest.raises(FileNotFoundError, match="nope.txt: no such file of texts"):
         read_texts("nope.txt")
-    assert list(parse_texts(['"a"', "", '{"text": "b"}'])) == ["a", "b"]
+    assert list(parse_texts(['"a"', "", '{"text": "b"}', '{"text": ""}'])) == ["a", "b", ""]   # an empty text is a text
     with pytest.raises(ValueError, match="input:2: not valid JSON"):
         list(parse_texts(['"a"', "{"]))
