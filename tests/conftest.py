@@ -46,15 +46,28 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    """A tiny random Llama (``model_dir``, loaded as ``lm``) and a small Python corpus folder (``corpus``)
-    of 8 files: what the provenance, source and session tests run a model on."""
+def lm(tiny_model_dirs):
+    """The tiny Llama, loaded once for every module that does not define its own ``lm``."""
+    from saelab.models import load_model
+
+    return load_model(str(tiny_model_dirs["llama"]))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """A small Python corpus folder of code lines (:func:`factories.write_code_corpus`)."""
+    from factories import write_code_corpus
+
+    return write_code_corpus(tmp_path_factory.mktemp("code_corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_dirs, lm, tmp_path_factory):
+    """The tiny Llama (``model_dir``, loaded as ``lm``) and a corpus folder of one-line functions (``corpus``):
+    what the provenance, source, session and text-feature tests run a model on."""
     from types import SimpleNamespace
 
     from factories import write_function_corpus
-    from saelab.models import load_model
 
-    root = tmp_path_factory.mktemp("tiny_llama")
-    model_dir = save_tiny_model("llama", root / "llama")
-    corpus = write_function_corpus(root / "corpus")
-    return SimpleNamespace(root=root, model_dir=str(model_dir), corpus=str(corpus), lm=load_model(str(model_dir)))
+    corpus = write_function_corpus(tmp_path_factory.mktemp("function_corpus"))
+    return SimpleNamespace(model_dir=str(tiny_model_dirs["llama"]), corpus=str(corpus), lm=lm)

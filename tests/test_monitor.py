@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from saelab import SAE, SAEConfig, load_model, save_sae
+from saelab import SAE, SAEConfig, save_sae
 from saelab.monitor import Watchlist, histogram_quantile, scan, scan_jsonl, watch_generate
 from saelab.texts import parse_texts as read_texts
 from saelab.generation import generate_ids, generated_part, prompt_ids
@@ -14,11 +14,6 @@ from saelab.generation import generate_ids, generated_part, prompt_ids
 HOOK = "blocks.0.hook_resid_pre"  # Llama's first block reads the token embeddings unchanged
 PLANTED = 5
 TEXTS = ["def f(x):\n    return x + 1\n", "import os\nos.system(cmd)\n", "", "os.system(x)\nos.system(y)\n"]
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]))
 
 
 def planted_sae(lm, token_id: int) -> SAE:

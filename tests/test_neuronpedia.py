@@ -8,13 +8,11 @@ import json
 import pytest
 import torch
 
-from factories import write_code_corpus
 from saelab.analyze import AnalyzeConfig, analyze, direct_logit_directions, token_batches
 from saelab.cli import main
 from saelab.featuredb import FeatureDB
 from saelab.formats import save_sae
 from saelab.hooks import run_to_hooks
-from saelab.models import load_model
 from saelab.neuronpedia import DEFAULT_AUTHOR_ID, export_neuronpedia
 from saelab.sae import SAE, SAEConfig
 
@@ -36,16 +34,6 @@ CONVERTER_ACTIVATION_KEYS = ["tokens", "values", "bin_contains", "bin_max", "bin
 # the first row, so those without a database default must be in every row; the others are filled too).
 EXPLANATION_NOT_NULL = ["id", "modelId", "layer", "index", "description", "authorId", "scoreV1", "createdAt",
                         "updatedAt"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_code_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]))
 
 
 def make_sae(seed=0, **prov):
