@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pytest
-
 from saelab.evaluate import evaluate
 from saelab.formats import load_sae, save_sae
 from saelab.harvest import harvest
