@@ -53,7 +53,10 @@ class RunFolder:
     """Where the SAE comes from."""
     model_arg: LoadedModel | str | None = None
     """The model the caller named (None: the SAE's own)."""
+    device: str | torch.device = "cpu"
+    """Where an SAE loaded from its folder is put, and where the model loads."""
     _model: LoadedModel | None = field(default=None, repr=False)
+    """The model once loaded."""
 
     def db(self, writable: bool = False) -> FeatureDB:
         """The features.db, opened (its identity was checked when the run was opened)."""
@@ -67,12 +70,12 @@ class RunFolder:
         given = self.model_arg.name if isinstance(self.model_arg, LoadedModel) else self.model_arg
         return stage_inputs(self.sae, model=given, **overrides)
 
-    def model(self, device: str | torch.device = "cpu") -> LoadedModel:
+    def model(self) -> LoadedModel:
         """The model, loaded once. The SAE's own model (none named) is refused when its weights are not those
         the SAE records; a model the caller names is theirs to choose (``saelab eval`` warns about it)."""
         if self._model is None:
             lm = self.model_arg if isinstance(self.model_arg, LoadedModel) else \
-                load_model(self.inputs().model_name, device=device)
+                load_model(self.inputs().model_name, device=self.device)
             if self.model_arg is None:
                 check_model(self.provenance, lm, self.sae_path)
             self._model = lm
@@ -113,7 +116,7 @@ def open_run(sae: SAE | Path | str, model: LoadedModel | str | None = None, db: 
     if db_path is not None:
         with FeatureDB.open(db_path) as opened:
             opened.check_sae(sae, sae_path)
-    return RunFolder(sae.eval(), sae_path, db_path, Provenance.of(sae), model)
+    return RunFolder(sae.eval(), sae_path, db_path, Provenance.of(sae), model, device)
 
 
 def check_members(members: Sequence[tuple[str, Path | str | None]], saes: Sequence[SAE], folder: Path | str | None,
