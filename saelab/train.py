@@ -7,10 +7,13 @@ into the weights on save, so the saved SAE reads raw activations. Losses (per to
 - topk:      ‖x − x̂‖² + α ‖e − ê‖²,  e = x − x̂,  ê = W_decᵀ z_aux, z_aux = top-k_aux dead latents (Gao §A.2)
 - batchtopk: the same with the top k·batch latents over the batch (Bussmann et al. 2024)
 - jumprelu:  ‖x − x̂‖² + λ(t) Σ_i H(pre_i − θ_i), straight-through pseudo-gradients (Rajamanoharan)
+- matryoshka_batchtopk: batchtopk's, with every nested prefix of the dictionary reconstructing x too
+
+Each is its architecture's class (:mod:`saelab.arch`), which the trainer asks for the loss.
 
 TopK and BatchTopK keep a unit-norm decoder (gradient projected, rows renormalised after each
 step) and never build the dense ``(batch, d_sae)`` latents: their gradients are written by hand in
-:mod:`saelab.sparse_topk`. The hyperparameters and schedules are :mod:`saelab.train_config`, data
+:mod:`saelab.arch.sparse`. The hyperparameters and schedules are :mod:`saelab.train_config`, data
 parallelism (torchrun) is :mod:`saelab.distributed`, one SAE's optimiser and step are
 :mod:`saelab.trainer`; this module runs them over data (resume, checkpoints, logs, saving).
 """
