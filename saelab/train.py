@@ -1,4 +1,4 @@
-"""Training sparse autoencoders: the four recipes, a sparse TopK step for CPUs, checkpoints, DDP.
+"""Training sparse autoencoders: every architecture (saelab.arch), a sparse TopK step for CPUs, checkpoints, DDP.
 
 Inputs are scaled by one scalar s so that E‖s·x‖² = d_in (Anthropic, April 2024 update); s is folded
 into the weights on save, so the saved SAE reads raw activations. Losses (per token, batch mean):
