@@ -31,16 +31,15 @@ from saelab.dashboard import band_rows, correlation_rows, logit_histograms
 from saelab.explain import explain_and_score, record_from_db
 from saelab.featuredb import FeatureDB, build, sae_identity
 from saelab.fmap import decoder_neighbours, layout
-from saelab.formats import load_sae
 from saelab.hooks import capture, final_norm, resolve, run_to_hooks
 from saelab.locks import exclusive
 from saelab.mining import Batch, Stats, coact_rows, example_rows, histogram_rows, pool_rows, sparse_latents
-from saelab.models import LoadedModel, load_model
 from saelab.positions import PositionRule
 from saelab.progress import bar as progress_bar
 from saelab.provenance import Provenance, stage_inputs
 from saelab.stage_config import AnalyzeConfig, with_overrides
 from saelab.runtime import tune_allocator
+from saelab.session import RunFolder, features_db_beside, open_run
 from saelab.token_cache import sequences
 
 FINAL_RMS_SEQS = 2
@@ -59,15 +58,11 @@ class Setup(NamedTuple):
 
 
 def resolve_inputs(sae, model=None, corpus=None, hook: str | None = None) -> Setup:
-    """Accept an SAE or its folder; default the model, hook and corpus from the SAE's provenance."""
-    sae_path = None
-    if isinstance(sae, (str, Path)):
-        sae_path = Path(sae).resolve()
-        sae = load_sae(sae_path)
-    given = model.name if isinstance(model, LoadedModel) else model
-    run = stage_inputs(sae, model=given, hook=hook, corpus=corpus)
-    lm = model if isinstance(model, LoadedModel) else load_model(run.model_name)
-    return Setup(sae.eval(), lm, run.hook, run.corpus.source, sae_path)
+    """Accept an SAE, its folder or an opened run (:func:`saelab.session.open_run`); default the model, hook
+    and corpus from the SAE's provenance."""
+    run = sae if isinstance(sae, RunFolder) else open_run(sae, model, db=False)
+    inputs = run.inputs(hook=hook, corpus=corpus)
+    return Setup(run.sae, run.model(), inputs.hook, inputs.corpus.source, run.sae_path)
 
 
 def token_batches(lm, corpus: str, cfg: AnalyzeConfig, context: int) -> Iterator[tuple[torch.Tensor, str]]:
@@ -91,7 +86,7 @@ def run_pass(setup: Setup, cfg: AnalyzeConfig, context: int, progress: bool = Tr
     hint = prov.feature_max_act
     hint = torch.tensor(hint, dtype=torch.float32) if hint is not None and len(hint) == sae.d_sae else None
     stats = Stats(sae.d_sae, cfg, hint, device, cfg.seed)
-    rule = PositionRule(bos_token_id(lm.tokenizer) if cfg.skip_bos else None, prov.sink_factor)
+    rule = prov.position_rule(lm.tokenizer, cfg.skip_bos)    # the SAE's sink rule; BOS as the config says
     warmup = max(1, math.ceil(cfg.tokens / context / cfg.batch_size) // 20)
     by_split: dict[str, int] = {}
     start, n_batches, final_rms = time.perf_counter(), 0, None
@@ -316,7 +311,7 @@ def analyze(sae, model=None, corpus=None, *, out: Path | str | None = None, hook
     if out is None:
         if setup.sae_path is None:
             raise ValueError("give out=... for an in-memory SAE (there is no SAE folder to put features.db beside)")
-        out = setup.sae_path.parent / "features.db"
+        out = features_db_beside(setup.sae_path)
     context = stage_inputs(setup.sae, model=setup.lm.name, hook=setup.hook, corpus=setup.corpus,
                            context=cfg.context, max_positions=setup.lm.max_positions).context
     with exclusive(out, "analysis"):   # held for the whole pass, not only while the file is written

@@ -27,7 +27,10 @@ from typing import Callable
 from saelab import atomic
 from saelab.chat_template import render_chat
 from saelab.corpus import chat_path
+from saelab.generation import prompt_ids
 from saelab.locks import exclusive
+from saelab.measures import generate_batch
+from saelab.models import load_model
 
 REQUESTS = Path(__file__).parent / "prompts" / "chat_requests.toml"
 TEMPERATURE, MAX_NEW_TOKENS, BATCH, SEED = 0.8, 192, 32, 0
@@ -53,8 +56,6 @@ def build(model: str, *, load=None, progress: Callable[[int, int], None] | None 
 
     ``load``: how to load the model (default :func:`saelab.models.load_model`); ``request_list`` replaces the
     shipped requests (tests)."""
-    from saelab.models import load_model
-
     lm = (load or load_model)(model)
     if not getattr(lm.tokenizer, "chat_template", None):
         raise ValueError(f"corpus 'chat:{model}': the model's tokenizer has no chat template, so it cannot be "
@@ -119,9 +120,6 @@ def _complete_lines(partial: Path) -> int:
 
 def _answer(lm, batch: list[str], seed: int) -> list[str]:
     """Each request and the model's answer, in the chat template, without the leading BOS."""
-    from saelab.generation import prompt_ids
-    from saelab.measures import generate_batch
-
     encoded = [prompt_ids(lm, r, chat=True) for r in batch]
     answers = generate_batch(lm, encoded, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, seed=seed)
     tok = lm.tokenizer

@@ -25,16 +25,20 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from saelab.atomic import write_json
 from saelab.concept import auroc1, rank_features, split
 from saelab.corpus import bos_token_id
-from saelab.experiments import read_texts
+from saelab.family_io import load_members, read_sweep
 from saelab.generation import prompt_ids
 from saelab.hooks import run_to_hooks
+from saelab.models import load_model
 from saelab.positions import PositionRule
-from saelab.provenance import Provenance
+from saelab.provenance import Provenance, stage_inputs
 from saelab.steer import sae_hook_name
+from saelab.texts import read_texts
 
 SUFFIXES = ((".pos.txt", ".neg.txt"), (".pos.jsonl", ".neg.jsonl"))
+COVERAGE_FILE = "coverage.json"
 
 
 @dataclass
@@ -126,3 +130,19 @@ def concept_coverage(lm, saes: Sequence, names: Sequence[str], concepts: dict[st
     covered = [sum(per[n][t]["heldout_auroc"] >= cfg.threshold for n in per) / len(per) for t in range(len(saes))]
     return {"format": "saelab-coverage", "version": 1, "threshold": cfg.threshold, "holdout": cfg.holdout,
             "seed": cfg.seed, "sizes": list(names), "covered": [round(v, 4) for v in covered], "concepts": per}
+
+
+def sweep_coverage(paths: Sequence[str | Path], concepts_folder: str | Path, *, k: int | None = None,
+                   model: str | None = None, config: CoverageConfig | None = None, progress=None) -> dict:
+    """Concept coverage of a sweep folder (or SAE folders, smallest first) on the concepts in
+    ``concepts_folder``; written as coverage.json into the sweep folder (``written`` says where)."""
+    concepts = read_concepts(concepts_folder)
+    sweep = read_sweep(paths, k)
+    saes = load_members(sweep)
+    lm = load_model(stage_inputs(saes[0], model=model).model_name)
+    cov = concept_coverage(lm, saes, [m["name"] for m in sweep.members], concepts, config or CoverageConfig(),
+                           progress=progress)
+    if sweep.folder is not None:
+        write_json(Path(sweep.folder) / COVERAGE_FILE, cov)
+        cov["written"] = str(Path(sweep.folder) / COVERAGE_FILE)
+    return cov

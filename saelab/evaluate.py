@@ -44,9 +44,10 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
-from saelab.corpus import CorpusSpec, bos_token_id
+from saelab.corpus import CorpusSpec
 from saelab.eval_report import Downstream, EvalReport, Reconstruction, SelfCheck, Sparsity, compare
 from saelab.hooks import HookError, PrefixReplay, capture, hook_shapes, intervene, resolve, run_to_hooks
+from saelab.metrics import dead_fraction, fvu
 from saelab.models import LoadedModel, load_model
 from saelab.positions import PositionRule
 from saelab.progress import bar as progress_bar
@@ -93,9 +94,8 @@ class _ReconStats:
 
     def result(self) -> Reconstruction:
         n, d = max(self.n, 1), self.sum.numel()
-        total = self.sq - self.sum.pow(2).sum().item() / n  # Σ‖x − x̄‖²
-        fvu = self.err / total if total > 0 else float("nan")
-        return Reconstruction(mse=self.err / (n * d), fvu=fvu, explained_variance=1 - fvu,
+        unexplained = fvu(self.err, self.sq, self.sum, n)   # sums of x − shift: the same variance
+        return Reconstruction(mse=self.err / (n * d), fvu=unexplained, explained_variance=1 - unexplained,
                               cosine=self.cos / n, relative_norm=self.rel / n, tokens=self.n)
 
 
@@ -131,7 +131,7 @@ class _SparsityStats:
                 for i in range(len(edges) - 1)]
         dead, dense = int((self.fired == 0).sum()), int((density > DENSE_DENSITY).sum())
         return Sparsity(l0=mean, l0_std=math.sqrt(max(var, 0.0)), l0_quantiles=quantiles, d_sae=d_sae,
-                        dead=dead, dense=dense, dead_fraction=dead / d_sae, dense_fraction=dense / d_sae,
+                        dead=dead, dense=dense, dead_fraction=dead_fraction(self.fired), dense_fraction=dense / d_sae,
                         log10_density_histogram=hist), density.float()
 
 
@@ -361,7 +361,7 @@ def _inputs(sae, model, corpus, cfg: EvalConfig, hook: str | None, warnings: lis
     if prov.model_weights_sha256 and prov.model_weights_sha256 != lm.weights_hash:
         warnings.append(f"model {lm.name!r} has other weights than the SAE was trained on "
                         f"(sha256 {lm.weights_hash[:12]}…, provenance says {prov.model_weights_sha256[:12]}…)")
-    rule = PositionRule(bos_token_id(lm.tokenizer) if run.exclude_bos else None, prov.sink_factor)
+    rule = prov.position_rule(lm.tokenizer, run.exclude_bos)
     return _Inputs(lm, run.hook, ids, corpus_json, rule)
 
 

@@ -25,6 +25,7 @@ from saelab.atomic import write_json
 from saelab.families import FORMAT, FamilyConfig, families, families_json
 from saelab.formats import load_sae
 from saelab.provenance import Provenance
+from saelab.session import check_members
 from saelab.store import ActivationStore
 from saelab.store.reading import non_finite_rows
 
@@ -89,12 +90,7 @@ def load_members(sweep: Sweep) -> list:
         if not Path(m["path"]).is_dir():
             raise FileNotFoundError(f"{m['path']}: SAE folder of sweep member {m['name']!r} is missing")
         saes.append(load_sae(m["path"]).eval())
-    first, hook0 = saes[0], Provenance.of(saes[0]).hook_read
-    for m, sae in zip(sweep.members[1:], saes[1:]):
-        hook = Provenance.of(sae).hook_read
-        if sae.cfg.d_in != first.cfg.d_in or hook != hook0:
-            raise ValueError(f"{m['path']}: reads {hook} with d_in={sae.cfg.d_in}, but {sweep.members[0]['path']} "
-                             f"reads {hook0} with d_in={first.cfg.d_in}; families compare SAEs of one hook")
+    check_members([(m["name"], m["path"]) for m in sweep.members], saes, sweep.folder, "families")
     sizes = [s.cfg.d_sae for s in saes]
     if any(b <= a for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"SAE sizes must grow from one member to the next (smallest first); got {sizes}")
@@ -145,7 +141,7 @@ def run_families(paths: Sequence[str | Path], acts=None, tokens: int = 16384, cf
     if store.d_in != saes[0].cfg.d_in:
         raise ValueError(f"{store.path}: rows have d_in={store.d_in}, the SAEs read d_in={saes[0].cfg.d_in}; "
                          f"pass the store they were trained on (--acts)")
-    frac = float((saes[0].provenance.get("train_config") or {}).get("heldout_fraction") or 0.05)
+    frac = Provenance.of(saes[0]).heldout_fraction
     start = time.perf_counter()
     x, sample = sample_rows(store, tokens, frac)
     steps = families(saes, x, cfg)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from saelab import arch as architectures
 from saelab.atomic import atomic_dir, regular_file, write_json, write_tensors
 from saelab.errors import InvalidSAE
+from saelab.provenance import Provenance
 from saelab.sae import SAE, SAEConfig
 
 CFG, WEIGHTS, SPARSITY, PROVENANCE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "saelab.json"
@@ -435,7 +436,7 @@ def _read_gemma_scope(file: Path) -> Parsed:
 
 def feature_max_activations(sae: SAE) -> torch.Tensor:
     """Per-feature max activation ``[d_sae]`` recorded in saelab.json (``feature_max_act``)."""
-    values = sae.provenance.get("feature_max_act")
+    values = Provenance.of(sae).feature_max_act
     if values is None:
         raise ValueError("this SAE has no per-feature max activations (saelab.json 'feature_max_act'); run the "
                          "analysis pass (features.db has them) or re-save the SAE with feature_max_act=...")

@@ -30,6 +30,7 @@ from saelab.featuredb import FeatureDB
 from saelab.hooks import as_module, intervene, resolve, run_to_hooks
 from saelab.provenance import DEFAULT_CONTEXT, Provenance
 from saelab.steer import check_feature, check_width, max_activations, sae_hook_name
+from saelab.texts import parse_texts
 from saelab.generation import as_loaded_model, generate_ids, generated_part, model_context, prompt_ids
 
 DEFAULT_QUANTILE = 0.999
@@ -162,27 +163,10 @@ def scan(model, sae, texts: Iterable[str], watchlist: Watchlist, *, hook: str | 
                             watchlist.explanations.get(f), act)
 
 
-def read_texts(lines: Iterable[str]) -> Iterator[str]:
-    """Texts from JSONL lines: each a JSON string or an object with a ``text`` field (blank lines skipped)."""
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"input line {n} is not valid JSON ({e.msg}); expected one JSON object per line") from None
-        if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-            yield obj["text"]
-        elif isinstance(obj, str):
-            yield obj
-        else:
-            raise ValueError(f"input line {n}: expected a JSON string or an object with a 'text' string field")
-
-
 def scan_jsonl(model, sae, lines: Iterable[str], watchlist: Watchlist, out: TextIO, **kwargs) -> int:
     """Stream JSONL texts in, JSONL alerts out (one line per alert, flushed); returns the alert count."""
     n = 0
-    for alert in scan(model, sae, read_texts(lines), watchlist, **kwargs):
+    for alert in scan(model, sae, parse_texts(lines), watchlist, **kwargs):
         out.write(json.dumps(alert.to_json()) + "\n")
         out.flush()
         n += 1

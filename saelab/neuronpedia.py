@@ -43,7 +43,7 @@ import torch
 
 from saelab.atomic import write_bytes
 from saelab.featuredb import FeatureDB
-from saelab.formats import load_sae
+from saelab.session import open_run
 
 DEFAULT_AUTHOR_ID = "clkht01d40000jv08hvalcvly"
 """The "bot" user that Neuronpedia's database seed (apps/webapp/prisma/seed.ts) creates on every fresh
@@ -130,8 +130,7 @@ def _decoder(sae, info: dict, db: FeatureDB) -> torch.Tensor:
         if not sae or not Path(sae).is_dir():
             raise FileNotFoundError(f"{db.path} records no SAE folder that still exists ({sae!r}); pass the SAE "
                                     "folder (--sae) for the decoder-based neuron alignment")
-    if isinstance(sae, (str, Path)):
-        sae = load_sae(sae)
+    sae = open_run(sae, db=db.path).sae   # a features.db of another SAE is refused here
     W_dec = sae.W_dec.detach().float().cpu()
     if W_dec.shape[0] != db.n_features:
         raise ValueError(f"the SAE has {W_dec.shape[0]} features but {db.path} describes {db.n_features}; "

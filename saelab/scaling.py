@@ -22,6 +22,7 @@ out: both are below 1% at the batch sizes used.
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import sys
@@ -31,8 +32,16 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from saelab import arch as architectures
+from saelab.evaluate import evaluate
+from saelab.formats import load_sae
+from saelab.models import load_model
+from saelab.provenance import Provenance, stage_inputs
 from saelab.report import Series, Table, plot_png, write_report
+from saelab.session import check_members
+from saelab.stage_config import EvalConfig
+from saelab.store import ActivationStore
 from saelab.sweep import load_sweep
+from saelab.trainer import heldout_stats
 
 
 class Fit(NamedTuple):
@@ -117,21 +126,20 @@ def member_rows(folder: str | Path, ce: bool = False, ce_tokens: int = 16_384, a
                 device: str = "cpu") -> list[dict]:
     """One row per member of the sweep in ``folder``, smallest first: name, d_sae, k, fvu, flops and
     (when recorded, or computed with ``ce``) ce_recovered."""
-    from saelab.formats import load_sae
-
     folder = Path(folder).expanduser()
     _, members = load_sweep(folder)
+    saes = [load_sae(folder / m.path) for m in members]
+    check_members([(m.name, folder / m.path) for m in members], saes, folder, "scaling laws")
     rows, models = [], {}
-    for m in members:
+    for m, sae in zip(members, saes):
         path = folder / m.path
-        sae = load_sae(path)
-        prov = sae.provenance
-        held = prov.get("held_out") or (_heldout_from_store(sae, acts) if acts else None)
+        prov = Provenance.of(sae)
+        held = prov.held_out or (_heldout_from_store(sae, acts) if acts else None)
         if not held:
             raise ValueError(f"{path} records no held-out FVU (saelab.json 'held_out'): its store had no held-out "
                              "split; pass --acts STORE to evaluate it on that store's held-out rows")
-        cfg = prov.get("train_config") or {}
-        tokens = int(prov.get("tokens_trained") or cfg.get("tokens") or 0)
+        cfg = prov.train_config or {}
+        tokens = int(prov.tokens_trained or cfg.get("tokens") or 0)
         row = {"name": m.name, "d_sae": sae.d_sae, "k": m.k, "fvu": float(held["fvu"]), "l0": held.get("l0"),
                "dead_fraction": held.get("dead_fraction"), "tokens": tokens,
                "flops": training_flops(m.arch, sae.d_in, sae.d_sae, m.k, cfg.get("k_aux"), tokens)}
@@ -145,10 +153,7 @@ def member_rows(folder: str | Path, ce: bool = False, ce_tokens: int = 16_384, a
 
 
 def _heldout_from_store(sae, acts: str) -> dict | None:
-    from saelab.store import ActivationStore
-    from saelab.trainer import heldout_stats
-
-    cfg = sae.provenance.get("train_config") or {}
+    cfg = Provenance.of(sae).train_config or {}
     store = ActivationStore.open(acts)
     frac, batch = cfg.get("heldout_fraction", 0.05), cfg.get("batch_size", 4096)
     if frac <= 0 or store.n_rows_in("heldout", frac) == 0:
@@ -161,8 +166,6 @@ def _heldout_from_store(sae, acts: str) -> dict | None:
 
 
 def _recorded_ce(path: Path) -> float | None:
-    import json
-
     report = path / "eval.json"
     if not report.is_file():
         return None
@@ -172,11 +175,6 @@ def _recorded_ce(path: Path) -> float | None:
 
 def _evaluate_ce(sae, path: Path, tokens: int, device: str, models: dict) -> float | None:
     """CE recovered as ``saelab eval`` computes it (and its eval.json saved the same way)."""
-    from saelab.evaluate import evaluate
-    from saelab.models import load_model
-    from saelab.provenance import stage_inputs
-    from saelab.stage_config import EvalConfig
-
     run = stage_inputs(sae, split="validation")
     if run.model_name not in models:
         models[run.model_name] = load_model(run.model_name, device=device)

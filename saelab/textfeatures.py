@@ -11,9 +11,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from saelab.analyze import resolve_inputs
-from saelab.corpus import bos_token_id
 from saelab.hooks import run_to_hooks
-from saelab.positions import PositionRule
 from saelab.provenance import Provenance
 from saelab.generation import prompt_ids
 
@@ -41,7 +39,7 @@ def text_residuals(sae, lm, text: str, hook: str, chat: bool = False) -> tuple[l
     if ids.shape[1] < 2:
         raise ValueError(f"text {text[:40]!r} has no tokens")
     x = run_to_hooks(lm.model, ids, hook)[hook]                                # (1, n + 1, d_in)
-    rule = PositionRule(bos_token_id(lm.tokenizer), Provenance.of(sae).sink_factor)
+    rule = Provenance.of(sae).position_rule(lm.tokenizer)                     # the SAE's own rule
     keep = rule.keep(ids, torch.linalg.vector_norm(x.float(), dim=-1))[0, 1:]  # (n,)
     return ids[0, 1:].tolist(), x[0, 1:].float(), keep
 

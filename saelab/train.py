@@ -1,4 +1,4 @@
-"""Training sparse autoencoders: the four recipes, a sparse TopK step for CPUs, checkpoints, DDP.
+"""Training sparse autoencoders: every architecture (saelab.arch), a sparse TopK step for CPUs, checkpoints, DDP.
 
 Inputs are scaled by one scalar s so that E‖s·x‖² = d_in (Anthropic, April 2024 update); s is folded
 into the weights on save, so the saved SAE reads raw activations. Losses (per token, batch mean):
@@ -7,10 +7,13 @@ into the weights on save, so the saved SAE reads raw activations. Losses (per to
 - topk:      ‖x − x̂‖² + α ‖e − ê‖²,  e = x − x̂,  ê = W_decᵀ z_aux, z_aux = top-k_aux dead latents (Gao §A.2)
 - batchtopk: the same with the top k·batch latents over the batch (Bussmann et al. 2024)
 - jumprelu:  ‖x − x̂‖² + λ(t) Σ_i H(pre_i − θ_i), straight-through pseudo-gradients (Rajamanoharan)
+- matryoshka_batchtopk: batchtopk's, with every nested prefix of the dictionary reconstructing x too
+
+Each is its architecture's class (:mod:`saelab.arch`), which the trainer asks for the loss.
 
 TopK and BatchTopK keep a unit-norm decoder (gradient projected, rows renormalised after each
 step) and never build the dense ``(batch, d_sae)`` latents: their gradients are written by hand in
-:mod:`saelab.sparse_topk`. The hyperparameters and schedules are :mod:`saelab.train_config`, data
+:mod:`saelab.arch.sparse`. The hyperparameters and schedules are :mod:`saelab.train_config`, data
 parallelism (torchrun) is :mod:`saelab.distributed`, one SAE's optimiser and step are
 :mod:`saelab.trainer`; this module runs them over data (resume, checkpoints, logs, saving).
 """
@@ -38,6 +41,7 @@ from saelab.locks import exclusive
 from saelab.progress import bar as progress_bar
 from saelab.formats import load_sae, save_sae
 from saelab.runtime import tune_allocator
+from saelab.provenance import Provenance
 from saelab.sae import SAE
 from saelab.train_config import RUN_ONLY_FIELDS, TrainConfig
 from saelab.trainer import CHECKPOINT_FORMAT, Trainer, heldout_stats
@@ -57,23 +61,8 @@ def _source_info(source, d_in: int) -> dict:
 
 
 def store_provenance(store) -> dict:
-    """Provenance keys of saelab.json taken from an activation store's manifest.
-
-    A store harvested with ``exclude_bos`` holds no BOS rows; that is recorded as SAELens'
-    ``exclude_special_tokens`` (the excluded token ids; False when BOS rows were kept), which also
-    goes into cfg.json's metadata, where a SAELens user and :func:`saelab.evaluate.evaluate` look.
-    """
-    m = store.manifest
-    bos = m.get("bos") or {}
-    excluded = bos.get("excluded")
-    if excluded and bos.get("token_id") is not None:
-        excluded = [bos["token_id"]]
-    prov = {"model_name": m.get("model_name"), "model_weights_sha256": m.get("model_weights_sha256"),
-            "hook_name": m.get("hook_name"), "hf_hook_name": m.get("hf_hook_name"), "hook_io": m.get("hook_io"),
-            "corpus": m.get("corpus"), "context_size": m.get("context"),
-            "prepend_bos": bos.get("prepended_per_document"), "exclude_special_tokens": excluded,
-            "bos": bos or None, "positions": m.get("positions"), "gguf_sha256": m.get("gguf_sha256")}
-    return {k: v for k, v in prov.items() if v is not None}
+    """saelab.json keys taken from an activation store's manifest (:meth:`Provenance.from_store`)."""
+    return Provenance.from_store(store).to_json()
 
 
 def _open_run(out: Path | None, resume: bool, world: World):

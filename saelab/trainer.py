@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from saelab.arch import StepStats
 from saelab.distributed import World
 from saelab.errors import SaelabError
+from saelab.metrics import dead_fraction, fvu
 from saelab.sae import SAE, SAEConfig
 from saelab.train_config import TrainConfig, lr_at
 
@@ -127,10 +128,9 @@ class Trainer:
         flat = self.world.sum_(torch.cat([scalars, x.sum(0), s.fired]))
         err_sq, loss, aux, active, x_sq, n, stop, kept_sum, kept_n = flat[:9].tolist()
         x_sum, fired = flat[9:9 + d], flat[9 + d:]
-        variance = x_sq - float(x_sum.pow(2).sum()) / n
         self.stop_requested = stop > 0
         return {"loss": loss / self.world.size, "mse": err_sq / n, "aux": aux / self.world.size,
-                "fvu": err_sq / variance if variance > 0 else float("nan"), "l0": active / n,
+                "fvu": fvu(err_sq, x_sq, x_sum, int(n)), "l0": active / n,
                 "_fired": fired, "_tokens": int(n), "_min_kept": kept_sum / kept_n if kept_n else None}
 
     @torch.no_grad()
@@ -250,7 +250,5 @@ def heldout_stats(sae: SAE, batches: Iterable[torch.Tensor], max_tokens: int, de
             break
     if n == 0:
         return None
-    variance = x_sq - float(x_sum.pow(2).sum()) / n
-    return {"fvu": err_sq / variance if variance > 0 else float("nan"), "l0": l0 / n,
-            "dead_fraction": float((fired == 0).float().mean()), "tokens": n,
+    return {"fvu": fvu(err_sq, x_sq, x_sum, n), "l0": l0 / n, "dead_fraction": dead_fraction(fired), "tokens": n,
             "feature_density": (fired / n).tolist(), "feature_max_act": max_act.tolist()}

@@ -43,3 +43,31 @@ def pytest_collection_modifyitems(config, items):
         slow = item.get_closest_marker("slow")
         if slow is not None and not slow.kwargs.get("ci", False):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lm(tiny_model_dirs):
+    """The tiny Llama, loaded once for every module that does not define its own ``lm``."""
+    from saelab.models import load_model
+
+    return load_model(str(tiny_model_dirs["llama"]))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """A small Python corpus folder of code lines (:func:`factories.write_code_corpus`)."""
+    from factories import write_code_corpus
+
+    return write_code_corpus(tmp_path_factory.mktemp("code_corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_dirs, lm, tmp_path_factory):
+    """The tiny Llama (``model_dir``, loaded as ``lm``) and a corpus folder of one-line functions (``corpus``):
+    what the provenance, source, session and text-feature tests run a model on."""
+    from types import SimpleNamespace
+
+    from factories import write_function_corpus
+
+    corpus = write_function_corpus(tmp_path_factory.mktemp("function_corpus"))
+    return SimpleNamespace(model_dir=str(tiny_model_dirs["llama"]), corpus=str(corpus), lm=lm)

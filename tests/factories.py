@@ -185,3 +185,22 @@ def hold_lock(target: Path):
     proc = subprocess.Popen([sys.executable, "-c", code, str(lock_path(target))], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
+
+
+def write_function_corpus(folder: Path, n_files: int = 8, n_defs: int = 40) -> Path:
+    """``n_files`` small Python files of one-line functions (a corpus folder for tiny-model runs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (folder / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x * {i + j}\n" for j in range(n_defs)))
+    return folder
+
+
+def make_features_db(path: Path, sae, sae_path: Path | None = None, **meta) -> Path:
+    """A minimal features.db built for ``sae`` (its identity in the meta table, one row per feature)."""
+    from saelab.featuredb import build, sae_identity
+
+    with build(path) as w:
+        w.meta(model_name="m", hook_name="blocks.0.hook_x", sae_path=str(sae_path) if sae_path else None,
+               **sae_identity(sae), **meta)
+        w.features([{"id": i, "count": 1, "density": 0.1, "max_act": 1.0, "mean_act": 0.5} for i in range(sae.d_sae)])
+    return path

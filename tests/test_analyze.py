@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from factories import CODE_LINES, write_code_corpus
+from factories import CODE_LINES
 from saelab.analyze import AnalyzeConfig, analyze, direct_logit_directions, logit_effects, token_batches
 from saelab.featuredb import FeatureDB
 from saelab.hooks import run_to_hooks
@@ -16,16 +16,6 @@ from saelab.sae import ARCHITECTURES, SAE, SAEConfig
 from saelab.textfeatures import auroc, contrastive_search, inspect_text
 
 HOOK = "blocks.1.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_code_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]))
 
 
 def make_sae(arch="topk", d_sae=24, seed=0, **prov):

@@ -160,7 +160,8 @@ def test_matryoshka_trains_saves_in_saelens_format_and_loads_back(trained):
     assert loaded.cfg.architecture == "jumprelu"
     assert loaded.provenance["trained_architecture"] == MATRYOSHKA
     assert loaded.provenance["train_config"]["matryoshka_widths"] == [12, 24, 48, 96]
-    assert float(loaded.threshold.min()) == float(loaded.threshold.max()) > 0   # one global θ, learned
+    theta = loaded.threshold.detach()
+    assert float(theta.min()) == float(theta.max()) > 0   # one global θ, learned
     x = store.read_shard(0)["acts"][:64]
     torch.testing.assert_close(loaded.encode(x), sae.encode(x))
     # evaluating the loaded SAE on the held-out split gives what training recorded

@@ -156,3 +156,17 @@ def test_cli_feature_search_export(small_db, tmp_path, capsys):
     assert "features 0-19" in capsys.readouterr().err
     assert main(["search", str(small_db)]) == 2
     assert "give words" in capsys.readouterr().err
+
+
+def test_one_page_for_the_cli_and_the_web(small_db, capsys):
+    """FeatureDB.page is what both `saelab feature` and /api/features/{id} show."""
+    with FeatureDB.open(small_db) as db:
+        page = db.page(4)
+        assert page["feature"] == db.feature(4) and page["examples"]["top"] == db.examples(4, "top")
+        flat = db.neighbours(4)
+        for kind, rows in page["neighbours"].items():
+            assert [(r["id"], r["value"]) for r in rows] == [(n["other"], n["value"]) for n in flat if n["kind"] == kind]
+            assert all(r["explanation"] == db.feature(r["id"])["explanation"] for r in rows)
+    assert main(["feature", str(small_db), "4", "--json", "--examples", "2"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["top"] == page["examples"]["top"][:2] and shown["neighbours"] == page["neighbours"]

@@ -6,18 +6,14 @@ import json
 import pytest
 import torch
 
-from saelab import SAE, SAEConfig, load_model, save_sae
-from saelab.monitor import Watchlist, histogram_quantile, read_texts, scan, scan_jsonl, watch_generate
+from saelab import SAE, SAEConfig, save_sae
+from saelab.monitor import Watchlist, histogram_quantile, scan, scan_jsonl, watch_generate
+from saelab.texts import parse_texts as read_texts
 from saelab.generation import generate_ids, generated_part, prompt_ids
 
 HOOK = "blocks.0.hook_resid_pre"  # Llama's first block reads the token embeddings unchanged
 PLANTED = 5
 TEXTS = ["def f(x):\n    return x + 1\n", "import os\nos.system(cmd)\n", "", "os.system(x)\nos.system(y)\n"]
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]))
 
 
 def planted_sae(lm, token_id: int) -> SAE:
@@ -77,8 +73,8 @@ def test_scan_jsonl_streams_alerts(lm):
     assert rows[0]["explanation"] == "the os module" and rows[0]["token"] == "os"
 
 
-@pytest.mark.parametrize("line, match", [("{not json", "line 1 is not valid JSON"), ('{"txt": "a"}', "'text'"),
-                                         ("3", "line 1")])
+@pytest.mark.parametrize("line, match", [("{not json", "input:1: not valid JSON"), ('{"txt": "a"}', "'text'"),
+                                         ("3", "input:1")])
 def test_read_texts_bad_lines(line, match):
     with pytest.raises(ValueError, match=match):
         list(read_texts([line]))

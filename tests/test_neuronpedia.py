@@ -8,13 +8,11 @@ import json
 import pytest
 import torch
 
-from factories import write_code_corpus
 from saelab.analyze import AnalyzeConfig, analyze, direct_logit_directions, token_batches
 from saelab.cli import main
 from saelab.featuredb import FeatureDB
 from saelab.formats import save_sae
 from saelab.hooks import run_to_hooks
-from saelab.models import load_model
 from saelab.neuronpedia import DEFAULT_AUTHOR_ID, export_neuronpedia
 from saelab.sae import SAE, SAEConfig
 
@@ -36,16 +34,6 @@ CONVERTER_ACTIVATION_KEYS = ["tokens", "values", "bin_contains", "bin_max", "bin
 # the first row, so those without a database default must be in every row; the others are filled too).
 EXPLANATION_NOT_NULL = ["id", "modelId", "layer", "index", "description", "authorId", "scoreV1", "createdAt",
                         "updatedAt"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_code_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]))
 
 
 def make_sae(seed=0, **prov):
@@ -224,5 +212,5 @@ def test_cli_export_and_errors(exported, tmp_path, capsys):
     assert row["layer"] == "1-res-test__v2" and row["authorId"] == DEFAULT_AUTHOR_ID
     with pytest.raises(ValueError, match="letters, digits and dashes"):
         export_neuronpedia(db, tmp_path / "b", sae=sae, sae_set="res_test")
-    with pytest.raises(ValueError, match="8 features but .* describes 24"):
+    with pytest.raises(ValueError, match=r"belongs to the SAE at .*\(d_sae 24.*not to the SAE \(d_sae 8"):
         export_neuronpedia(db, tmp_path / "c", sae=SAE(SAEConfig(d_in=32, d_sae=8, architecture="relu")))

@@ -67,22 +67,8 @@ def _run_families(args) -> None:
 
 
 def _coverage(args) -> dict:
-    from pathlib import Path
+    from saelab.coverage import CoverageConfig, sweep_coverage
 
-    from saelab.atomic import write_json
-    from saelab.coverage import CoverageConfig, concept_coverage, read_concepts
-    from saelab.family_io import load_members, read_sweep
-    from saelab.models import load_model
-    from saelab.provenance import stage_inputs
-
-    concepts = read_concepts(args.concepts)
-    sweep = read_sweep(args.sweep, args.k)
-    saes = load_members(sweep)
-    lm = load_model(stage_inputs(saes[0], model=args.model).model_name)
     progress = (lambda i, n: print(f"\rconcepts {i}/{n}", end="\n" if i == n else "", file=sys.stderr))
-    cov = concept_coverage(lm, saes, [m["name"] for m in sweep.members], concepts,
-                           CoverageConfig(threshold=args.threshold), progress=progress)
-    if sweep.folder is not None:
-        write_json(Path(sweep.folder) / "coverage.json", cov)
-        cov["written"] = str(Path(sweep.folder) / "coverage.json")
-    return cov
+    return sweep_coverage(args.sweep, args.concepts, k=args.k, model=args.model,
+                          config=CoverageConfig(threshold=args.threshold), progress=progress)

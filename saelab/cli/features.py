@@ -121,10 +121,11 @@ def _run_feature(args) -> None:
     from saelab.featuredb import FeatureDB
 
     with FeatureDB.open(args.db) as db:
-        row = db.feature(args.id)
-        page = {"feature": row, "top": db.examples(args.id, "top")[:args.examples],
-                "logit_effects": db.logit_effects(args.id), "logit_effects_note": db.logit_effects_note(),
-                "neighbours": db.neighbours(args.id), "histogram": db.histogram(args.id)}
+        full = db.page(args.id)
+        note = db.logit_effects_note()
+    row = full["feature"]
+    page = {"feature": row, "top": full["examples"]["top"][:args.examples], "logit_effects": full["logit_effects"],
+            "logit_effects_note": note, "neighbours": full["neighbours"], "histogram": full["histogram"]}
     if args.json:
         _print_json(page)
         return
@@ -141,28 +142,16 @@ def _run_feature(args) -> None:
         print("suppresses: " + ", ".join(f"{_shown(t)!r} {v:+.2f}" for t, v in effects["negative"]))
         print(f"  ({page['logit_effects_note']})")
     for kind, label in (("decoder", "decoder cosine"), ("coact", "co-activation (Jaccard)")):
-        near = [n for n in page["neighbours"] if n["kind"] == kind]
+        near = page["neighbours"][kind]
         if near:
-            print(f"\nneighbours by {label}: " + ", ".join(f"{n['other']} ({n['value']:.2f})" for n in near))
-
-
-def _explanations_db(sae: str, db: str | None):
-    """The features.db named by --db, else the one beside the SAE folder, else None (checked before any model)."""
-    from pathlib import Path
-
-    if db is not None:
-        if not Path(db).is_file():
-            raise FileNotFoundError(f"--db {db}: no such features.db")
-        return Path(db)
-    beside = Path(sae).resolve().parent / "features.db"
-    return beside if beside.is_file() else None
+            print(f"\nneighbours by {label}: " + ", ".join(f"{n['id']} ({n['value']:.2f})" for n in near))
 
 
 def _run_inspect(args) -> None:
     from pathlib import Path
 
+    from saelab.session import open_run
     from saelab.textfeatures import inspect_text
-    from saelab.featuredb import FeatureDB
 
     text = args.text.replace("\\n", "\n").replace("\\t", "\t")
     if not text:
@@ -171,11 +160,11 @@ def _run_inspect(args) -> None:
         raise ValueError(f"--top {args.top}: list at least one feature per token")
     if not Path(args.sae).exists():
         raise FileNotFoundError(f"{args.sae}: no such SAE folder")
-    db_path = _explanations_db(args.sae, args.db)
-    rows = inspect_text(args.sae, args.model, text, top=args.top, chat=args.chat)
+    run = open_run(args.sae, args.model, db=args.db)   # another SAE's features.db is refused before the model loads
+    rows = inspect_text(run, text=text, top=args.top, chat=args.chat)
     names: dict[int, str] = {}
-    if db_path is not None:
-        with FeatureDB.open(db_path) as db:
+    if run.db_path is not None:
+        with run.db() as db:
             ids = {f for r in rows for f, _ in r.features}
             names = {i: db.feature(i)["explanation"] or "" for i in ids if i < db.n_features}
     if args.json:
@@ -193,35 +182,14 @@ def _run_inspect(args) -> None:
             print(f"        {f:>6} {a:7.2f}  {_shown(names.get(f, ''))[:100]}")
 
 
-def _read_texts(path: str) -> list[str]:
-    from pathlib import Path
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no such file of texts")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix != ".jsonl":
-        return lines
-    texts = []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        text = record.get("text") if isinstance(record, dict) else record
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{n}: each line needs a string or an object with a string 'text'")
-        texts.append(text)
-    return texts
-
-
 def _run_search(args) -> None:
     if args.positive or args.negative:
         from saelab.textfeatures import contrastive_search
+        from saelab.texts import read_texts
 
         if not (args.positive and args.negative):
             raise ValueError("contrastive search needs both --positive and --negative files")
-        hits = contrastive_search(args.target, args.model, _read_texts(args.positive), _read_texts(args.negative),
+        hits = contrastive_search(args.target, args.model, read_texts(args.positive), read_texts(args.negative),
                                   top=args.top)
         if args.json:
             _print_json(hits)

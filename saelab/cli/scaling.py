@@ -45,10 +45,11 @@ def _run_sweep(args) -> None:
                  resume=args.resume, progress=not args.json, provenance=prov)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    from saelab.provenance import Provenance
     from saelab.sweep import load_sweep
 
     _, members = load_sweep(args.out)
-    rows = [{**m._asdict(), "held_out": sae.provenance.get("held_out")} for m, sae in zip(members, saes)]
+    rows = [{**m._asdict(), "held_out": Provenance.of(sae).held_out} for m, sae in zip(members, saes)]
     if args.json:
         _print_json({"out": args.out, "members": rows})
         return

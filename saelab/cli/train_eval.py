@@ -82,30 +82,21 @@ def train_source(args, batch_size: int):
         return ActivationStore.open(args.acts), {}
     if not args.hook:
         raise ValueError("--model needs --hook (list them with 'saelab hooks MODEL')")
-    from saelab.corpus import CorpusSpec
-    from saelab.harvest import stream_activations
-    from saelab.hooks import resolve
-    from saelab.models import load_model
+    from saelab.sources import StreamSource
 
-    lm = load_model(args.model)
-    point = resolve(lm.model, args.hook)
-    spec = CorpusSpec(args.corpus)
+    source = StreamSource.open(args.model, args.hook, args.corpus, context=args.context, seed=args.seed)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    stream = stream_activations(lm, args.hook, spec, context=args.context, batch_size=batch_size // world,
-                                seed=args.seed + rank, passes=None)
-    prov = {"model_name": lm.name, "model_weights_sha256": lm.weights_hash, "hook_name": point.name,
-            "hf_hook_name": point.hf_hook_name, "hook_io": point.io, "corpus": {**spec.to_json(), "seed": args.seed},
-            "context_size": args.context}
-    return stream, prov
+    return source.batches(batch_size, rank, world), source.provenance.to_json()
 
 
 def _run_train(args) -> None:
+    from saelab.provenance import Provenance
     from saelab.train import train
 
     source, prov = train_source(args, args.batch_size)
     cfg = train_config(args, args.latents, args.k)
     sae = train(source, cfg, out=args.out, resume=args.resume, progress=not args.json, provenance=prov)
-    held = sae.provenance.get("held_out")
+    held = Provenance.of(sae).held_out
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return
     if args.json:

@@ -180,6 +180,17 @@ class FeatureDB:
             raise KeyError(f"feature {i} does not exist in {self.path} (features 0-{self.n_features - 1})")
         return i
 
+    def page(self, i: int) -> dict:
+        """Everything a feature's page shows (``saelab feature`` and the web's ``/api/features/{id}``): its row,
+        its examples of each kind, logit effects, neighbours of each kind with their explanations, histogram."""
+        row = self.feature(i)
+        neighbours: dict[str, list[dict]] = {kind: [] for kind in NEIGHBOUR_KINDS}
+        for n in self.neighbours(i):
+            neighbours[n["kind"]].append({"id": n["other"], "value": n["value"],
+                                          "explanation": self.feature(n["other"])["explanation"]})
+        return {"feature": row, "examples": {kind: self.examples(i, kind) for kind in EXAMPLE_KINDS},
+                "logit_effects": self.logit_effects(i), "neighbours": neighbours, "histogram": self.histogram(i)}
+
     def feature(self, i: int) -> dict:
         """One row of ``features`` as a dict (id, count, density, max_act, mean_act, explanation, ...); a row
         whose numbers are not numbers is :class:`DatabaseDamaged` naming the feature and column."""

@@ -144,16 +144,8 @@ def explanations(state: RunState, ids) -> dict[int, str]:
 
 
 def feature_detail(state: RunState, i: int) -> dict:
-    db = state.db
-    f = db.feature(i)  # KeyError → 404
-    neighbours = {"decoder": [], "coact": []}
-    rows = db.neighbours(i)
-    names = explanations(state, [n["other"] for n in rows])
-    for n in rows:
-        neighbours[n["kind"]].append({"id": n["other"], "value": n["value"], "explanation": names[n["other"]]})
-    return {"feature": f, "examples": {k: db.examples(i, k) for k in ("top", "quantile", "random")},
-            "logit_effects": db.logit_effects(i), "neighbours": neighbours, "histogram": _histogram(db.histogram(i)),
-            "family": state.family(i)}
+    page = state.db.page(i)  # KeyError → 404
+    return {**page, "histogram": _histogram(page["histogram"]), "family": state.family(i)}
 
 
 @router.get("/info", summary="Model, hook, SAE, eval metrics, training curve, density histogram")

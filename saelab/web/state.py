@@ -17,8 +17,8 @@ import numpy as np
 from saelab.family_io import feature_family, read_families
 from saelab.featuredb import FeatureDB
 from saelab.fmap import cluster_names
-from saelab.formats import load_sae
 from saelab.provenance import Provenance
+from saelab.session import FEATURES_DB, SAE_DIR, features_db_beside, open_run
 from saelab.models import load_model
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ def locate(run_dir=None, db=None, sae=None) -> tuple[Path, Path | None]:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"{run_dir}: no such run folder (expected sae/, features.db, eval.json)")
-        db = db or run_dir / "features.db"
-        if sae is None and (run_dir / "sae").is_dir():
-            sae = run_dir / "sae"
+        db = db or features_db_beside(run_dir / SAE_DIR)
+        if sae is None and (run_dir / SAE_DIR).is_dir():
+            sae = run_dir / SAE_DIR
     if db is None:
         raise ValueError("give a run folder, or --db FEATURES_DB (and --sae SAE_DIR for inspect/steer/monitor)")
     db = Path(db)
@@ -164,7 +164,7 @@ class RunState:
 
     @property
     def label(self) -> str:
-        return str(self.db_path.parent if self.db_path.name == "features.db" else self.db_path)
+        return str(self.db_path.parent if self.db_path.name == FEATURES_DB else self.db_path)
 
     # -- lazy model and SAE --------------------------------------------------------------------------
 
@@ -178,11 +178,9 @@ class RunState:
                 if self.sae_path is None:
                     raise LookupError("this server has no SAE folder (start it with a run folder or --sae SAE_DIR); "
                                       "inspect, steer and monitor need one")
-                sae = load_sae(self.sae_path).eval()
-                self.db.check_sae(sae, self.sae_path)
-                self._sae = sae
+                self._sae = open_run(self.sae_path, db=self.db_path).sae   # another SAE's features.db: refused
             elif not self._sae_checked:
-                self.db.check_sae(self._sae, "given to the server")
+                open_run(self._sae, db=self.db_path)
             self._sae_checked = True
             return self._sae
 
