@@ -24,6 +24,7 @@ import torch
 from saelab.atomic import write_json
 from saelab.families import FORMAT, FamilyConfig, families, families_json
 from saelab.formats import load_sae
+from saelab.progress import stage
 from saelab.provenance import Provenance
 from saelab.store import ActivationStore
 
@@ -142,8 +143,9 @@ def run_families(paths: Sequence[str | Path], acts=None, tokens: int = 16384, cf
                          f"pass the store they were trained on (--acts)")
     frac = float((saes[0].provenance.get("train_config") or {}).get("heldout_fraction") or 0.05)
     start = time.perf_counter()
-    x, sample = sample_rows(store, tokens, frac)
-    steps = families(saes, x, cfg)
+    with stage(f"families: sample {tokens:,} held-out rows, match {len(saes) - 1} size steps"):
+        x, sample = sample_rows(store, tokens, frac)
+        steps = families(saes, x, cfg)
     doc = families_json(steps, sweep.members, cfg, {**sample, "seconds": round(time.perf_counter() - start, 2)})
     if write and sweep.folder is not None:
         write_json(sweep.folder / FAMILIES_FILE, doc)
