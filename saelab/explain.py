@@ -243,6 +243,7 @@ what when where which while who whom why will with would you your yours yourself
 shall us let get got like yes okay ok oh well much many every another something anything nothing someone
 anyone everyone thing things way really""".split())
 _WORD = re.compile(r"[A-Za-z][a-z]{2,}")
+_SPECIAL = re.compile(r"<\|[^|<>]*\|>")
 THEME_MIN_SHARE = 0.3
 """A theme word is in at least this share of the feature's example windows (and in 3 of them)..."""
 THEME_LIFT = 3.0
@@ -250,8 +251,10 @@ THEME_LIFT = 3.0
 
 
 def content_words(tokens: Sequence[str]) -> set[str]:
-    """The content words of a window: lower-cased words of 3+ letters that are not English function words."""
-    return {w.lower() for w in _WORD.findall("".join(tokens))} - FUNCTION_WORDS
+    """The content words of a window: lower-cased words of 3+ letters that are not English function words
+    (special tokens such as ``<|endoftext|>`` or ``<|im_start|>`` left out)."""
+    text = "".join(" " if t.startswith("<") and t.endswith(">") else t for t in tokens)
+    return {w.lower() for w in _WORD.findall(_SPECIAL.sub(" ", text))} - FUNCTION_WORDS
 
 
 def word_rates(windows: Sequence[Example]) -> dict[str, float]:

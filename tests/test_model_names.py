@@ -1,6 +1,7 @@
 """Model and hook names are checked before a model loads or the hub is asked: one line, nearest names."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,11 +41,22 @@ def test_a_typo_of_a_known_name_fails_with_the_name_and_never_asks_the_hub(hub):
         check_model_name("gtp2")
 
 
-def test_known_and_local_names_pass_without_the_hub(hub, tmp_path):
+def test_known_and_local_names_pass_without_the_hub(hub, tmp_path, monkeypatch):
     cache_model(hub, "EleutherAI/pythia-70m", {"model_type": "gpt_neox", "num_hidden_layers": 6})
     assert known_names() == ["builtin", "smollm2", "EleutherAI/pythia-70m"]
-    for name in ("builtin", "smollm2", "EleutherAI/pythia-70m", str(tmp_path), "./nowhere", "x.gguf"):
+    for name in ("builtin", "smollm2", str(tmp_path), "./nowhere", "x.gguf"):
         check_model_name(name)            # the loaders check paths and files themselves
+    monkeypatch.setattr(model_names, "hub_reachable", lambda timeout=0: True)
+    check_model_name("EleutherAI/pythia-70m")
+    assert "HF_HUB_OFFLINE" not in os.environ   # online: transformers may look for a newer revision
+
+
+def test_a_cached_model_with_no_hub_loads_offline(hub, monkeypatch):
+    cache_model(hub, "EleutherAI/pythia-70m", {"model_type": "gpt_neox", "num_hidden_layers": 6})
+    monkeypatch.setattr(model_names, "hub_reachable", lambda timeout=0: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")             # not offline; undone (unset) after the test
+    check_model_name("EleutherAI/pythia-70m")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_offline_an_unknown_name_fails_at_once_with_the_nearest_cached_one(hub, monkeypatch):
