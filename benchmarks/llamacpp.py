@@ -4,7 +4,8 @@ and the LLM explainer served by llama-server against the offline explainer.
     python benchmarks/llamacpp.py rates saelab/shipped/smollm2 --features 3737,3594,4648,1202 --values 1,2,4 \\
         --prompts heldout20.txt --keywords "golden gate,bridge,san francisco" --max-new-tokens 40 \\
         --saelab dial.json --out rates.json
-    python benchmarks/llamacpp.py explain runs/demo-smollm2/features.db --features 0-39 --out explain.json
+    python benchmarks/llamacpp.py explain runs/demo-smollm2/features.db --features 0-39 [--judges offline,llm] \
+        --out explain.json
 
 ``rates``: for each value v (and 0), the features' Add direction at strength v is exported
 (:mod:`saelab.controlvector`) and llama-server answers every prompt greedily from the *same token ids*
@@ -136,7 +137,7 @@ def explain(args) -> dict:
     offline = _scores(Path(args.db), ids)
     result = {"features": ids, "offline": offline, "runs": {}}
     with LlamaServer(ServerConfig(smollm2_gguf(), context=8192, log=out_dir / "server.log")) as s:
-        for judge in ("offline", "llm"):
+        for judge in args.judges.split(","):
             db = out_dir / f"features-{judge}.db"
             shutil.copyfile(args.db, db)
             t0 = time.perf_counter()
@@ -169,6 +170,7 @@ def main() -> None:
     e = sub.add_parser("explain")
     e.add_argument("db")
     e.add_argument("--features", default="0-39")
+    e.add_argument("--judges", default="offline,llm", help="offline and/or llm (the same served model)")
     e.add_argument("--out", required=True)
     args = ap.parse_args()
     result = rates(args) if args.what == "rates" else explain(args)

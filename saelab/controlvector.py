@@ -98,9 +98,9 @@ def write_control_vector(path: Path | str, direction: torch.Tensor | np.ndarray,
                          source: Mapping | None = None) -> Path:
     """Write ``direction [n_embd]`` as llama.cpp's ``direction.<layer>`` (float32) to the GGUF ``path``
     (atomically: a reader sees the old file or the new one)."""
-    vec = np.ascontiguousarray(np.asarray(direction, dtype=np.float32).reshape(-1))  # (n_embd,)
-    if np.asarray(direction).ndim != 1:
-        raise SaelabError(f"a control vector's direction is one vector [n_embd], got shape {np.shape(direction)}")
+    vec = np.ascontiguousarray(np.asarray(direction, dtype=np.float32))  # (n_embd,)
+    if vec.ndim != 1:
+        raise SaelabError(f"a control vector's direction is one vector [n_embd], got shape {list(vec.shape)}")
     if not np.isfinite(vec).all():
         raise SaelabError(f"the direction for {path} holds NaN or inf values; nothing was written")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:

@@ -60,7 +60,7 @@ def test_control_vector_layer_numbering_in_llama_server(tiny):
 GG_FEATURES = (3737, 3594, 4648, 1202)  # bridge, River/Bridge, California/Francisco, Francisco/Gate
 KEYWORDS = ("golden gate", "bridge", "san francisco")
 N_QUESTIONS, MAX_NEW = 10, 32
-STRENGTH = 1.0
+STRENGTH = 2.0
 """Add strength (× each feature's max activation) of the Golden Gate dial."""
 RATE_GAP = 0.3
 """How far the server's on-concept rate may be from saelab's: Q4_1 vs float32 arithmetic, 10 questions."""
@@ -110,4 +110,4 @@ def test_exported_golden_gate_dial_in_llama_server(smollm2):
     print(f"on concept, {len(questions)} held-out questions: llama-server {rate(steered):.0%} (plain "
           f"{rate(plain):.0%}), saelab Add {added.concept_rate:.0%} (default {default.concept_rate:.0%})")
     assert rate(plain) <= 0.1 and default.concept_rate <= 0.1
-    assert added.concept_rate >= 0.5 and abs(rate(steered) - added.concept_rate) <= RATE_GAP
+    assert added.concept_rate >= 0.6 and abs(rate(steered) - added.concept_rate) <= RATE_GAP
