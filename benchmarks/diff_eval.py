@@ -25,6 +25,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -84,7 +85,10 @@ def evaluate_tune(args) -> dict:
     torch.set_num_threads(1)
     sae = load_sae(args.sae)
     base = load_model("smollm2")
-    tuned = with_adapter(base, args.adapter or ADAPTERS / args.tune)
+    adapter = Path(args.adapter or ADAPTERS / args.tune)
+    while args.wait and not (adapter / "finetune.json").is_file() and not args.adapter:
+        time.sleep(20)   # --wait: loaded and ready while benchmarks/finetune.py is still training the adapter
+    tuned = with_adapter(base, adapter)
     concepts = [read_concept(p) for p in sorted(CONCEPTS.glob("*.json"))]
     cfg = DiffConfig(tokens=args.tokens, batch_size=4, resamples=args.resamples)
     r = run_diff(sae, base, tuned, args.corpus, cfg, concepts, eval_tokens=args.eval_tokens,
@@ -159,6 +163,7 @@ def main(argv=None) -> None:
     p.add_argument("--resamples", type=int, default=500)
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--max-rise", type=float, default=1.5)
+    p.add_argument("--wait", action="store_true", help="load the model, then wait for the tune's adapter to appear")
     args = p.parse_args(argv)
     if args.summary:
         return summary()
