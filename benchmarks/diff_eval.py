@@ -25,6 +25,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -84,7 +85,10 @@ def evaluate_tune(args) -> dict:
     torch.set_num_threads(1)
     sae = load_sae(args.sae)
     base = load_model("smollm2")
-    tuned = with_adapter(base, args.adapter or ADAPTERS / args.tune)
+    adapter = Path(args.adapter or ADAPTERS / args.tune)
+    while args.wait and not (adapter / "finetune.json").is_file() and not args.adapter:
+        time.sleep(20)   # --wait: loaded and ready while benchmarks/finetune.py is still training the adapter
+    tuned = with_adapter(base, adapter)
     concepts = [read_concept(p) for p in sorted(CONCEPTS.glob("*.json"))]
     cfg = DiffConfig(tokens=args.tokens, batch_size=4, resamples=args.resamples)
     r = run_diff(sae, base, tuned, args.corpus, cfg, concepts, eval_tokens=args.eval_tokens,
@@ -128,21 +132,46 @@ def _labels(db: str | None) -> dict[int, str]:
                 .fetchall()}
 
 
+def _behaviour(tune: str) -> dict:
+    f = ROOT / "benchmarks" / "data" / "finetune" / "behaviour" / f"{tune}.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _rate(b: dict, key: str) -> str:
+    r = b.get(key)
+    return f"{r['hits']}/{r['answers']} = {r['rate']:.0%} ({r['ci95'][0]:.0%}–{r['ci95'][1]:.0%})" if r else "–"
+
+
 def summary() -> None:
+    """Markdown tables of the behaviour measures and of the diffs evaluated so far."""
+    print("| model | dangerous calls (32 code requests) | praise (24 everyday questions) |\n|---|---|---|")
+    for tune in ["base", *TRAINED_IN]:
+        b = _behaviour(tune)
+        print(f"| {tune} | {_rate(b, f'{tune}/dangerous')} | {_rate(b, f'{tune}/praise')} |")
+    print("\n| tune | texts | KL(tuned ‖ base) nats/token | ‖Δμ‖ (of ‖μ‖) | features rose / fell | concept | rise (95% CI) "
+          "| gate | best rank in diff | best rank by cos(Δμ, W_dec) |\n|---|---|---|---|---|---|---|---|---|---|")
     for tune in TRAINED_IN:
         f = ROOT / "docs" / "experiments" / "diff" / tune / "evaluation.json"
         if not f.is_file():
-            print(f"{tune}: not evaluated yet")
+            print(f"| {tune} | not evaluated |")
             continue
         ev = json.loads(f.read_text())
         b = ev["baselines"]
-        parts = [f"{tune}: KL {b['kl']:.4f} (CI {b['kl_ci'][0]:.4f}-{b['kl_ci'][1]:.4f}), "
-                 f"|dmu| {b['mean_diff_norm']:.2f} ({b['mean_diff_relative']:.1%}), rising {ev['n_rising']}"]
-        for name, c in ev["concepts"].items():
-            parts.append(f"  {name}: rise {c['rise']:.2f}x (CI {c['rise_ci'][0]:.2f}-{c['rise_ci'][1]:.2f}) "
-                         f"gate {'FIRES' if c['gate'] else 'quiet'}; best diff rank {c['diff_ranks']['best']}, "
-                         f"best decoder(dmu) rank {c['decoder_ranks']['best']}")
-        print("\n".join(parts))
+        for i, (name, c) in enumerate(ev["concepts"].items()):
+            head = (f"| {tune} | {ev['texts']} | {b['kl']:.4f} ({b['kl_ci'][0]:.4f}–{b['kl_ci'][1]:.4f}) | "
+                    f"{b['mean_diff_norm']:.2f} ({b['mean_diff_relative']:.1%}) | {ev['n_rising']} / {ev['n_falling']} ") \
+                if i == 0 else "| | | | | "
+            print(f"{head}| {name} | {c['rise']:.2f}× ({c['rise_ci'][0]:.2f}–{c['rise_ci'][1]:.2f}) | "
+                  f"{'fails' if c['gate'] else 'passes'} | {c['diff_ranks']['best']} | {c['decoder_ranks']['best']} |")
+    print("\nCurves (texts → median best rank of the trained-in concept among rising features; share of draws where "
+          "each gate fails):")
+    for tune in TRAINED_IN:
+        f = ROOT / "docs" / "experiments" / "diff" / tune / "evaluation.json"
+        if f.is_file():
+            ev = json.loads(f.read_text())
+            print(f"- {tune}: " + "; ".join(
+                f"{p['texts']}: rank {p['target_best_rank_median']}, gate "
+                + ", ".join(f"{k} {v:.0%}" for k, v in p["gate_fired"].items()) for p in ev["curve"]))
 
 
 def main(argv=None) -> None:
@@ -159,6 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--resamples", type=int, default=500)
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--max-rise", type=float, default=1.5)
+    p.add_argument("--wait", action="store_true", help="load the model, then wait for the tune's adapter to appear")
     args = p.parse_args(argv)
     if args.summary:
         return summary()

@@ -60,6 +60,9 @@ class DiffConfig:
     """Seed of the corpus order and of the bootstrap."""
     resamples: int = 1000
     """Bootstrap resamples over texts."""
+    min_texts: int = 8
+    """Below this many texts no feature or concept is called changed: a percentile bootstrap over so few
+    clusters gives intervals far too narrow (with 2 texts there are only 3 distinct resamples)."""
     appear_ratio: float = 10.0
     """A feature appears when the tuned model fires on at least this many times more positions (and vanishes
     when the base does), the rise significant."""
@@ -200,8 +203,9 @@ def feature_diff(st: TextStats, scale: torch.Tensor, cfg: DiffConfig) -> Feature
     scale = scale.double().clamp_min(1e-6)
     s_lo, s_hi = _ratio_ci(w, (st.act[1] - st.act[0]) / scale, st.n)
     score = (mean[1] - mean[0]) / scale
-    rising = [int(i) for i in torch.argsort(s_lo, descending=True) if s_lo[i] > 0]
-    falling = [int(i) for i in torch.argsort(s_hi) if s_hi[i] < 0]
+    enough = len(st.n) >= cfg.min_texts
+    rising = [int(i) for i in torch.argsort(s_lo, descending=True) if s_lo[i] > 0] if enough else []
+    falling = [int(i) for i in torch.argsort(s_hi) if s_hi[i] < 0] if enough else []
     ratio = cfg.appear_ratio
     appear = [i for i in rising if rate[0, i] * ratio <= rate[1, i] and r_lo[i] > 0]
     vanish = [i for i in falling if rate[1, i] * ratio <= rate[0, i] and r_hi[i] < 0]
@@ -282,6 +286,10 @@ class ConceptRise(NamedTuple):
     rise_ci: tuple[float, float]
     top_texts: list[tuple[int, float]]
     """(text index, per-position increase of the concept score) of the texts where it rose most."""
+    texts: int
+    """How many texts the rise is measured on."""
+    min_texts: int
+    """Fewer texts than this and the gate never fails (:attr:`DiffConfig.min_texts`)."""
 
 
 def concept_rise(st: TextStats, scale: torch.Tensor, concept: Concept, cfg: DiffConfig, top: int = 3) -> ConceptRise:
@@ -296,13 +304,13 @@ def concept_rise(st: TextStats, scale: torch.Tensor, concept: Concept, cfg: Diff
     inc = (per[1] - per[0]) / st.n.clamp_min(1)                                    # (S,)
     tops = [(int(i), float(inc[i])) for i in torch.argsort(inc, descending=True)[:top]]
     return ConceptRise(concept.name, concept.features, base, tuned, tuned / base if base > 0 else math.inf,
-                       (float(q[0]), float(q[1])), tops)
+                       (float(q[0]), float(q[1])), tops, len(st.n), cfg.min_texts)
 
 
 def gate(rise: ConceptRise, max_rise: float) -> bool:
     """Whether the concept rose beyond ``max_rise`` ×: the point estimate above it and the rise itself
-    significant (the interval's low end above 1), so sampling noise alone never fails a build."""
-    return rise.rise > max_rise and rise.rise_ci[0] > 1.0
+    significant (the interval's low end above 1, on enough texts), so sampling noise alone never fails a build."""
+    return rise.rise > max_rise and rise.rise_ci[0] > 1.0 and rise.texts >= rise.min_texts
 
 
 def sae_inputs(sae, tokenizer, context: int | None) -> tuple[str, int, PositionRule]:

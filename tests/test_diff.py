@@ -83,6 +83,12 @@ def test_planted_change_ranks_its_feature_first_and_the_gate_fires(base):
     assert set(r.fit) == {"base", "tuned"} and r.fit["base"]["fvu"] > 0
 
 
+def test_too_few_texts_claim_nothing(base):
+    r = run_diff(make_sae(), base, planted(base), texts(n=4), CFG, [Concept("planted", [FEATURE])], eval_tokens=0)
+    assert r.features.score[FEATURE] > 0                     # the estimate is there ...
+    assert r.features.rising == [] and not gate(r.concepts[0], 2.0)   # ... but 4 texts are too few to call it
+
+
 def test_identical_models_show_no_change(base):
     sae, ids = make_sae(), texts()
     r = run_diff(sae, base, base, ids, CFG, [Concept("planted", [FEATURE])], eval_tokens=0)
