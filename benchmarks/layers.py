@@ -11,7 +11,8 @@ one store per depth. For each store, in depth order:
 2. ``saelab eval`` on ``--eval-tokens`` of the corpus' validation split: FVU, L0, CE recovered (zero
    ablation), KL (``RUN/<hook>/eval.json``);
 
-then, over all depths at once, concept coverage (:mod:`saelab.coverage`): for each concept of
+``--baseline SAE`` (e.g. ``saelab/shipped/smollm2``) is evaluated on the same text and its concepts counted
+the same way, for comparison. Then, over all depths at once, concept coverage (:mod:`saelab.coverage`): for each concept of
 ``--concepts`` the best single feature (chosen on 70% of its texts) and its held-out AUROC on the other 30%;
 a concept is *detected* at a depth when that AUROC is >= 0.9. Writes ``RUN/layers.json`` and, with
 ``--report``, ``layers.json``, ``README.md`` and ``layers.png`` there.
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 from saelab import atomic
+from saelab.corpus import CorpusSpec
 from saelab.coverage import CoverageConfig, concept_coverage, read_concepts
 from saelab.evaluate import evaluate
 from saelab.formats import load_sae
@@ -35,6 +37,7 @@ from saelab.hooks import resolve
 from saelab.models import load_model
 from saelab.store import MANIFEST, ActivationStore
 from saelab.train import train
+from saelab.steer import sae_hook_name
 from saelab.train_config import TrainConfig
 
 
@@ -51,15 +54,21 @@ def train_and_eval(store: ActivationStore, lm, out: Path, cfg: TrainConfig, eval
     t0 = time.perf_counter()
     if not (out / "cfg.json").is_file():
         train(store, cfg, out=out)
-    trained = time.perf_counter() - t0
-    sae = load_sae(out)
+    row = {"rows": store.n_rows, "train_seconds_this_run": round(time.perf_counter() - t0, 1)}
+    return {**row, **eval_row(out, out, lm, CorpusSpec(store.manifest["corpus"]["source"], "validation"), eval_tokens)}
+
+
+def eval_row(sae_dir: Path, out: Path, lm, corpus: CorpusSpec, eval_tokens: int) -> dict:
+    """FVU, L0, CE recovered of the SAE in ``sae_dir`` on ``corpus`` (the report cached in ``out/eval.json``)."""
+    sae = load_sae(sae_dir)
     if not (out / "eval.json").is_file():
-        evaluate(sae, lm, tokens=eval_tokens, progress=True).save(out)
+        out.mkdir(parents=True, exist_ok=True)
+        evaluate(sae, lm, corpus, tokens=eval_tokens, progress=True).save(out)
     report = json.loads((out / "eval.json").read_text())
     held = sae.provenance.get("held_out", {})
     down = report.get("downstream") or {}
-    return {"hook": store.hook_name, "layer": resolve(lm.model, store.hook_name).layer, "rows": store.n_rows,
-            "train_seconds_this_run": round(trained, 1), "heldout_fvu": held.get("fvu"),
+    hook = sae_hook_name(sae)
+    return {"sae": str(sae_dir), "hook": hook, "layer": resolve(lm.model, hook).layer, "heldout_fvu": held.get("fvu"),
             "fvu": report["reconstruction"]["fvu"], "l0": report["sparsity"]["l0"],
             "dead_fraction": report["sparsity"].get("dead_fraction"),
             "ce_clean": down.get("ce_clean"), "ce_spliced": down.get("ce_spliced"),
@@ -76,11 +85,14 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, key, label in zip(axes, ("fvu", "ce_recovered", "detected"),
                               ("FVU (held-out text)", "CE recovered", f"concepts detected (of {doc['n_concepts']})")):
-        ax.plot(layers, [d[key] for d in doc["depths"]], marker="o")
+        ax.plot(layers, [d[key] for d in doc["depths"]], marker="o", label=f"TopK {doc['latents']}, this corpus")
+        if doc["baseline"]:
+            ax.axhline(doc["baseline"][key], color="grey", linestyle="--", label=f"baseline ({Path(doc['baseline']['sae']).name})")
         ax.set_xlabel("layer (resid_post)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"SmolLM2-135M: TopK {doc['latents']}, k {doc['k']}, {doc['train_tokens']:,} training tokens per depth")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{doc['model']}: TopK {doc['latents']}, k {doc['k']}, {doc['train_tokens']:,} training tokens per depth")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -95,25 +107,29 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per depth")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--concepts", type=Path, default=Path("saelab/prompts/concepts-smollm2"))
-    p.add_argument("--report", type=Path, help="also write layers.json, layers.png and a README.md here")
+    p.add_argument("--baseline", type=Path, help="an SAE folder to measure the same way (e.g. saelab/shipped/smollm2)")
+    p.add_argument("--report", type=Path, help="also write layers.json and layers.png here")
     args = p.parse_args()
 
     lm = load_model(args.model)
     cfg = TrainConfig(architecture="topk", d_sae=args.latents, k=args.k, tokens=args.tokens)
     stores = depth_stores(args.acts, lm)
     depths = [train_and_eval(s, lm, args.out / s.hook_name, cfg, args.eval_tokens) for s in stores]
+    corpus = CorpusSpec(stores[0].manifest["corpus"]["source"], "validation")
+    baseline = [eval_row(args.baseline, args.out / "baseline", lm, corpus, args.eval_tokens)] if args.baseline else []
     concepts = read_concepts(args.concepts)
-    saes = [load_sae(args.out / s.hook_name) for s in stores]
-    cov = concept_coverage(lm, saes, [s.hook_name for s in stores], concepts, CoverageConfig(),
+    dirs = [Path(d["sae"]) for d in depths + baseline]
+    cov = concept_coverage(lm, [load_sae(d) for d in dirs], [str(d) for d in dirs], concepts, CoverageConfig(),
                            progress=lambda i, n: print(f"concepts {i}/{n}", flush=True))
-    for t, d in enumerate(depths):
+    for t, d in enumerate(depths + baseline):
         d["detected"] = sum(cov["concepts"][c][t]["heldout_auroc"] >= cov["threshold"] for c in cov["concepts"])
-    doc = {"format": "saelab-layers", "version": 1, "acts": str(args.acts), "latents": args.latents, "k": args.k,
-           "train_tokens": args.tokens, "eval_tokens": args.eval_tokens, "concepts_folder": str(args.concepts),
-           "n_concepts": len(concepts), "depths": depths, "coverage": cov}
+    doc = {"format": "saelab-layers", "version": 1, "model": args.model, "acts": str(args.acts), "latents": args.latents, "k": args.k,
+           "train_tokens": args.tokens, "eval_tokens": args.eval_tokens, "eval_corpus": corpus.to_json(),
+           "concepts_folder": str(args.concepts), "n_concepts": len(concepts), "depths": depths,
+           "baseline": baseline[0] if baseline else None, "coverage": cov}
     atomic.write_json(args.out / "layers.json", doc)
-    for d in depths:
-        print(f"{d['hook']:<28} FVU {d['fvu']:.3f}  L0 {d['l0']:.1f}  CE recovered {d['ce_recovered']:.3f}  "
+    for d in depths + baseline:
+        print(f"{d['sae']:<40} FVU {d['fvu']:.3f}  L0 {d['l0']:.1f}  CE recovered {d['ce_recovered']:.3f}  "
               f"detected {d['detected']}/{len(concepts)}")
     if args.report:
         args.report.mkdir(parents=True, exist_ok=True)

@@ -254,13 +254,13 @@ def test_exclude_bos_and_norm_outliers(env, tmp_path):
 
 
 def test_default_leaves_out_window_starts_and_separators(env, tmp_path):
-    """The sink rule: every window starts with BOS, and by default no BOS position is stored."""
+    """The sink rule: every window starts with one BOS, and by default no BOS position is stored."""
     store = harvest(env["lm"], HOOK, env["corpus"], out=tmp_path / "s",
                     **{k: v for k, v in ARGS.items() if k not in ("exclude_bos", "sink_factor")})
     bos = store.manifest["bos"]
-    assert bos["excluded"] is True and bos["window_start"] == "bos"
+    assert bos["excluded"] is True and bos["window_start"] == "one_bos"
     ref_tokens = torch.cat([env["ref"].read_shard(i)["tokens"] for i in range(4)]).view(32, 32)
-    assert (ref_tokens[:, 0] == bos["token_id"]).all()
+    assert (ref_tokens[:, 0] == bos["token_id"]).all() and not (ref_tokens[:, 1] == bos["token_id"]).any()
     pos = torch.cat([store.read_shard(i)["pos"] for i in range(len(store.shards))])
     tok = torch.cat([store.read_shard(i)["tokens"] for i in range(len(store.shards))])
     assert not (pos == 0).any() and not (tok == bos["token_id"]).any()
