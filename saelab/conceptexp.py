@@ -107,10 +107,11 @@ def run_experiment(lm, sae, db, exp: ConceptExperiment, cfg: ConceptConfig, out,
     todo += [("difference of means", vspec, v, None) for v in cfg.add_values]
     todo += [(f"prompting ({w})", None, None, prompted(lm, prompts, exp.instruction, w, chat, exp.max_new_tokens))
              for w in ("system", "user")]
-    rows, default = [], None
+    rows, default, t_eval = [], None, time.monotonic()
     for j, (method, spec, v, source) in enumerate(todo):
+        eta = "" if not j else f", about {(time.monotonic() - t_eval) / j * (len(todo) - j) / 60:.0f} min left"
         stage(f"evaluation {j + 1}/{len(todo)}: {method} {'' if v is None else v} on {len(prompts)} prompts × "
-              f"{exp.samples}", t0)
+              f"{exp.samples}{eta}", t0)
         p = dial_point(lm, sae, spec, v, encoded, exp.judge, generate_from=source, **gen)
         default = default or p
         calibrated = (method == "SAE dial" and v == cal.strength) or (method == "difference of means" and v == v_strength)

@@ -1,13 +1,11 @@
 """The seeds' experiments, reproducible from one command each (``saelab experiment NAME RUN``).
 
-- ``golden-gate``: find the Golden Gate concept from example texts, grow and calibrate its dial's feature set
-  on 4 neutral chat questions (:func:`saelab.concept.steering_set`), then measure concept rate (keywords and
-  the feature classifier) and fluency against the dial on 20 held-out questions (Templeton et al. 2024's
-  "Golden Gate Claude", on a small model).
-- ``unsafe-code``: search for an unsafe-code concept (dangerous calls against their safe equivalents), grow
-  its dial's set on 4 calibration requests (on concept: the answer calls a dangerous function), then count
-  dangerous calls in sampled answers to 32 other programming requests: default, the set ablated, and forced
-  on (Templeton et al. 2024's unsafe-code feature).
+- ``golden-gate``, ``sycophancy``, ``unsafe-code``: a concept from example texts, the dial that writes it found and
+  calibrated by :func:`saelab.concept.find_writers`, against no steering, difference-of-means steering and
+  prompting on held-out prompts (:mod:`saelab.conceptexp`): the Golden Gate Bridge in everyday and identity
+  questions (Templeton et al. 2024's "Golden Gate Claude"), over-the-top praise of the user (judged by a praise
+  lexicon, :func:`praises_user`), and dangerous calls in code (default, forced, the set ablated; Templeton et
+  al.'s unsafe-code feature).
 - ``builtin-dial``: on the builtin model, the share of features whose own activation rises monotonically from
   0 to their calibrated strength, for 50 random live features against the 50 with the highest output score
   (Arad et al. 2025). Single-feature curves are measured in one batched generation per prompt and value.
