@@ -55,9 +55,9 @@ class ConceptConfig:
     """Held-out AUROC gain that admits a feature."""
     min_rel_gain: float = 0.1
     """Relative held-out d′ gain that admits a feature when the AUROC does not fall."""
-    clamp_values: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    clamp_values: tuple[float, ...] = (2.0, 4.0, 8.0)
     """Clamp strengths (× each feature's max activation) of the calibration search."""
-    add_values: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5)
+    add_values: tuple[float, ...] = (0.25, 0.5, 1.0)
     """Add strengths (× the residual norm at the position, along the set's direction) of the calibration search."""
     modes: tuple[str, ...] = ("clamp", "add")
     """Edit modes the calibration searches."""

@@ -105,13 +105,13 @@ class ExperimentConfig:
     values: tuple[float, ...] | None = None
     """Dial values: builtin-dial's clamp values (default 0.5-3 × max activation); for the concept experiments, the
     strengths of every mode (default: :class:`saelab.concept.ConceptConfig`'s per-mode values)."""
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     """Tokens per evaluation answer (golden-gate, sycophancy)."""
     calibration_tokens: int = 32
     """Tokens per calibration answer."""
-    code_tokens: int = 80
+    code_tokens: int = 64
     """Tokens per answer of unsafe-code."""
-    samples: int = 3
+    samples: int = 2
     """Sampled answers per code prompt and condition (unsafe-code)."""
     temperature: float = 0.8
     """Sampling temperature of unsafe-code (golden-gate, sycophancy and builtin-dial are greedy)."""
