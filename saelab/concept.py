@@ -243,7 +243,7 @@ def calibrate_writers(lm, sae, writers: Sequence[int], prompts: Sequence[str], j
             sweep.append(run(spec, v))
             done += 1
             if progress:
-                progress(done, len(grid) * len(cfg.clamp_values))
+                progress(done, sum(len(cfg.add_values if m == "add" else cfg.clamp_values) for _, m in grid))
             if sweep[-1].concept_rate >= cfg.target_rate and is_fluent(sweep[-1], default, cfg.max_fluency_ratio,
                                                                         cfg.max_degenerate):
                 break  # larger strengths only cost fluency

@@ -107,7 +107,7 @@ class ExperimentConfig:
     strengths of every mode (default: :class:`saelab.concept.ConceptConfig`'s per-mode values)."""
     max_new_tokens: int = 32
     """Tokens per evaluation answer (golden-gate, sycophancy)."""
-    calibration_tokens: int = 32
+    calibration_tokens: int = 24
     """Tokens per calibration answer."""
     code_tokens: int = 64
     """Tokens per answer of unsafe-code."""
@@ -120,6 +120,13 @@ class ExperimentConfig:
     keywords: list[str] = field(default_factory=lambda: ["golden gate", "bridge", "san francisco"])
     """Keywords that mark a golden-gate answer on concept."""
     seed: int = 0
+    prompts: int | None = None
+    """At most this many evaluation prompts per group (the first ones; default: all)."""
+    calibration_prompts: int = 8
+    """Calibration prompts (the first ones of the experiment's calibration file)."""
+    curve: str = "full"
+    """``full``: every strength of each method on the evaluation prompts; ``calibrated``: the calibrated one and the
+    next stronger (:class:`saelab.conceptexp.ConceptExperiment`)."""
 
 
 def _texts(name: str) -> list[str]:
@@ -180,7 +187,10 @@ def concept_runner(name: str):
                              if name == "golden-gate" else [])
         if cfg.values:
             ccfg.clamp_values = ccfg.add_values = tuple(cfg.values)
-        return run_experiment(lm, sae, db, SPECS[name](cfg), ccfg, Path(out), command)
+        exp = SPECS[name](cfg)
+        exp.evaluation = {g: ps[:cfg.prompts] for g, ps in exp.evaluation.items()}
+        exp.calibration, exp.curve = exp.calibration[:cfg.calibration_prompts], cfg.curve
+        return run_experiment(lm, sae, db, exp, ccfg, Path(out), command)
     return runner
 
 

@@ -86,6 +86,10 @@ def _add_concepts(sub) -> None:
     e.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 32; unsafe-code: 64)")
     e.add_argument("--samples", type=int, help="sampled answers per code prompt and condition (default 2)")
     e.add_argument("--n-features", type=int, help="features per group for builtin-dial (default 50)")
+    e.add_argument("--prompts", type=int, help="at most this many evaluation prompts per group (default: all)")
+    e.add_argument("--calibration-prompts", type=int, help="calibration prompts (default 8)")
+    e.add_argument("--curve", choices=["full", "calibrated"], help="evaluate every strength (default) or the "
+                                                                   "calibrated one and the next stronger")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=_run_experiment)
 
@@ -252,7 +256,7 @@ def _run_experiment(args) -> None:
     cfg = ExperimentConfig()
     if args.values:
         cfg.values = tuple(_numbers(args.values, "--values"))
-    for name in ("max_new_tokens", "samples", "n_features"):
+    for name in ("max_new_tokens", "samples", "n_features", "prompts", "calibration_prompts", "curve"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     out = Path(args.out) if args.out else Path(args.run) / "experiments" / args.name
