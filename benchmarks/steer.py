@@ -13,9 +13,10 @@ beside the median, and the hook's own time per call measured alone. Goal: ratio 
 the hook's cost does not depend on what the weights learned.
 
 ``dial``: for ``--n`` random live features (features.db beside the SAE, else the SAE's recorded
-densities), the efficacy curve of :func:`saelab.steer.dial` over clamp values 0, 1, 2, 5, 10, 20 on
-a few code prompts; prints the fraction of features whose concept activation rises monotonically
-from 0× to 10× (:func:`saelab.steer.monotonic_fraction`) and example curves.
+densities), the efficacy curve of :func:`saelab.experiments.feature_curves` (the feature's own activation
+on its greedy text, re-read unsteered, and the text's NLL) over clamp values 0, 1, 2, 5, 10, 20 on a few
+code prompts; prints the fraction of features whose activation rises monotonically from 0× to 10× and
+example curves.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from saelab.formats import load_sae
 from saelab.models import load_model
 from saelab.sae import SAE, SAEConfig
-from saelab.steer import Add, Clamp, concept_edits, dial, edit_start, monotonic_fraction, steering
+from saelab.experiments import feature_curves
+from saelab.steer import Add, Clamp, concept_edits, edit_start, max_activations, steering
 from saelab.generation import generate_ids, prompt_ids
 
 PROMPT = "import os\n\n\ndef run_command(cmd):\n    "
@@ -102,27 +104,36 @@ def live_features(sae_dir: str, sae) -> list[int]:
     return [i for i, d in enumerate(density) if d > 0]
 
 
+VALUES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
+
+
+def monotonic_fraction(acts: torch.Tensor, upto: int) -> float:
+    """Share of rows of ``acts [n, values]`` that never fall and end higher over the first ``upto`` values."""
+    a = acts[:, :upto]
+    return float(((a[:, 1:] >= a[:, :-1]).all(1) & (a[:, -1] > a[:, 0])).float().mean())
+
+
 def efficacy(args) -> None:
     sae = load_sae(args.sae)
     lm = load_model(args.model or sae.provenance.get("model_name") or "builtin")
     feats = sorted(random.Random(args.seed).sample(live_features(args.sae, sae), args.n))
-    curves = []
+    maxes = torch.tensor([max_activations(sae, [f])[f] for f in feats])
     t0 = time.perf_counter()
-    for i, f in enumerate(feats):
-        c = dial(lm, sae, f, DIAL_PROMPTS, max_new_tokens=args.max_new_tokens, seed=args.seed)
-        curves.append(c)
-        acts = " ".join(f"{p.value:g}x:{p.activation:.3f}/{p.loss:.2f}" for p in c.points)
-        print(f"  [{i + 1}/{len(feats)}] feature {f:>5} (max {c.max_act:.2f})  activation/loss  {acts}", flush=True)
+    curves = feature_curves(lm, sae, feats, maxes, DIAL_PROMPTS, VALUES, args.max_new_tokens)  # (n, values, 2)
+    for f, c, m in zip(feats, curves, maxes):
+        acts = " ".join(f"{v:g}x:{a:.3f}/{n:.2f}" for v, (a, n) in zip(VALUES, c.tolist()))
+        print(f"  feature {f:>5} (max {float(m):.2f})  activation (× max)/loss  {acts}")
     print(f"{len(feats)} random live features, {len(DIAL_PROMPTS)} prompts x {args.max_new_tokens} greedy tokens, "
           f"{time.perf_counter() - t0:.0f}s")
-    print(f"monotonic 0x..10x: {monotonic_fraction(curves):.0%}; 0x..20x: {monotonic_fraction(curves, 20):.0%}")
-    for v_idx, v in enumerate(curves[0].points):
-        mean_act = statistics.mean(c.points[v_idx].activation / c.max_act for c in curves)
-        mean_loss = statistics.mean(c.points[v_idx].loss for c in curves)
-        print(f"  {v.value:>4g}x: mean activation {mean_act:.3f} x max act, mean loss {mean_loss:.3f} nats/token")
+    print(f"monotonic 0x..10x: {monotonic_fraction(curves[:, :, 0], 5):.0%}; "
+          f"0x..20x: {monotonic_fraction(curves[:, :, 0], 6):.0%}")
+    for j, v in enumerate(VALUES):
+        print(f"  {v:>4g}x: mean activation {float(curves[:, j, 0].mean()):.3f} x max act, "
+              f"mean loss {float(curves[:, j, 1].mean()):.3f} nats/token")
     if args.out:
-        Path(args.out).write_text(json.dumps([{"feature": c.feature, "max_act": c.max_act,
-                                               "points": [p._asdict() for p in c.points]} for c in curves], indent=1))
+        Path(args.out).write_text(json.dumps([{"feature": f, "max_act": float(m), "values": VALUES,
+                                               "activation": c[:, 0].tolist(), "loss": c[:, 1].tolist()}
+                                              for f, c, m in zip(feats, curves, maxes)], indent=1))
 
 
 def main() -> None:

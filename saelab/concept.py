@@ -55,9 +55,9 @@ class ConceptConfig:
     """Held-out AUROC gain that admits a feature."""
     min_rel_gain: float = 0.1
     """Relative held-out d′ gain that admits a feature when the AUROC does not fall."""
-    clamp_values: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    clamp_values: tuple[float, ...] = (2.0, 4.0, 8.0)
     """Clamp strengths (× each feature's max activation) of the calibration search."""
-    add_values: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5)
+    add_values: tuple[float, ...] = (0.25, 0.5, 1.0)
     """Add strengths (× the residual norm at the position, along the set's direction) of the calibration search."""
     modes: tuple[str, ...] = ("clamp", "add")
     """Edit modes the calibration searches."""
@@ -243,7 +243,7 @@ def calibrate_writers(lm, sae, writers: Sequence[int], prompts: Sequence[str], j
             sweep.append(run(spec, v))
             done += 1
             if progress:
-                progress(done, len(grid) * len(cfg.clamp_values))
+                progress(done, sum(len(cfg.add_values if m == "add" else cfg.clamp_values) for _, m in grid))
             if sweep[-1].concept_rate >= cfg.target_rate and is_fluent(sweep[-1], default, cfg.max_fluency_ratio,
                                                                         cfg.max_degenerate):
                 break  # larger strengths only cost fluency

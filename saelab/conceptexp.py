@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from saelab.atomic import write_json
 from saelab.baselines import difference_of_means, dom_spec, prompted
-from saelab.concept import ConceptConfig, find_concept, find_writers, pick_strength, point_json
+from saelab.concept import (ConceptConfig, calibrate_writers, find_concept, find_writers, pick_strength,
+                            point_json)
 from saelab.conceptfile import make_concept, save_concept
 from saelab.measures import DialValue, Judge, dial_point, encode_prompt, is_fluent
 from saelab.report import Series, Table, plot_png, write_report
@@ -45,6 +47,9 @@ class ConceptExperiment:
     samples: int = 1
     temperature: float = 0.0
     max_new_tokens: int = 40
+    curve: str = "full"
+    """Strengths evaluated per steering method: ``full`` (every strength of the search) or ``calibrated`` (the
+    calibrated one and the next stronger, on machines too busy for the whole curve)."""
 
 
 def stage(msg: str, t0: float) -> None:
@@ -82,13 +87,18 @@ def calibrate_vector(lm, sae, spec: DialSpec, prompts, judge: Judge, cfg: Concep
 
 def run_experiment(lm, sae, db, exp: ConceptExperiment, cfg: ConceptConfig, out, command: str) -> dict:
     t0, chat = time.monotonic(), bool(getattr(lm.tokenizer, "chat_template", None))
+    out.mkdir(parents=True, exist_ok=True)
     stage(f"{exp.name}: ranking features on {len(exp.positives)}+{len(exp.negatives)} texts", t0)
     found = find_concept(lm, sae, exp.positives, exp.negatives, cfg, db=db)
-    stage(f"screening writers and calibrating on {len(exp.calibration)} prompts", t0)
+    stage(f"screening up to {cfg.screen_candidates} candidates on {cfg.screen_prompts} prompts", t0)
     writers = find_writers(lm, sae, found, exp.positives, exp.negatives, exp.calibration, cfg, chat=chat, db=db,
-                           judge=exp.judge, token_words=exp.keywords,
-                           progress=lambda i, n: stage(f"  calibration point {i}", t0))
-    cal = writers.calibration
+                           judge=exp.judge, token_words=exp.keywords, calibrate=False)
+    good = [w["feature"] for w in writers.writers if w["lift"] > cfg.min_lift]
+    stage(f"{len(good)} writers, best {[(w['feature'], round(w['lift'], 2)) for w in writers.writers[:4]]}; "
+          f"calibrating on {len(exp.calibration)} prompts", t0)
+    cal = calibrate_writers(lm, sae, good, exp.calibration, exp.judge, cfg, chat=chat, db=db,
+                            progress=lambda i, n: stage(f"  calibration point {i} (at most {n})", t0))
+    writers = writers._replace(calibration=cal)
     stage(f"SAE dial: {cal.spec.label()} at {cal.strength:g} ({'reached' if cal.reached else 'not reached'}); "
           "difference of means", t0)
     vec = difference_of_means(lm, sae, exp.positives, exp.negatives, chat=False)
@@ -103,18 +113,22 @@ def run_experiment(lm, sae, db, exp: ConceptExperiment, cfg: ConceptConfig, out,
     gen = dict(chat=chat, max_new_tokens=exp.max_new_tokens, temperature=exp.temperature, samples=exp.samples)
     todo: list[tuple[str, DialSpec | None, float | None, list | None]] = [("none", None, None, None)]
     sae_values = cfg.add_values if cal.spec.mode == "add" else cfg.clamp_values
-    todo += [("SAE dial", cal.spec, v, None) for v in sae_values]
-    todo += [("difference of means", vspec, v, None) for v in cfg.add_values]
+    todo += [("SAE dial", cal.spec, v, None) for v in curve_values(sae_values, cal.strength, exp.curve)]
+    todo += [("difference of means", vspec, v, None) for v in curve_values(cfg.add_values, v_strength, exp.curve)]
     todo += [(f"prompting ({w})", None, None, prompted(lm, prompts, exp.instruction, w, chat, exp.max_new_tokens))
              for w in ("system", "user")]
-    rows, default = [], None
+    rows, default, t_eval = [], None, time.monotonic()
     for j, (method, spec, v, source) in enumerate(todo):
+        eta = "" if not j else f", about {(time.monotonic() - t_eval) / j * (len(todo) - j) / 60:.0f} min left"
         stage(f"evaluation {j + 1}/{len(todo)}: {method} {'' if v is None else v} on {len(prompts)} prompts × "
-              f"{exp.samples}", t0)
+              f"{exp.samples}{eta}", t0)
         p = dial_point(lm, sae, spec, v, encoded, exp.judge, generate_from=source, **gen)
         default = default or p
         calibrated = (method == "SAE dial" and v == cal.strength) or (method == "difference of means" and v == v_strength)
         rows.append(row(method, p, default, groups, calibrated))
+        write_json(out / "partial.json", {"experiment": exp.name, "dial": {"features": list(cal.spec.features),
+                   "mode": cal.spec.mode, "unit": cal.spec.unit, "strength": cal.strength, "reached": cal.reached,
+                   "search": cal.search}, "dom_strength": v_strength, "writers": writers.writers[:12], "rows": rows})
     if exp.name == "unsafe-code":
         stage("evaluation: SAE set ablated", t0)
         p = dial_point(lm, sae, DialSpec(cal.spec.features, "ablate"), 0.0, encoded, exp.judge, **gen)
@@ -130,6 +144,14 @@ def run_experiment(lm, sae, db, exp: ConceptExperiment, cfg: ConceptConfig, out,
     report(out, exp, results, command)
     stage(f"done: {out / 'report.html'}", t0)
     return results
+
+
+def curve_values(values: Sequence[float], calibrated: float, curve: str) -> list[float]:
+    """Every strength (``full``), or the calibrated one and the next stronger (``calibrated``)."""
+    if curve == "full":
+        return list(values)
+    i = list(values).index(calibrated)
+    return list(values)[i:i + 2]
 
 
 def best_fluent(rows: Sequence[dict], method: str) -> dict | None:

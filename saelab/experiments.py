@@ -1,13 +1,11 @@
 """The seeds' experiments, reproducible from one command each (``saelab experiment NAME RUN``).
 
-- ``golden-gate``: find the Golden Gate concept from example texts, grow and calibrate its dial's feature set
-  on 4 neutral chat questions (:func:`saelab.concept.steering_set`), then measure concept rate (keywords and
-  the feature classifier) and fluency against the dial on 20 held-out questions (Templeton et al. 2024's
-  "Golden Gate Claude", on a small model).
-- ``unsafe-code``: search for an unsafe-code concept (dangerous calls against their safe equivalents), grow
-  its dial's set on 4 calibration requests (on concept: the answer calls a dangerous function), then count
-  dangerous calls in sampled answers to 32 other programming requests: default, the set ablated, and forced
-  on (Templeton et al. 2024's unsafe-code feature).
+- ``golden-gate``, ``sycophancy``, ``unsafe-code``: a concept from example texts, the dial that writes it found and
+  calibrated by :func:`saelab.concept.find_writers`, against no steering, difference-of-means steering and
+  prompting on held-out prompts (:mod:`saelab.conceptexp`): the Golden Gate Bridge in everyday and identity
+  questions (Templeton et al. 2024's "Golden Gate Claude"), over-the-top praise of the user (judged by a praise
+  lexicon, :func:`praises_user`), and dangerous calls in code (default, forced, the set ablated; Templeton et
+  al.'s unsafe-code feature).
 - ``builtin-dial``: on the builtin model, the share of features whose own activation rises monotonically from
   0 to their calibrated strength, for 50 random live features against the 50 with the highest output score
   (Arad et al. 2025). Single-feature curves are measured in one batched generation per prompt and value.
@@ -113,13 +111,13 @@ class ExperimentConfig:
     values: tuple[float, ...] | None = None
     """Dial values: builtin-dial's clamp values (default 0.5-3 × max activation); for the concept experiments, the
     strengths of every mode (default: :class:`saelab.concept.ConceptConfig`'s per-mode values)."""
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     """Tokens per evaluation answer (golden-gate, sycophancy)."""
-    calibration_tokens: int = 32
+    calibration_tokens: int = 24
     """Tokens per calibration answer."""
-    code_tokens: int = 80
+    code_tokens: int = 64
     """Tokens per answer of unsafe-code."""
-    samples: int = 3
+    samples: int = 2
     """Sampled answers per code prompt and condition (unsafe-code)."""
     temperature: float = 0.8
     """Sampling temperature of unsafe-code (golden-gate, sycophancy and builtin-dial are greedy)."""
@@ -128,6 +126,13 @@ class ExperimentConfig:
     keywords: list[str] = field(default_factory=lambda: ["golden gate", "bridge", "san francisco"])
     """Keywords that mark a golden-gate answer on concept."""
     seed: int = 0
+    prompts: int | None = None
+    """At most this many evaluation prompts per group (the first ones; default: all)."""
+    calibration_prompts: int = 8
+    """Calibration prompts (the first ones of the experiment's calibration file)."""
+    curve: str = "full"
+    """``full``: every strength of each method on the evaluation prompts; ``calibrated``: the calibrated one and the
+    next stronger (:class:`saelab.conceptexp.ConceptExperiment`)."""
 
 
 def _texts(name: str) -> list[str]:
@@ -188,7 +193,10 @@ def concept_runner(name: str):
                              if name == "golden-gate" else [])
         if cfg.values:
             ccfg.clamp_values = ccfg.add_values = tuple(cfg.values)
-        return run_experiment(lm, sae, db, SPECS[name](cfg), ccfg, Path(out), command)
+        exp = SPECS[name](cfg)
+        exp.evaluation = {g: ps[:cfg.prompts] for g, ps in exp.evaluation.items()}
+        exp.calibration, exp.curve = exp.calibration[:cfg.calibration_prompts], cfg.curve
+        return run_experiment(lm, sae, db, exp, ccfg, Path(out), command)
     return runner
 
 

@@ -8,6 +8,7 @@ concept (a token feature of " Gate") lifts nothing; one that writes it lifts the
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import Counter
 from typing import Sequence
@@ -49,19 +50,22 @@ def concept_tokens(tok, positives: Sequence[str], negatives: Sequence[str], keyw
 
 class RowEdit:
     """Row b of the batch edits feature ``features[b]``: clamps it to ``targets[b]`` (error term kept), at every
-    real position but the first (BOS, the attention sink steering never edits) and the right padding."""
+    real position but the first of a text (BOS, the attention sink steering never edits) and the right padding.
+    ``from_start=False``: the call continues cached text, so its first position is no BOS and is edited too."""
 
-    def __init__(self, sae, features: Sequence[int], targets: torch.Tensor, mask: torch.Tensor | None = None):
+    def __init__(self, sae, features: Sequence[int], targets: torch.Tensor, mask: torch.Tensor | None = None,
+                 from_start: bool = True):
         self.enc = sae.subset_encoder(list(features))
         self.W = sae.W_dec.detach()[list(features)].float()  # (B, d_in)
         self.targets = targets  # (B,)
         self.rows = torch.arange(len(features))
         self.mask = mask  # (B, seq) 1 on real tokens, or None
+        self.from_start = from_start
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, seq, d_in)
         z = self.enc(x.float())[self.rows, :, self.rows]  # (B, seq) each row's own feature
         coef = self.targets[:, None] - z  # (B, seq)
-        if x.shape[1] > 1:  # a forward from the text's start: position 0 is BOS
+        if x.shape[1] > 1 and self.from_start:  # a forward from the text's start: position 0 is BOS
             coef[:, 0] = 0.0
         if self.mask is not None and self.mask.shape == coef.shape:
             coef = coef * self.mask
@@ -77,34 +81,33 @@ def concept_logmass(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def screen_writers(lm, sae, candidates: Sequence[int], prompts: Sequence[torch.Tensor], answers: Sequence[torch.Tensor],
-                   tokens: Sequence[int], strength: float, *, max_act=None, db=None, batch: int = 16) -> list[float]:
+                   tokens: Sequence[int], strength: float, *, max_act=None, db=None, batch: int = 32) -> list[float]:
     """Per candidate, the mean lift (nats) of :func:`concept_logmass` over the positions that predict each answer
-    token, clamped to ``strength`` × its max activation against unsteered, over ``prompts [1, n_i]`` with their
-    ``answers [m_i]`` teacher-forced (right-padded rows, one candidate per row)."""
+    token, with the candidate clamped to ``strength`` × its max activation at those positions (the prompt's last
+    one and the answer's: the prompt before them is read once, unsteered, and its KV cache shared by every
+    row), against unsteered; over ``prompts [1, n_i]`` with their ``answers [m_i]`` teacher-forced."""
     if not candidates:
         return []
     hook = sae_hook_name(sae)
     maxes = max_activations(sae, list(candidates), max_act, db)
-    rows = [torch.cat([p[0], a]) for p, a in zip(prompts, answers)]
-    spans = [(p.shape[1] - 1, p.shape[1] - 1 + len(a)) for p, a in zip(prompts, answers)]  # predicting positions
-    width = max(len(r) for r in rows)
-    ids = torch.stack([torch.cat([r, r.new_zeros(width - len(r))]) for r in rows])  # (n_prompts, width)
-    mask = torch.stack([(torch.arange(width) < len(r)).long() for r in rows]).to(ids.device)
-    toks = torch.tensor(list(tokens), device=ids.device)
+    toks = torch.tensor(list(tokens), device=prompts[0].device)
+    lifts = torch.zeros(len(candidates))
+    for ids, answer in zip(prompts, answers):
+        prefix = lm.model(input_ids=ids[:, :-1], use_cache=True).cache  # the prompt, unsteered
+        tail = torch.cat([ids[0, -1:], answer])[None, :-1] if len(answer) else ids[:, -1:]  # (1, m) predicts answer
+        full = torch.ones(1, ids.shape[1] - 1 + tail.shape[1], dtype=torch.long, device=ids.device)
 
-    def mass(logits: torch.Tensor) -> torch.Tensor:  # (rows, width, vocab) → (rows,) mean over each answer
-        m = concept_logmass(logits, toks)  # (rows, width)
-        return torch.stack([m[i, a:b].mean() for i, (a, b) in enumerate(spans * (len(m) // len(spans)))])
+        def run(rows: int, hook_fn=None) -> torch.Tensor:  # (rows,) mean log-mass over the answer's positions
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(rows)
+            with intervene(lm.model, {hook: hook_fn} if hook_fn else {}):
+                logits = lm.model(input_ids=tail.expand(rows, -1), attention_mask=full.expand(rows, -1),
+                                  cache=cache, use_cache=True).logits  # (rows, m, vocab)
+            return concept_logmass(logits, toks).mean(1)
 
-    base = mass(lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits)  # (n_prompts,)
-    per = max(1, batch // len(rows))
-    lifts: list[float] = []
-    for s in range(0, len(candidates), per):
-        chunk = list(candidates)[s:s + per]
-        feats = [f for f in chunk for _ in rows]
-        targets = torch.tensor([strength * maxes[f] for f in feats])
-        big_ids, big_mask = ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1)  # (len(chunk) · n_prompts, width)
-        with intervene(lm.model, {hook: RowEdit(sae, feats, targets, big_mask)}):
-            m = mass(lm.model(input_ids=big_ids, attention_mask=big_mask, use_cache=False).logits)
-        lifts += (m.view(len(chunk), len(rows)) - base).mean(1).tolist()
-    return lifts
+        base = run(1)[0]
+        for s in range(0, len(candidates), batch):
+            chunk = list(candidates)[s:s + batch]
+            targets = torch.tensor([strength * maxes[f] for f in chunk])
+            lifts[s:s + len(chunk)] += (run(len(chunk), RowEdit(sae, chunk, targets, from_start=False)) - base).cpu()
+    return (lifts / len(prompts)).tolist()

@@ -132,3 +132,55 @@ def test_concept_experiment_compares_every_method_on_held_out_prompts(lm, tmp_pa
     assert "wins" in res["verdict"] or "ties" in res["verdict"] or "loses" in res["verdict"]
     assert load_concept(tmp_path / "concept.json", sae).features[0] == 5
     assert (tmp_path / "report.html").is_file() and (tmp_path / "concept-dom.json").is_file()
+
+
+def test_chat_loop_streams_answers_with_the_dial_on(lm, tmp_path):
+    import io
+
+    from saelab.chat import chat_loop, terminal_safe
+
+    tok = lm.tokenizer
+    old = getattr(tok, "chat_template", None)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    try:
+        sae = random_sae()
+        concept = (make_concept(sae, "c", DialSpec((3,), "clamp"), 5.0), 5.0)
+        out = io.StringIO()
+        history = chat_loop(lm, sae, None, concept, io.StringIO("x = 1\n/reset\nimport os\n/quit\n"), out,
+                            max_new_tokens=3)
+        assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "import os"
+        assert out.getvalue().count("model> ") == 2
+    finally:
+        tok.chat_template = old
+    assert terminal_safe("a\x1b[31mb\n") == "a\\x1b[31mb\n"
+
+
+def test_cli_steer_and_monitor_take_a_concept_file(lm, tiny_model_dirs, tmp_path, capsys):
+    from saelab.cli import main
+    from saelab.formats import save_sae
+
+    sae = random_sae()
+    save_sae(sae, tmp_path / "sae", model_name=str(tiny_model_dirs["llama"]), hook_name=HOOK,
+             feature_max_act=[1.0] * 16)
+    path = save_concept(tmp_path / "c.json", make_concept(sae, "c", DialSpec((3, 4), "add", "norm"), 0.5))
+    assert main(["steer", str(tmp_path / "sae"), "--prompt", "import os", "--concept", f"{path}=0.25",
+                 "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["concept"]["strength"] == 0.25 and out["temperature"] == 0.0
+    assert main(["steer", str(tmp_path / "sae"), "--prompt", "import os", "--concept", str(path),
+                 "--max-new-tokens", "3"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("prompt:\nimport os\n") and "default answer:" in text and "steered answer:" in text
+    other = random_sae(seed=3)
+    foreign = save_concept(tmp_path / "f.json", make_concept(other, "f", DialSpec((3,)), 1.0))
+    assert main(["steer", str(tmp_path / "sae"), "--prompt", "x", "--concept", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "made for another SAE" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["steer", str(tmp_path / "sae"), "--prompt", "x"]) == 2
+    assert "nothing to steer" in capsys.readouterr().err
+    texts = tmp_path / "t.jsonl"
+    texts.write_text('"import os"\n')
+    assert main(["monitor", str(tmp_path / "sae"), "--concept", str(path), "--input", str(texts), "--threshold",
+                 "0.0"]) == 0
+    alerts = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert {a["feature"] for a in alerts} <= {3, 4}

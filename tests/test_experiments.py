@@ -84,15 +84,9 @@ def test_evaluation_prompts_are_apart_from_calibration_and_examples():
         assert len(exp.positives) + len(exp.negatives) <= 40, name
 
 
-@pytest.mark.slow
-def test_concept_experiments_on_a_tiny_run(run_dir, tmp_path):
-    from saelab.cli import main
+def test_every_experiment_has_a_runner_and_a_cli_name():
+    from saelab.cli.concepts import EXPERIMENTS as CLI_NAMES
+    from saelab.experiments import EXPERIMENTS, RUNNERS
 
-    for name in ("golden-gate", "unsafe-code"):
-        out = tmp_path / name
-        assert main(["experiment", name, str(run_dir), "--out", str(out), "--values", "1", "--max-new-tokens", "3",
-                     "--samples", "1"]) == 0
-        res = json.loads((out / "results.json").read_text())
-        methods = [r["method"] for r in res["rows"]]
-        assert methods[:2] == ["none", "SAE dial"] and "difference of means" in methods and "prompting (user)" in methods
-        assert (out / "concept.json").is_file() and (out / "report.png").is_file()
+    assert set(RUNNERS) == set(EXPERIMENTS) == set(CLI_NAMES) == {"golden-gate", "sycophancy", "unsafe-code",
+                                                                   "builtin-dial"}

@@ -46,8 +46,8 @@ def _add_concepts(sub) -> None:
     c.add_argument("--keywords", help="comma-separated keywords: an answer containing one is on concept (default: the "
                                       "concept's feature classifier decides); their tokens stand for the concept")
     c.add_argument("--max-new-tokens", type=int, default=32, help="tokens per calibration answer")
-    c.add_argument("--clamp-values", default="1,2,4,8", help="clamp strengths searched (× max activation)")
-    c.add_argument("--add-values", default="0.25,0.5,1,1.5", help="add strengths searched (× residual norm)")
+    c.add_argument("--clamp-values", default="2,4,8", help="clamp strengths searched (× max activation)")
+    c.add_argument("--add-values", default="0.25,0.5,1", help="add strengths searched (× residual norm)")
     c.add_argument("--modes", default="clamp,add", help="edit modes searched (clamp, add)")
     c.add_argument("--sizes", default="1,2,4", help="set sizes searched (best writers first)")
     c.set_defaults(func=_run_concept)
@@ -83,9 +83,13 @@ def _add_concepts(sub) -> None:
     e.add_argument("--out", help="report folder (default RUN/experiments/NAME)")
     e.add_argument("--model", help="model to load instead of the SAE's")
     e.add_argument("--values", help="comma-separated dial values (default: per mode, docs/measures.md)")
-    e.add_argument("--max-new-tokens", type=positive, help="tokens per answer (default 40)")
-    e.add_argument("--samples", type=positive, help="sampled answers per code prompt and condition (default 3)")
+    e.add_argument("--max-new-tokens", type=positive, help="tokens per answer (default 32; unsafe-code: 64)")
+    e.add_argument("--samples", type=positive, help="sampled answers per code prompt and condition (default 2)")
     e.add_argument("--n-features", type=positive, help="features per group for builtin-dial (default 50)")
+    e.add_argument("--prompts", type=positive, help="at most this many evaluation prompts per group (default: all)")
+    e.add_argument("--calibration-prompts", type=positive, help="calibration prompts (default 8)")
+    e.add_argument("--curve", choices=["full", "calibrated"], help="evaluate every strength (default) or the "
+                                                                   "calibrated one and the next stronger")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=_run_experiment)
 
@@ -252,7 +256,7 @@ def _run_experiment(args) -> None:
     cfg = ExperimentConfig()
     if args.values:
         cfg.values = tuple(_numbers(args.values, "--values"))
-    for name in ("max_new_tokens", "samples", "n_features"):
+    for name in ("max_new_tokens", "samples", "n_features", "prompts", "calibration_prompts", "curve"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     out = Path(args.out) if args.out else Path(args.run) / "experiments" / args.name

@@ -163,6 +163,7 @@ def _steer_inputs(args, need_lm_head: bool = True, ids=()):
         raise ValueError("--prompt is empty: give the text to continue")
     sae = load_sae(args.sae, device=args.device)
     _check_ids(ids, sae, args.sae)
+    _concept_of(args, sae)  # another SAE's concept file is refused before the model loads
     name = args.model or Provenance.of(sae).model_name
     if not name:
         raise ValueError(f"{args.sae}: the SAE does not name the model it was trained on; pass --model")
