@@ -117,3 +117,17 @@ def test_the_cli_says_it_in_one_line_without_loading_torch(tmp_path):
     assert result.stdout.strip() == "2 2 False", result.stderr
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2 and "did you mean smollm2?" in errors[0] and "has 4 blocks" in errors[1], errors
+
+
+def test_explains_model_is_the_llms_name_and_is_not_checked(hub):
+    from argparse import Namespace
+
+    from saelab.cli import check_names
+
+    check_names(Namespace(command="explain", model="gpt-4o-mini", hook=None))
+    try:
+        check_names(Namespace(command="steer", model="smolm2", hook=None))
+    except InvalidModel as e:
+        assert "did you mean smollm2" in str(e)
+    else:
+        raise AssertionError("steer's --model was not checked")
