@@ -110,7 +110,8 @@ def test_load_model_refuses_a_typo_before_importing_transformers(hub):
 def test_the_cli_says_it_in_one_line_without_loading_torch(tmp_path):
     code = ("import sys\nfrom saelab.cli import main\n"
             "rc = main(['hooks', 'smolm2'])\n"
-            "rc2 = main(['harvest', '--model', 'builtin', '--hook', 'blocks.9.hook_resid_post', '--tokens', '10', '--out', 'x'])\n"
+            "rc2 = main(['harvest', '--model', 'builtin', '--hook', 'blocks.9.hook_resid_post', '--tokens', '10',\n"
+            "            '--out', 'x'])\n"
             "print(rc, rc2, 'torch' in sys.modules)")
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_CACHE": str(tmp_path), "HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
