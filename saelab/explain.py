@@ -30,7 +30,8 @@ from saelab.locks import exclusive
 
 __all__ = ["Example", "FeatureRecord", "ExplanationResult", "OfflineJudge", "offline_explanation", "detection_score",
            "explain_and_score", "explain_db", "record_from_db", "heldout_split", "parse_feature_selection",
-           "context_theme", "content_words", "word_rates", "FUNCTION_WORDS", "parse_explanation", "token_patterns", "quote_token", "UnusableReply"]
+           "context_theme", "content_words", "word_rates", "FUNCTION_WORDS", "parse_explanation", "token_patterns",
+           "quote_token", "UnusableReply"]
 
 
 class Example(NamedTuple):
@@ -321,11 +322,11 @@ def offline_explanation(record: FeatureRecord, background: dict[str, float] | No
     """A deterministic one-line explanation from examples and logit effects (no LLM).
 
     Grammar (``OfflineJudge`` parses it back):
-    ``fires on TOKENS[ after CONTEXT][, PATTERN...][; in contexts about THEME][; promotes LOGITS][; e.g. “SNIPPET”]``
+    ``fires on TOKENS[ after CONTEXT][, PATTERN...][; in contexts about THEME][; promotes LOGITS][; e.g. “SNIP”]``
     where TOKENS are backticked tokens with their share of the activation mass (whitespace and lone symbols also
     named in words), or ``diverse tokens, e.g. ...`` when no token holds 20% of it; THEME is the content words
     shared by the example windows and rarer in the corpus (:func:`context_theme`; ``background`` is the corpus
-    windows' :func:`word_rates`); SNIPPET is the strongest example's context with the firing token in brackets.
+    windows' :func:`word_rates`); SNIP is the strongest example's context with the firing token in brackets.
     The theme is words, not backticked tokens: the judge (detection score) does not read it.
     """
     tok_w, prev_w, pat_frac, base = _firing_stats(list(record.top) + list(record.quantile))

@@ -119,7 +119,8 @@ def check_model_name(name: str) -> None:
             os.environ["HF_HUB_OFFLINE"] = "1"
         return
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
-    where = f"not {', '.join(ALIASES)}, a local folder, a .gguf file or a model in the Hugging Face cache ({hub_cache()})"
+    where = (f"not {', '.join(ALIASES)}, a local folder, a .gguf file or a model in the Hugging Face cache "
+             f"({hub_cache()})")
     if close and "/" not in name:        # a bare name close to a known one: a typo, not a hub id
         raise InvalidModel(f"no model {name!r}: {where}; did you mean {' or '.join(close)}?")
     if hub_offline():

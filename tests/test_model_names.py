@@ -110,10 +110,25 @@ def test_load_model_refuses_a_typo_before_importing_transformers(hub):
 def test_the_cli_says_it_in_one_line_without_loading_torch(tmp_path):
     code = ("import sys\nfrom saelab.cli import main\n"
             "rc = main(['hooks', 'smolm2'])\n"
-            "rc2 = main(['harvest', '--model', 'builtin', '--hook', 'blocks.9.hook_resid_post', '--tokens', '10', '--out', 'x'])\n"
+            "rc2 = main(['harvest', '--model', 'builtin', '--hook', 'blocks.9.hook_resid_post', '--tokens', '10',\n"
+            "            '--out', 'x'])\n"
             "print(rc, rc2, 'torch' in sys.modules)")
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_CACHE": str(tmp_path), "HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert result.stdout.strip() == "2 2 False", result.stderr
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2 and "did you mean smollm2?" in errors[0] and "has 4 blocks" in errors[1], errors
+
+
+def test_explains_model_is_the_llms_name_and_is_not_checked(hub):
+    from argparse import Namespace
+
+    from saelab.cli import check_names
+
+    check_names(Namespace(command="explain", model="gpt-4o-mini", hook=None))
+    try:
+        check_names(Namespace(command="steer", model="smolm2", hook=None))
+    except InvalidModel as e:
+        assert "did you mean smollm2" in str(e)
+    else:
+        raise AssertionError("steer's --model was not checked")

@@ -58,7 +58,8 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weig
 
 def quiet_third_party() -> None:
     """No progress bars or advisory warnings from the libraries underneath: saelab's own progress (stderr), its
-    results and its errors are all a command prints (``--verbose`` keeps them). Env vars, because transformers reads them on first import."""
+    results and its errors are all a command prints (``--verbose`` keeps them). Env vars, because transformers
+    and tqdm read them on first import."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     # umap: "n_jobs value 1 overridden to 1 by setting random_state" (we seed the layout on purpose)
@@ -117,4 +118,3 @@ def _reader_gone() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return 141
-
