@@ -86,7 +86,7 @@ def rates(args) -> dict:
             point["identical_to_plain"] = sum(a == b for a, b in zip(answers, plain))
         mine = ref_points.get(None if v == 0 else v)
         if mine is not None:
-            theirs = mine["answers"]
+            theirs = mine["answers"][:len(prompts)]  # the same first prompts, in order
             point["saelab"] = {**_rate(theirs, keywords), "answers": theirs}
             point["identical_to_saelab"] = sum(a.strip() == b.strip() for a, b in zip(answers, theirs))
             point["shared_words_median"] = statistics.median(_shared_words(a, b) for a, b in zip(answers, theirs))

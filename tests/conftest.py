@@ -12,6 +12,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def pytest_configure(config):
     # The token cache goes to a fresh folder per test run (inherited by subprocesses), never ~/.cache.
     import tempfile
+
+    from saelab.errors import SaelabError
+    from saelab.llamacpp import find_llama_server
+
+    try:  # the user's llama-server built into the real cache (tests/test_llamacpp.py), found before it moves
+        server = find_llama_server()
+    except SaelabError:
+        server = None  # a bad SAELAB_LLAMA_SERVER: test_llamacpp.py says so
+    if server is not None:
+        os.environ.setdefault("SAELAB_LLAMA_SERVER", str(server))
     os.environ["SAELAB_CACHE"] = tempfile.mkdtemp(prefix="saelab-test-cache-")
 
 from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
