@@ -322,11 +322,15 @@ def sae_inputs(sae, tokenizer, context: int | None) -> tuple[str, int, PositionR
 
 
 def scales(sae) -> torch.Tensor:
-    """Per-feature max activation (saelab.json), or 1 for every feature when the SAE does not record it."""
+    """Per-feature max activation (saelab.json), or 1 for every feature when the SAE does not record it. A feature
+    that never fired in training (max 0) gets the median of the others: divided by ~0 its first firing in a tuned
+    model would outrank every real change."""
     try:
-        return feature_max_activations(sae).cpu()
+        out = feature_max_activations(sae).cpu()
     except ValueError:
         return torch.ones(sae.d_sae)
+    alive = out[out > 0]
+    return torch.where(out > 0, out, alive.median() if len(alive) else torch.tensor(1.0))
 
 
 def concept_list(concepts: Sequence[Concept], d_sae: int) -> None:

@@ -205,3 +205,11 @@ def test_pickled_or_missing_adapters_are_refused(base, tmp_path):
         with_adapter(base, tmp_path)
     with pytest.raises(InvalidModel, match="not a PEFT adapter folder"):
         with_adapter(base, tmp_path / "nowhere")
+
+
+def test_a_feature_dead_in_training_is_not_divided_by_zero():
+    from saelab.diff import scales
+
+    sae = make_sae()
+    sae.provenance["feature_max_act"] = [0.0] + [2.0] * (D_SAE - 1)
+    assert scales(sae)[0] == 2.0 and scales(sae)[1] == 2.0

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("saelab: interrupted", file=sys.stderr)
         return 130
-    return code if isinstance(code, int) else 0
+    return code if type(code) is int else 0   # not a bool or a result a stage happened to return
 
 
 def _reader_gone() -> int:
