@@ -76,6 +76,19 @@ def eval_row(sae_dir: Path, out: Path, lm, corpus: CorpusSpec, eval_tokens: int)
             "eval_tokens": report["tokens"]}
 
 
+def coverage(lm, dirs: list[Path], concepts: dict, cache: Path) -> dict:
+    """Concept coverage of the SAEs in ``dirs`` (one forward per text for all), cached in ``cache``."""
+    key = {"saes": [str(d) for d in dirs], "concepts": sorted(concepts)}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["coverage"]
+    cov = concept_coverage(lm, [load_sae(d) for d in dirs], key["saes"], concepts, CoverageConfig(),
+                           progress=lambda i, n: print(f"concepts {i}/{n}", flush=True))
+    atomic.write_json(cache, {"key": key, "coverage": cov})
+    return cov
+
+
 def plot(doc: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -108,19 +121,26 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--concepts", type=Path, default=Path("saelab/prompts/concepts-smollm2"))
     p.add_argument("--baseline", type=Path, help="an SAE folder to measure the same way (e.g. saelab/shipped/smollm2)")
+    p.add_argument("--coverage-only", action="store_true",
+                   help="only the concept coverage of SAEs already trained in --out (cached for the full run)")
     p.add_argument("--report", type=Path, help="also write layers.json and layers.png here")
     args = p.parse_args()
 
     lm = load_model(args.model)
     cfg = TrainConfig(architecture="topk", d_sae=args.latents, k=args.k, tokens=args.tokens)
     stores = depth_stores(args.acts, lm)
-    depths = [train_and_eval(s, lm, args.out / s.hook_name, cfg, args.eval_tokens) for s in stores]
     corpus = CorpusSpec(stores[0].manifest["corpus"]["source"], "validation")
-    baseline = [eval_row(args.baseline, args.out / "baseline", lm, corpus, args.eval_tokens)] if args.baseline else []
+    if args.coverage_only:     # the SAEs are trained (by an earlier or a parallel run); their evals may not be
+        depths = [{"sae": str(args.out / s.hook_name)} for s in stores]
+        baseline = [{"sae": str(args.baseline)}] if args.baseline else []
+    else:
+        depths = [train_and_eval(s, lm, args.out / s.hook_name, cfg, args.eval_tokens) for s in stores]
+        baseline = [eval_row(args.baseline, args.out / "baseline", lm, corpus, args.eval_tokens)] if args.baseline else []
     concepts = read_concepts(args.concepts)
     dirs = [Path(d["sae"]) for d in depths + baseline]
-    cov = concept_coverage(lm, [load_sae(d) for d in dirs], [str(d) for d in dirs], concepts, CoverageConfig(),
-                           progress=lambda i, n: print(f"concepts {i}/{n}", flush=True))
+    cov = coverage(lm, dirs, concepts, args.out / "coverage.json")
+    if args.coverage_only:
+        return
     for t, d in enumerate(depths + baseline):
         d["detected"] = sum(cov["concepts"][c][t]["heldout_auroc"] >= cov["threshold"] for c in cov["concepts"])
     doc = {"format": "saelab-layers", "version": 1, "model": args.model, "acts": str(args.acts), "latents": args.latents, "k": args.k,

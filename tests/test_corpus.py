@@ -69,3 +69,25 @@ def test_a_window_starting_at_a_document_start_has_one_bos(tmp_path):
     stream = [0, 5, 6, 7, 0, 8, 9, 0, 0, 1, 2, 3, 4]
     assert [s.tolist() for s in pack(stream, 4, 0)] == [[0, 5, 6, 7], [0, 8, 9, 0], [0, 1, 2, 3]]
     assert [s.tolist() for s in pack([0, 1, 2, 0, 3, 4], 3, 0)] == [[0, 1, 2], [0, 3, 4]]
+
+
+def test_roff_to_text_keeps_words_and_joins_filled_lines():
+    from saelab.english import roff_to_text
+
+    page = ('.\\" a comment\n.TH OPEN 2\n.SH NAME\nopen \\- open a file\n.SH DESCRIPTION\nThe\n.BR open ()\n'
+            'call opens\n.I pathname\nfor \\fBreading\\fP.\n.PP\n.nf\nint fd;\nfd = open(p);\n.fi\n')
+    assert roff_to_text(page) == ("Name\nopen - open a file\n\nDescription\nThe open() call opens pathname for reading."
+                                  "\n\nint fd;\nfd = open(p);")
+
+
+def test_weighted_mix_takes_shares_by_characters(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": "a" * 10}) + "\n" for _ in range(50)))
+    b.write_text("".join(json.dumps({"text": "b" * 10}) + "\n" for _ in range(5)))
+    chars = {}
+    for d in documents(CorpusSpec(f"{a}*3+{b}", "all")):
+        chars[d.text[0]] = chars.get(d.text[0], 0) + len(d.text)
+    assert chars == {"a": 150, "b": 50}                     # 3 shares of the smaller part's 50 characters
+    with pytest.raises(ValueError, match="whole number of shares"):
+        documents(CorpusSpec(f"{a}*x+{b}", "all"))
