@@ -103,6 +103,7 @@ RICH = ("{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% s
         "<|endoftext|>{{ m['role'] }} {{ ns.n }}\n{{ m['content'] | tojson }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
 ESCAPE = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+STOPPED = r"ran (more than 2,000,000 steps|longer than 10 s)"   # whichever bound a loaded machine meets first
 
 
 def with_template(src: Path, out: Path, template: str) -> Path:
@@ -133,7 +134,7 @@ def test_bounded_rendering_matches_transformers(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("template, message", [
-    (LOOP, "ran more than 2,000,000 steps"),
+    (LOOP, STOPPED),
     ("{{ 'x' * 10**12 }}", "built a sequence of more than"),
     ("{{ 'x' * 900000 + 'y' * 900000 }}", "built a sequence of more than"),
     ("{{ 7 ** 100000000 }}", "raised a number to the power"),
@@ -151,7 +152,7 @@ def test_chat_templates_that_loop_grow_or_escape_end_in_one_clear_error(tiny_lla
 
     lm = load_model(str(with_template(tiny_llama, tmp_path / "m", template)))
     start = time.monotonic()
-    with pytest.raises(ChatTemplateError, match=re.escape(message)):
+    with pytest.raises(ChatTemplateError, match=message if message == STOPPED else re.escape(message)):
         prompt_ids(lm, "hi", chat=True)
     assert time.monotonic() - start < 30
 
@@ -159,14 +160,14 @@ def test_chat_templates_that_loop_grow_or_escape_end_in_one_clear_error(tiny_lla
 def test_cli_chat_with_a_looping_or_escaping_template_prints_one_line(tiny_llama, tmp_path, capsys):
     sae = SAE(SAEConfig(32, 8, "relu"))
     sae.reset_parameters(seed=0)
-    for name, template, says in (("loop", LOOP, "ran more than"), ("escape", ESCAPE, "the sandbox forbids")):
+    for name, template, says in (("loop", LOOP, STOPPED), ("escape", ESCAPE, "the sandbox forbids")):
         model = with_template(tiny_llama, tmp_path / name, template)
         save_sae(sae, tmp_path / f"sae-{name}", model_name=str(model), hook_name="blocks.1.hook_resid_post")
         assert main(["steer", str(tmp_path / f"sae-{name}"), "--prompt", "hi", "--feature", "0=1", "--chat"]) == 2
         err = capsys.readouterr().err  # (transformers' own progress bar may precede the line)
         lines = [ln for ln in err.splitlines() if ln.startswith("saelab: error:")]
         assert "Traceback" not in err and len(lines) == 1, err
-        assert lines[0].startswith(f"saelab: error: the chat template of {str(model)!r} ") and says in lines[0]
+        assert lines[0].startswith(f"saelab: error: the chat template of {str(model)!r} ") and re.search(says, lines[0])
 
 
 def test_served_chat_request_with_a_looping_template_frees_the_model(web_run_dir, tmp_path):
@@ -183,7 +184,7 @@ def test_served_chat_request_with_a_looping_template_frees_the_model(web_run_dir
     with TestClient(app, base_url="http://127.0.0.1:8765") as client:
         body = {"prompt": "hi", "max_new_tokens": 2, "features": [{"id": 0, "value": 1, "mode": "clamp"}]}
         r = client.post("/api/steer", json={**body, "chat": True})
-        assert r.status_code == 422 and "ran more than 2,000,000 steps" in r.json()["detail"]
+        assert r.status_code == 422 and re.search(STOPPED, r.json()["detail"])
         assert client.post("/api/steer", json={**body, "chat": False}).status_code == 200
 
 
@@ -650,7 +651,7 @@ def test_served_looping_template_leaves_the_server_stoppable_by_sigterm(web_run_
         proc.send_signal(signal.SIGTERM)
         asker.join(120)
         assert proc.wait(timeout=60) is not None
-        assert answers and answers[0].status_code == 422 and "ran more than" in answers[0].json()["detail"]
+        assert answers and answers[0].status_code == 422 and re.search(STOPPED, answers[0].json()["detail"])
     finally:
         proc.kill()
         proc.wait()
