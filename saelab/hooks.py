@@ -12,7 +12,6 @@ Both remove their hooks on exit, also when the forward pass raises.
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator

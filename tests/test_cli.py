@@ -83,10 +83,12 @@ def test_inputs_are_checked_before_the_model_loads(served_run, monkeypatch, caps
     assert "no such SAE folder" in capsys.readouterr().err
 
 
-def test_a_run_folder_given_for_an_sae_says_where_its_sae_is(served_run, capsys):
-    assert main(["analyze", str(served_run)]) == 2
-    err = capsys.readouterr().err
-    assert "several" not in err and f"holds one in sae/; pass {served_run / 'sae'}" in err
+def test_a_run_folder_given_for_an_sae_is_read_as_its_sae(served_run, capsys):
+    """The session layer resolves RUN to RUN/sae (saelab.session.sae_folder): same answer as the SAE folder."""
+    assert main(["inspect", str(served_run / "sae"), "--text", "x = 1", "--json"]) == 0
+    by_sae = capsys.readouterr().out
+    assert main(["inspect", str(served_run), "--text", "x = 1", "--json"]) == 0
+    assert capsys.readouterr().out == by_sae
 
 
 def test_quiet_by_default_and_verbose_on_request(served_run):

@@ -78,8 +78,10 @@ def check_names(args) -> None:
         return
     check_model_name(model)
     hooks = getattr(args, "hook", None)
-    for hook in [hooks] if isinstance(hooks, str) else hooks or []:
-        check_hook_name(model, hook)
+    for value in [hooks] if isinstance(hooks, str) else hooks or []:
+        for hook in value.split(","):          # harvest takes --hook A,B as well as --hook A --hook B
+            if hook.strip():
+                check_hook_name(model, hook.strip())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -236,7 +236,7 @@ def _run_steer(args) -> None:
                      "samples": [{**p._asdict(), "steered_acts": {str(f): a for f, a in p.steered_acts.items()}}
                                  for p in pairs]})
         return
-    print(f"prompt{' (user turn of the chat template)' if chat else ''}:\n{args.prompt}\n")
+    print(f"prompt{' (user turn of the chat template)' if chat else ''}:\n{terminal_text(args.prompt, keep=CONTINUATION)}\n")
     if described_concept:
         print(f"concept {concept.name!r}: {concept.spec().label()} at {described_concept['strength']:g}\n")
     for i, p in enumerate(pairs):

@@ -184,10 +184,12 @@ class FeatureDB:
         """Everything a feature's page shows (``saelab feature`` and the web's ``/api/features/{id}``): its row,
         its examples of each kind, logit effects, neighbours of each kind with their explanations, histogram."""
         row = self.feature(i)
+        near = self.neighbours(i)
+        # only the neighbours' explanation column: a neighbour with a damaged row must not break this page
+        names = self.explanations(n["other"] for n in near) if near else {}
         neighbours: dict[str, list[dict]] = {kind: [] for kind in NEIGHBOUR_KINDS}
-        for n in self.neighbours(i):
-            neighbours[n["kind"]].append({"id": n["other"], "value": n["value"],
-                                          "explanation": self.feature(n["other"])["explanation"]})
+        for n in near:
+            neighbours[n["kind"]].append({"id": n["other"], "value": n["value"], "explanation": names.get(n["other"], "")})
         return {"feature": row, "examples": {kind: self.examples(i, kind) for kind in EXAMPLE_KINDS},
                 "logit_effects": self.logit_effects(i), "neighbours": neighbours, "histogram": self.histogram(i)}
 
