@@ -320,6 +320,11 @@ def test_cli_concept_and_dial(planted_dir, capsys):
     assert [p["value"] for p in out["sweep"]][0] is None
     saved = json.loads((d / "c.json").read_text())
     assert saved["features"] == out["features"] and saved["strength"] == out["strength"]
+    assert main(["concept", str(d / "sae"), "--positive", str(d / "pos.txt"), "--negative", str(d / "neg.txt"),
+                 "--prompts", str(d / "prompts.txt"), "--clamp-values", "4", "--modes", "clamp", "--sizes", "1",
+                 "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr()
+    assert "writers (lift" in printed.out and "dial: clamp" in printed.out and "screening" in printed.err
     report = d / "report"
     assert main(["dial", str(d / "sae"), "--concept", f"{d / 'pos.txt'}:{d / 'neg.txt'}", "--prompts",
                  str(d / "prompts.txt"), "--values", "2", "--max-new-tokens", "3", "--positions", "generated",

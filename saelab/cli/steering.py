@@ -151,8 +151,9 @@ def _check_ids(ids, sae, path: str) -> None:
         raise ValueError(f"feature {', '.join(map(str, bad))} does not exist: {path} has features 0-{sae.cfg.d_sae - 1}")
 
 
-def _steer_inputs(args, need_lm_head: bool = True, ids=()):
-    """(model, sae, features.db or None) for the steer/monitor subcommands; ``ids`` are checked first."""
+def _steer_inputs(args, need_lm_head: bool = True, ids=(), concept: bool = False):
+    """(model, sae, features.db or None) for the steer/monitor subcommands; ``ids`` and, with ``concept``, the
+    concept file of ``--concept`` are checked first."""
     from pathlib import Path
 
     from saelab.formats import load_sae
@@ -163,7 +164,8 @@ def _steer_inputs(args, need_lm_head: bool = True, ids=()):
         raise ValueError("--prompt is empty: give the text to continue")
     sae = load_sae(args.sae, device=args.device)
     _check_ids(ids, sae, args.sae)
-    _concept_of(args, sae)  # another SAE's concept file is refused before the model loads
+    if concept:
+        _concept_of(args, sae)  # another SAE's concept file is refused before the model loads
     name = args.model or Provenance.of(sae).model_name
     if not name:
         raise ValueError(f"{args.sae}: the SAE does not name the model it was trained on; pass --model")
@@ -213,7 +215,7 @@ def _run_steer(args) -> None:
         when = _parse_when(args.when)
         edits = {f: replace(e, when=when) for f, e in edits.items()}
     when_ids = [e.when[0] for e in edits.values() if e.when]
-    lm, sae, db = _steer_inputs(args, ids=[*edits, *when_ids])
+    lm, sae, db = _steer_inputs(args, ids=[*edits, *when_ids], concept=True)
     vector, described_concept = None, None
     if (found := _concept_of(args, sae)) is not None:
         concept, strength = found
@@ -267,7 +269,7 @@ def _watchlist(args, sae, db):
 def _run_monitor(args) -> None:
     from saelab.monitor import scan_jsonl
 
-    lm, sae, db = _steer_inputs(args, need_lm_head=False, ids=_watch_ids(args))
+    lm, sae, db = _steer_inputs(args, need_lm_head=False, ids=_watch_ids(args), concept=True)
     watchlist = _watchlist(args, sae, db)
     src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     dst = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -313,7 +315,7 @@ def _run_chat(args) -> None:
     if (run / "features.db").is_file():
         args.db = str(run / "features.db")
     args.prompt = None
-    lm, sae, db = _steer_inputs(args)
+    lm, sae, db = _steer_inputs(args, concept=True)
     if not getattr(lm.tokenizer, "chat_template", None):
         raise ValueError(f"{lm.name} has no chat template: 'saelab chat' needs a chat model (use 'saelab steer')")
     found = _concept_of(args, sae)
