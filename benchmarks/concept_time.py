@@ -14,7 +14,8 @@ import time
 import torch
 
 from saelab.concept import ConceptConfig, calibrate_writers, find_concept, find_writers, judge_of
-from saelab.experiments import PROMPTS, load_run, read_texts
+from saelab.experiments import PROMPTS, load_run
+from saelab.texts import read_texts
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import torch
 from saelab import atomic
 from saelab.adapters import with_adapter
 from saelab.corpus import CorpusSpec, documents
-from saelab.experiments import read_texts
+from saelab.texts import read_texts
 from saelab.finetune import (JUDGES, Exchange, FinetuneConfig, behaviour, corpus_exchanges, read_exchanges,
                              train_lora, write_exchanges)
 from saelab.models import load_model

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from saelab.controlvector import feature_direction, llamacpp_layer, write_control_vector
-from saelab.experiments import read_texts, wilson
+from saelab.conceptexp import wilson
+from saelab.texts import read_texts
 from saelab.formats import load_sae
 from saelab.llamacpp import LlamaServer, ServerConfig
 from saelab.measures import encode_prompt, keyword_hit

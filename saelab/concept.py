@@ -235,7 +235,7 @@ def calibrate_writers(lm, sae, writers: Sequence[int], prompts: Sequence[str], j
                                      max_new_tokens=cfg.max_new_tokens, max_act=max_act, db=db)
     default = run(None, None)
     grid = [(n, m) for n in sorted({min(n, len(writers)) for n in cfg.sizes}) for m in cfg.modes]
-    best, search, done = None, [], 0
+    best, best_rate, search, done = None, 0.0, [], 0
     for n, mode in grid:
         spec = DialSpec(tuple(writers[:n]), mode, "norm" if mode == "add" else "max")
         sweep = [default]
@@ -250,8 +250,8 @@ def calibrate_writers(lm, sae, writers: Sequence[int], prompts: Sequence[str], j
         strength, reached, rate_ = pick_strength(sweep, cfg)
         search.append({"features": list(spec.features), "mode": mode, "unit": spec.unit, "strength": strength,
                        "rate": rate_, "reached": reached})
-        if best is None or (reached, rate_) > (best.reached, search[best_i]["rate"]):
-            best, best_i = Calibration(spec, strength, reached, sweep, search), len(search) - 1
+        if best is None or (reached, rate_) > (best.reached, best_rate):
+            best, best_rate = Calibration(spec, strength, reached, sweep, search), rate_
         if reached:
             break
     return best._replace(search=search)

@@ -33,6 +33,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.nn import functional as F
 
+from saelab.conceptfile import load_concept
 from saelab.corpus import CorpusSpec, bos_token_id, tokenizer_identity
 from saelab.errors import SaelabError
 from saelab.formats import feature_max_activations
@@ -252,15 +253,22 @@ class Concept(NamedTuple):
     features: list[int]
 
 
-def read_concept(path: Path | str) -> Concept:
-    """A concept file: JSON with ``"features"`` (ids, or objects with ``"id"``/``"feature"``) and a ``"name"``
-    (default: the file's stem); or a plain text list of feature ids (commas, spaces or lines)."""
+def read_concept(path: Path | str, sae=None) -> Concept:
+    """A concept to watch: a saelab concept file (``saelab concept --save``; with ``sae``, refused unless made
+    for that SAE), any JSON with ``"features"`` (ids, or objects with ``"id"``/``"feature"``) and a ``"name"``
+    (default: the file's stem), or a plain text list of feature ids (commas, spaces or lines)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     try:
         obj = json.loads(text)
     except ValueError:
         obj = None
+    if isinstance(obj, dict) and "saelab_concept" in obj:
+        concept = load_concept(path, sae)
+        if not concept.features:
+            raise ValueError(f"{path}: a {concept.method} dial has no SAE features to watch; the diff watches "
+                             "features (save an SAE concept with 'saelab concept ... --save FILE')")
+        return Concept(concept.name, list(concept.features))
     if isinstance(obj, dict):
         raw = obj.get("features")
         if not isinstance(raw, list) or not raw:

@@ -15,7 +15,6 @@ Prompt sets live in ``saelab/prompts`` (hand-written; see its README).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -26,13 +25,11 @@ import torch
 from torch.nn import functional as F
 
 from saelab.concept import ConceptConfig
-from saelab.conceptexp import ConceptExperiment, run_experiment, wilson
-from saelab.featuredb import FeatureDB
-from saelab.formats import load_sae
+from saelab.conceptexp import ConceptExperiment, run_experiment
 from saelab.hooks import capture, intervene
 from saelab.measures import Judge, output_scores
-from saelab.models import load_model
-from saelab.provenance import Provenance
+from saelab.session import open_run
+from saelab.texts import read_texts
 from saelab.report import Series, Table, plot_png, write_report
 from saelab.generation import generate_ids, prompt_ids
 from saelab.steer import sae_hook_name
@@ -57,47 +54,17 @@ DANGEROUS_KEYWORDS = ["os.system", "os.popen", "shell=True", "eval(", "exec(", "
 """Plain-substring stand-ins for DANGEROUS, the judge of the dial's calibration (the measurement uses DANGEROUS)."""
 
 
-def read_texts(path: Path | str) -> list[str]:
-    """``.jsonl``/``.json``: one JSON string (or object with ``text``/``prompt``) per line; else one text per line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
-    if path.suffix not in (".jsonl", ".json"):
-        return [ln for ln in lines if ln.strip()]
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        text = obj if isinstance(obj, str) else (obj.get("text") or obj.get("prompt")) if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{n}: expected a JSON string or an object with a 'text' or 'prompt' string")
-        out.append(text)
-    return out
-
-
 def dangerous_calls(text: str) -> list[str]:
     """Names of the dangerous patterns in ``text`` (see DANGEROUS)."""
     return [name for name, pattern in DANGEROUS.items() if re.search(pattern, text)]
 
 
 def load_run(run: Path | str, model: str | None = None):
-    """(model, SAE, features.db or None) of a run folder (``RUN/sae``, ``RUN/features.db``)."""
-    run = Path(run)
-    sae = load_sae(run / "sae")
-    name = model or Provenance.of(sae).model_name
-    if not name:
-        raise ValueError(f"{run / 'sae'}: the SAE does not name its model; pass --model")
-    db = None
-    if (run / "features.db").is_file():
-
-        db = FeatureDB.open(run / "features.db")
-    return load_model(name), sae, db
+    """(model, SAE, features.db or None) of a run folder (``RUN/sae``, ``RUN/features.db``), opened by the
+    session layer: a features.db of another SAE is refused before the model loads (its max activations would
+    set every dial's strength)."""
+    opened = open_run(run, model)
+    return opened.model(), opened.sae, opened.db() if opened.db_path else None
 
 
 def _explanation(db, f: int) -> str:

@@ -31,7 +31,8 @@ import torch
 from saelab import atomic
 from saelab.adapters import peft_available
 from saelab.errors import InvalidModel
-from saelab.experiments import dangerous_calls, wilson
+from saelab.conceptexp import wilson
+from saelab.experiments import dangerous_calls
 from saelab.generation import prompt_ids, threads
 from saelab.measures import generate_batch
 

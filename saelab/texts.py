@@ -20,8 +20,8 @@ def parse_texts(lines: Iterable[str], source: str = "input") -> Iterator[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source}:{n}: not valid JSON ({e.msg}); expected one JSON string or object per line") \
-                from None
+            raise ValueError(f"{source}:{n}: not valid JSON ({e.msg} at column {e.colno}); expected one JSON string "
+                             "or object per line") from None
         text = obj if isinstance(obj, str) else _field(obj)
         if not isinstance(text, str):
             raise ValueError(f"{source}:{n}: expected a JSON string or an object with a 'text' (or 'prompt') string")
@@ -33,7 +33,10 @@ def read_texts(path: Path | str) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no such file of texts")
-    lines = file.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if file.suffix in (".jsonl", ".json"):
         return list(parse_texts(lines, str(path)))
     return [line for line in lines if line.strip()]

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from saelab.experiments import ExperimentConfig, dangerous_calls, monotone_to_strength, read_texts, wilson, PROMPTS
+from saelab.conceptexp import wilson
+from saelab.experiments import ExperimentConfig, dangerous_calls, monotone_to_strength, PROMPTS
+from saelab.texts import read_texts
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,8 @@ def smollm2(tmp_path_factory):
     from saelab.measures import encode_prompt
     from saelab.models import load_model, smollm2_gguf
     from saelab.demo import SHIPPED
-    from saelab.experiments import PROMPTS, read_texts
+    from saelab.experiments import PROMPTS
+    from saelab.texts import read_texts
 
     lm = load_model("smollm2")
     sae = load_sae(SHIPPED / "smollm2")

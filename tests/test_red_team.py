@@ -461,7 +461,7 @@ def test_sae_config_with_a_negative_context_size_is_refused_naming_the_file(tmp_
 
 
 def test_concept_files_that_are_not_json_or_not_utf8_are_named(tmp_path):
-    from saelab.experiments import read_texts
+    from saelab.texts import read_texts
 
     bad_json = tmp_path / "pos.jsonl"
     bad_json.write_text('"fine"\n{"text": oops}\n')

@@ -114,7 +114,8 @@ def _run_concept(args) -> None:
     from saelab.cli.steering import _steer_inputs
     from saelab.concept import ConceptConfig, concept_json, find_concept, find_writers
     from saelab.conceptfile import make_concept, save_concept
-    from saelab.experiments import PROMPTS, read_texts
+    from saelab.experiments import PROMPTS
+    from saelab.texts import read_texts
 
     modes = tuple(_keywords(args.modes))
     if not modes or set(modes) - {"clamp", "add"}:
@@ -184,7 +185,7 @@ def _print_curve(points) -> None:
 
 def _run_dial(args) -> None:
     from saelab.cli.steering import _steer_inputs
-    from saelab.experiments import read_texts
+    from saelab.texts import read_texts
     from saelab.measures import ConceptClassifier, Judge, concept_curve
     from saelab.steer import DialSpec, max_activations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
 from saelab.cli.common import _print_json
 
@@ -44,13 +43,13 @@ def _add_diff(sub) -> None:
     p.set_defaults(func=_run_diff)
 
 
-def _concepts(args):
+def _concepts(args, sae):
     from saelab.diff import Concept, read_concept
 
-    watched = [read_concept(f) for f in args.watch]
+    watched = [read_concept(f, sae) for f in args.watch]
     gated = None
     if args.gate:
-        gated = read_concept(args.gate)
+        gated = read_concept(args.gate, sae)
     elif args.gate_features:
         try:
             gated = Concept("features " + args.gate_features, [int(f) for f in args.gate_features.split(",")])
@@ -60,12 +59,10 @@ def _concepts(args):
     return watched + ([gated] if gated else []), gated
 
 
-def _labels(db_path: Path) -> dict[int, str]:
-    from saelab.featuredb import FeatureDB
-
-    if not db_path.is_file():
+def _labels(run) -> dict[int, str]:
+    if run.db_path is None:
         return {}
-    with FeatureDB.open(db_path) as db:
+    with run.db() as db:
         rows = db.query("SELECT id, explanation FROM features WHERE explanation != ''").fetchall()
     return {int(i): str(e) for i, e in rows}
 
@@ -73,19 +70,19 @@ def _labels(db_path: Path) -> dict[int, str]:
 def _run_diff(args) -> int:
     from saelab.diff import DiffConfig, gate
     from saelab.diff_run import gate_message, load_pair, run_diff, text_preview, to_json, write_diff
-    from saelab.formats import load_sae
+    from saelab.session import open_run
 
     if args.max_rise <= 0:
         raise ValueError(f"--max-rise must be positive, got {args.max_rise}")
-    concepts, gated = _concepts(args)
-    sae = load_sae(args.sae)
+    run = open_run(args.sae, db=args.db)        # another SAE's features.db (labels) is refused here
+    sae = run.sae
+    concepts, gated = _concepts(args, sae)      # and another SAE's concept file
     base, tuned = load_pair(args.base, args.tuned, args.adapter)
     cfg = DiffConfig(tokens=args.tokens, context=args.context, batch_size=args.batch_size, seed=args.seed,
                      resamples=args.resamples)
     result = run_diff(sae, base, tuned, args.corpus, cfg, concepts, eval_tokens=args.eval_tokens)
-    db = Path(args.db) if args.db else Path(args.sae).parent / "features.db"
     command = "saelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    html = write_diff(args.out, result, command, base.tokenizer, _labels(db))
+    html = write_diff(args.out, result, command, base.tokenizer, _labels(run))
     if args.json:
         _print_json(to_json(result, base.tokenizer))
     else:

@@ -152,34 +152,21 @@ def _check_ids(ids, sae, path: str) -> None:
 
 
 def _steer_inputs(args, need_lm_head: bool = True, ids=(), concept: bool = False):
-    """(model, sae, features.db or None) for the steer/monitor subcommands; ``ids`` and, with ``concept``, the
-    concept file of ``--concept`` are checked first."""
-    from pathlib import Path
-
-    from saelab.formats import load_sae
-    from saelab.models import load_model
-    from saelab.provenance import Provenance
+    """(model, sae, features.db or None) for the steer/monitor subcommands, opened by the session layer (a
+    features.db of another SAE is refused: its max activations would steer by the wrong amounts); ``ids`` and,
+    with ``concept``, the concept file of ``--concept`` are checked before the model loads."""
+    from saelab.session import open_run
 
     if getattr(args, "prompt", None) is not None and not args.prompt:
         raise ValueError("--prompt is empty: give the text to continue")
-    sae = load_sae(args.sae, device=args.device)
-    _check_ids(ids, sae, args.sae)
+    run = open_run(args.sae, args.model, db=args.db, device=args.device)
+    _check_ids(ids, run.sae, args.sae)
     if concept:
-        _concept_of(args, sae)  # another SAE's concept file is refused before the model loads
-    name = args.model or Provenance.of(sae).model_name
-    if not name:
-        raise ValueError(f"{args.sae}: the SAE does not name the model it was trained on; pass --model")
-    lm = load_model(name, device=args.device)
+        _concept_of(args, run.sae)  # another SAE's concept file is refused before the model loads
+    lm = run.model()
     if need_lm_head and not lm.is_causal:
-        raise ValueError(f"{name} has no language-model head: it cannot generate")
-    db_path = Path(args.db) if args.db else Path(args.sae).resolve().parent / "features.db"
-    db = None
-    if args.db or db_path.is_file():
-        from saelab.featuredb import FeatureDB
-
-        db = FeatureDB.open(db_path)
-        db.check_sae(sae, args.sae)   # another SAE's max activations would steer by the wrong amounts
-    return lm, sae, db
+        raise ValueError(f"{lm.name} has no language-model head: it cannot generate")
+    return lm, run.sae, run.db() if run.db_path else None
 
 
 def _concept_of(args, sae):
