@@ -32,6 +32,7 @@ from saelab.formats import load_sae
 from saelab.harvest import harvest
 from saelab.models import load_model
 from saelab.progress import format_duration
+from saelab.provenance import Provenance
 from saelab.runtime import shell_command
 from saelab.store import ActivationStore
 from saelab.train import TrainConfig, train
@@ -114,7 +115,7 @@ def run_demo(config: DemoConfig | None = None, say: Callable[[str], None] = prin
     def do_train() -> str:
         cfg = TrainConfig(architecture="topk", d_sae=c.latents, k=c.k, tokens=c.train_tokens or c.harvest_tokens)
         sae = train(ActivationStore.open(acts), cfg, out=sae_dir, resume=(sae_dir / "checkpoint").exists())
-        held = sae.provenance.get("held_out", {})
+        held = Provenance.of(sae).held_out or {}
         return f"held-out FVU {held.get('fvu', float('nan')):.3f}, L0 {held.get('l0', float('nan')):.1f}"
 
     def do_eval() -> str:
