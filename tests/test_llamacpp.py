@@ -111,7 +111,8 @@ def test_exported_golden_gate_dial_in_llama_server(smollm2):
     """Greedy answers to held-out questions. A zero-strength vector changes no answer of the plain server;
     the exported Golden Gate dial is on concept about as often in llama-server (Q4_1 arithmetic) as saelab's
     own Add with the same direction (float32); neither default is."""
-    from saelab.measures import concept_curve, keyword_hit
+    from saelab.measures import Judge, concept_curve, keyword_hit
+    from saelab.steer import DialSpec
 
     root, gguf, lm, sae, questions, encoded = smollm2
     maxes = dict(enumerate(sae.provenance["feature_max_act"]))
@@ -125,8 +126,8 @@ def test_exported_golden_gate_dial_in_llama_server(smollm2):
     steered = _server_answers(gguf, exported("gg.gguf", STRENGTH), encoded, root / "gg.log")
     assert zero == plain and all(plain)
     rate = lambda answers: float(np.mean([keyword_hit(a, KEYWORDS) for a in answers]))  # noqa: E731
-    default, added = concept_curve(lm, sae, list(GG_FEATURES), questions, [STRENGTH], keywords=KEYWORDS, mode="add",
-                                   chat=True, max_new_tokens=MAX_NEW)
+    default, added = concept_curve(lm, sae, DialSpec(tuple(GG_FEATURES), "add", "max"), questions, [STRENGTH],
+                                   judge=Judge(keywords=KEYWORDS), chat=True, max_new_tokens=MAX_NEW)
     print(f"on concept, {len(questions)} held-out questions: llama-server {rate(steered):.0%} (plain "
           f"{rate(plain):.0%}), saelab Add {added.concept_rate:.0%} (default {default.concept_rate:.0%})")
     assert rate(plain) <= 0.1 and default.concept_rate <= 0.1
