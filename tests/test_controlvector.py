@@ -169,7 +169,7 @@ def test_cli_exports_a_direction_file(sae_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     ([], "give --feature ID=STRENGTH"),
-    (["--feature", "3=1", "--direction", "x.safetensors"], "not both"),
+    (["--feature", "3=1", "--direction", "x.safetensors"], "exactly one"),
     (["--feature", "3=1", "--feature", "3=2"], "feature 3 is given twice"),
     (["--feature", "99=1"], "unknown feature id 99"),
     (["--feature", "3=inf"], "finite"),
@@ -191,3 +191,34 @@ def test_cli_refuses_a_direction_of_the_wrong_width(sae_dir, tmp_path, capsys):
     assert main(["export", "control-vector", str(path), "--out", str(tmp_path / "cv.gguf"),
                  "--direction", str(tmp_path / "d.safetensors")]) == 2
     assert "needs a tensor 'direction' of shape [32]" in capsys.readouterr().err
+
+
+def test_cli_exports_a_concept_file_and_refuses_a_dial_that_is_no_constant(sae_dir, tmp_path, capsys):
+    from saelab.conceptfile import make_concept, save_concept
+    from saelab.steer import DialSpec
+
+    path, sae = sae_dir
+    save_concept(tmp_path / "add.json", make_concept(sae, "x", DialSpec((3, 9), "add", "max"), 2.0))
+    out = tmp_path / "cv.gguf"
+    assert main(["export", "control-vector", str(path), "--out", str(out), "--concept", str(tmp_path / "add.json")]) == 0
+    maxes = sae.provenance["feature_max_act"]
+    expected = 2 * maxes[3] * sae.W_dec[3] + 2 * maxes[9] * sae.W_dec[9]
+    np.testing.assert_allclose(read_control_vector(out).directions[1], expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert main(["export", "control-vector", str(path), "--out", str(out),
+                 "--concept", f"{tmp_path / 'add.json'}=0.5"]) == 0                       # STRENGTH overrides
+    np.testing.assert_allclose(read_control_vector(out).directions[1], expected.detach().numpy() / 4, rtol=1e-5,
+                               atol=1e-6)
+    vec = tuple(float(i) for i in range(32))
+    save_concept(tmp_path / "dom.json", make_concept(sae, "x", DialSpec((), "vector", "max", direction=vec), 0.5,
+                                                     method="difference-of-means"))
+    assert main(["export", "control-vector", str(path), "--out", str(out), "--concept", str(tmp_path / "dom.json")]) == 0
+    np.testing.assert_allclose(read_control_vector(out).directions[1], np.arange(32, dtype=np.float32) * 0.5)
+    save_concept(tmp_path / "norm.json", make_concept(sae, "x", DialSpec((3,), "add", "norm"), 0.5))
+    save_concept(tmp_path / "clamp.json", make_concept(sae, "x", DialSpec((3,), "clamp", "max"), 2.0))
+    capsys.readouterr()
+    for name in ("norm.json", "clamp.json"):
+        assert main(["export", "control-vector", str(path), "--out", str(tmp_path / "no.gguf"),
+                     "--concept", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "not one constant vector" in err and err.count("\n") == 1
+    assert not (tmp_path / "no.gguf").exists()

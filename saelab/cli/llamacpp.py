@@ -8,7 +8,7 @@ from pathlib import Path
 
 from saelab.cli.steering import _parse_edit
 
-_SOURCES = "give --feature ID=STRENGTH (one or more) or --direction FILE.safetensors"
+_SOURCES = "give --feature ID=STRENGTH (one or more), --direction FILE.safetensors or --concept FILE[=STRENGTH]"
 
 
 def add_control_vector_args(p) -> None:
@@ -19,6 +19,10 @@ def add_control_vector_args(p) -> None:
     g.add_argument("--direction", metavar="FILE.safetensors",
                    help="a direction instead: a safetensors file holding 'direction' [d_in], in residual units")
     g.add_argument("--scale", type=float, default=1.0, help="multiply the direction file by this (default 1)")
+    g.add_argument("--concept", metavar="FILE[=STRENGTH]",
+                   help="a concept file of this SAE (saelab concept --save) at its strength or STRENGTH: an add dial "
+                        "in × max activation, or a raw difference-of-means vector (a control vector is one constant "
+                        "added at every position, so clamp and × residual-norm dials cannot be exported)")
     g.add_argument("--features-db", help="features.db for max activations (default: features.db beside the "
                                          "SAE if present, else the SAE's own record)")
     g.add_argument("--model-hint", help="llama.cpp architecture name stored in the file (default: from the "
@@ -31,8 +35,8 @@ def run_control_vector(args) -> None:
     from saelab.controlvector import write_control_vector
     from saelab.formats import load_sae
 
-    if bool(args.feature) == bool(args.direction):
-        raise ValueError(f"export control-vector: {_SOURCES} (not both)")
+    if sum(map(bool, (args.feature, args.direction, args.concept))) != 1:
+        raise ValueError(f"export control-vector: {_SOURCES} (exactly one)")
     sae = load_sae(args.db)
     direction, source, hook = _direction(args, sae)
     layer, hint, gguf_model = _target(args, sae, hook)
@@ -52,13 +56,21 @@ def _direction(args, sae):
     hook = sae_hook_name(sae)
     if args.direction:
         return _direction_file(args, sae), {"hook": hook, "direction": str(args.direction), "scale": args.scale}, hook
-    strengths: dict[int, float] = {}
-    for spec in args.feature:
-        f, edit = _parse_edit(spec, "add")
-        if f in strengths:
-            raise ValueError(f"--feature {spec!r}: feature {f} is given twice")
-        strengths[f] = edit.value
-        check_feature(sae, f)
+    if args.concept:
+        import torch
+
+        concept, strengths = _concept_strengths(args.concept, sae)
+        if concept.mode == "vector":
+            direction = torch.tensor(concept.direction, dtype=torch.float32) * next(iter(strengths.values()))
+            return direction, {"hook": hook, "concept": concept.name, "strength": next(iter(strengths.values()))}, hook
+    else:
+        strengths = {}
+        for spec in args.feature:
+            f, edit = _parse_edit(spec, "add")
+            if f in strengths:
+                raise ValueError(f"--feature {spec!r}: feature {f} is given twice")
+            strengths[f] = edit.value
+            check_feature(sae, f)
     db = _features_db(args, sae)
     try:
         maxes = max_activations(sae, [f for f, s in strengths.items() if s != 0], db=db)
@@ -70,6 +82,25 @@ def _direction(args, sae):
     record = {"hook": hook, "features": {str(f): s for f, s in strengths.items()},
               "max_act": {str(f): maxes[f] for f in strengths}}
     return direction, record, hook
+
+
+def _concept_strengths(arg: str, sae):
+    """(the concept file, {feature: strength} — or {None: strength} for a vector dial) of ``--concept FILE[=S]``;
+    a dial that is no constant vector is refused, saying why."""
+    from saelab.conceptfile import load_concept, parse_concept_arg
+
+    path, strength = parse_concept_arg(arg)
+    concept = load_concept(path, sae)
+    strength = concept.strength if strength is None else strength
+    constant = concept.mode in ("add", "vector") and concept.unit != "norm"   # a vector dial in "max" is its raw multiple
+    if not constant:
+        raise ValueError(f"--concept {path}: its dial is {concept.mode} in × {concept.unit} units, which is not one "
+                         "constant vector; a llama.cpp control vector can carry an add dial in × max activation "
+                         "(--feature ID=STRENGTH) or a raw direction (--direction), nothing that depends on the "
+                         "position (clamp, ablate, × residual norm)")
+    if concept.mode == "vector":
+        return concept, {None: strength}
+    return concept, {f: strength for f in concept.features}
 
 
 def _direction_file(args, sae):
