@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from saelab.explain import FUNCTION_WORDS
+from saelab.themes import FUNCTION_WORDS
 from saelab.featuredb import FeatureDB
 from saelab.formats import load_sae
 

@@ -1,7 +1,7 @@
 """The offline explainer names the shared theme of a feature's contexts; map clusters are named by content words."""
 
-from saelab.explain import (Example, FeatureRecord, OfflineJudge, context_theme, content_words, detection_score,
-                            offline_explanation, parse_explanation, word_rates)
+from saelab.explain import Example, FeatureRecord, OfflineJudge, detection_score, offline_explanation, parse_explanation
+from saelab.themes import content_words, context_theme, word_rates
 from saelab.fmap import cluster_names, explanation_terms
 
 
